@@ -1,0 +1,393 @@
+"""The model registry: every version, its lineage, and the atomic ``current`` pointer.
+
+Layout under ``$LOOP_HOME/registry``::
+
+    versions/<id>/model.gguf      the served file (its sha256 is in version.json)
+    versions/<id>/version.json    parent, base model, variant, snapshot hash, metrics, verification
+    versions/<id>/README.md       the model card (when the exporter wrote one)
+    current.json                  {"version", "previous", "since", "reason"}: the one truth
+    history.jsonl                 append-only: every promotion and rollback, when, why, by what
+
+Crash safety: a version directory is built under a temporary name and renamed into place, and
+``current.json`` is replaced by write + fsync + rename + fsync(dir). A crash at any point leaves
+either the old or the new version current, never a half-written pointer, and the app (which
+re-reads the pointer per request) keeps serving whichever that is. The history line is written
+after the pointer; a pointer newer than the history is reconciled on the next read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from loop import paths
+
+
+class RegistryError(RuntimeError):
+    pass
+
+
+def utcnow() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write, fsync, rename, fsync the directory: readers see the old or the new file, whole."""
+    # pid + thread: the app writes from Gradio worker threads, which must not share a temp file.
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dirfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
+
+
+@dataclass
+class Version:
+    id: str
+    parent: str | None
+    created_at: str
+    base_model: str
+    gguf_file: str = "model.gguf"
+    gguf_sha256: str = ""
+    size_bytes: int = 0
+    quantization: str = ""
+    variant: dict[str, Any] = field(default_factory=dict)
+    snapshot_hash: str | None = None
+    snapshot_counts: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    verification: dict[str, Any] = field(default_factory=dict)
+    hf_dir: str | None = None  # merged Hugging Face weights: the next cycle trains from these
+    pinned: bool = False
+    note: str = ""
+    path: str = ""  # the version directory (filled on load, not stored)
+
+    @property
+    def gguf_path(self) -> Path:
+        return Path(self.path) / self.gguf_file
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("path")
+        return data
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Registry:
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root) if root else paths.registry_dir()
+        self.versions_dir = self.root / "versions"
+        self.versions_dir.mkdir(parents=True, exist_ok=True)
+        self.current_file = self.root / "current.json"
+        self.history_file = self.root / "history.jsonl"
+        self.pruned_file = self.root / "pruned.jsonl"
+        self.lock_file = self.root / ".lock"
+        self._thread_lock = threading.RLock()
+        self._lock_depth = 0
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        """Serialise writers across processes (cycle, CLI, app) and threads: a rollback typed while a
+        cycle promotes must not interleave their pointer and history writes. Re-entrant."""
+        with self._thread_lock:
+            self._lock_depth += 1
+            try:
+                if self._lock_depth > 1:
+                    yield
+                    return
+                with open(self.lock_file, "a") as fh:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX)  # the OS drops it if the process dies
+                    yield
+            finally:
+                self._lock_depth -= 1
+
+    # -- versions ------------------------------------------------------------------------------
+
+    def _next_id(self) -> str:
+        # Pruned ids count too: an id names one model forever (history, arena votes, published files).
+        numbers = [int(p.name[1:]) for p in self.versions_dir.iterdir() if p.name.startswith("v") and p.name[1:].isdigit()]
+        numbers += [int(vid[1:]) for vid in self.pruned_ids() if vid[1:].isdigit()]
+        return f"v{max(numbers, default=0) + 1}"
+
+    def register(
+        self,
+        gguf: str | Path,
+        *,
+        base_model: str,
+        parent: str | None = None,
+        quantization: str = "",
+        variant: dict[str, Any] | None = None,
+        snapshot_hash: str | None = None,
+        snapshot_counts: dict[str, Any] | None = None,
+        metrics: dict[str, Any] | None = None,
+        verification: dict[str, Any] | None = None,
+        hf_dir: str | Path | None = None,
+        extra_files: list[str | Path] | None = None,
+        note: str = "",
+        link: bool = False,
+    ) -> Version:
+        """Copy (or hard-link) a GGUF into a new version directory and describe it."""
+        gguf = Path(gguf)
+        if not gguf.is_file():
+            raise RegistryError(f"no GGUF at {gguf}")
+        # Build under a name unique to this process and thread (list() ignores dot-names), then take
+        # the id and rename under the registry lock: the copy (slow for 1B-class files) holds no lock,
+        # and two writers can never race for the same id.
+        tmp = self.versions_dir / f".new.partial-{os.getpid()}-{threading.get_ident()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        target = tmp / "model.gguf"
+        if link:
+            try:
+                os.link(gguf, target)
+            except OSError:
+                shutil.copy2(gguf, target)
+        else:
+            shutil.copy2(gguf, target)
+        for extra in extra_files or []:
+            extra = Path(extra)
+            if extra.is_file():
+                shutil.copy2(extra, tmp / extra.name)
+        sha, size = sha256_file(target), target.stat().st_size
+        with self._lock():
+            vid = self._next_id()
+            version = Version(
+                id=vid,
+                parent=parent,
+                created_at=utcnow(),
+                base_model=base_model,
+                gguf_sha256=sha,
+                size_bytes=size,
+                quantization=quantization,
+                variant=variant or {},
+                snapshot_hash=snapshot_hash,
+                snapshot_counts=snapshot_counts or {},
+                metrics=metrics or {},
+                verification=verification or {},
+                hf_dir=str(hf_dir) if hf_dir else None,
+                note=note,
+            )
+            atomic_write_text(tmp / "version.json", json.dumps(version.to_json(), indent=2, sort_keys=True))
+            _fsync_path(target)
+            os.replace(tmp, self.versions_dir / vid)  # the version appears whole or not at all
+            _fsync_path(self.versions_dir)
+        version.path = str(self.versions_dir / vid)
+        return version
+
+    def get(self, vid: str) -> Version:
+        vdir = self.versions_dir / vid
+        meta = vdir / "version.json"
+        if not meta.is_file():
+            raise RegistryError(f"no version {vid!r} (known: {', '.join(v.id for v in self.list()) or 'none'})")
+        data = json.loads(meta.read_text())
+        known = {f.name for f in dataclasses.fields(Version)}
+        version = Version(**{k: v for k, v in data.items() if k in known})
+        version.path = str(vdir)
+        return version
+
+    def list(self) -> list[Version]:
+        out = []
+        for p in self.versions_dir.iterdir():
+            if p.is_dir() and p.name.startswith("v") and p.name[1:].isdigit() and (p / "version.json").is_file():
+                out.append(self.get(p.name))
+        return sorted(out, key=lambda v: int(v.id[1:]))
+
+    def update(self, vid: str, **changes: Any) -> Version:
+        with self._lock():  # read-modify-write: a concurrent pin must not undo a metrics update
+            version = self.get(vid)
+            for key, value in changes.items():
+                if key in ("id", "path", "gguf_sha256"):
+                    raise RegistryError(f"{key} cannot be changed")
+                setattr(version, key, value)
+            atomic_write_text(Path(version.path) / "version.json", json.dumps(version.to_json(), indent=2, sort_keys=True))
+            return version
+
+    def pin(self, vid: str, pinned: bool = True) -> Version:
+        return self.update(vid, pinned=pinned)
+
+    # -- the current pointer -------------------------------------------------------------------
+
+    def pointer(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.current_file.read_text())
+        except FileNotFoundError:
+            return None
+
+    def current(self) -> Version | None:
+        pointer = self.pointer()
+        return self.get(pointer["version"]) if pointer else None
+
+    def current_id(self) -> str | None:
+        pointer = self.pointer()
+        return pointer["version"] if pointer else None
+
+    def history(self) -> list[dict[str, Any]]:
+        if not self.history_file.is_file():
+            return []
+        out = []
+        for line in self.history_file.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a torn last line from a crash mid-append: the pointer is the truth
+        return out
+
+    def _append_history(self, entry: dict[str, Any]) -> None:
+        with open(self.history_file, "ab+") as f:
+            # A crash mid-append leaves a torn last line without its newline; start on a fresh line,
+            # or this entry would be glued to the torn one and lost with it.
+            f.seek(0, os.SEEK_END)
+            if f.tell() > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+            f.write((json.dumps(entry, sort_keys=True) + "\n").encode())
+            f.flush()
+            os.fsync(f.fileno())
+
+    def reconcile(self) -> bool:
+        """Repair what an interrupted write left behind; True when the history needed a line.
+
+        A crash between the pointer and its history line gets the missing line ("recovered"), and
+        leftovers of dead writers (half-built version dirs, temp pointers, half-deleted versions)
+        are removed: they are invisible to list() but hold disk space.
+        """
+        with self._lock():
+            self._remove_leftovers()
+            pointer = self.pointer()
+            if pointer is None:
+                return False
+            hist = self.history()
+            if hist and hist[-1].get("to") == pointer["version"]:
+                return False
+            self._append_history(
+                {"at": utcnow(), "action": "recovered", "from": pointer.get("previous"), "to": pointer["version"],
+                 "reason": "pointer found newer than history after an interrupted promotion", "decision": {}}
+            )
+            return True
+
+    def _remove_leftovers(self) -> None:
+        def owner_dead(name: str) -> bool:
+            pid = name.rsplit("-", 2)[-2] if name.count("-") >= 2 else ""
+            return not (pid.isdigit() and _pid_alive(int(pid)))
+
+        for p in self.versions_dir.iterdir():
+            if p.name.startswith(".") and (p.name.endswith(".deleting") or (".partial-" in p.name and owner_dead(p.name))):
+                shutil.rmtree(p, ignore_errors=True)
+        for p in list(self.root.glob(".*.tmp-*")) + list(self.versions_dir.glob("v*/.*.tmp-*")):
+            if owner_dead(p.name):
+                p.unlink(missing_ok=True)
+
+    def _set_current(self, vid: str, *, action: str, reason: str, decision: dict[str, Any] | None,
+                     force: bool = False) -> dict[str, Any]:
+        with self._lock():
+            version = self.get(vid)
+            if not force and version.verification and not version.verification.get("passed", False):
+                # Checked here, not only in promote(): a rollback must not serve a file the gate refused.
+                raise RegistryError(f"version {vid} failed verification and cannot be served: "
+                                    f"{'; '.join(version.verification.get('reasons', [])) or 'no reason recorded'}")
+            if not version.gguf_path.is_file():
+                raise RegistryError(f"version {vid} has no GGUF file at {version.gguf_path}")
+            if sha256_file(version.gguf_path) != version.gguf_sha256:
+                raise RegistryError(f"version {vid}: GGUF sha256 does not match version.json (file changed on disk)")
+            self.reconcile()
+            previous = self.current_id()
+            pointer = {"version": vid, "previous": previous, "since": utcnow(), "reason": reason}
+            atomic_write_text(self.current_file, json.dumps(pointer, sort_keys=True))
+            entry = {"at": pointer["since"], "action": action, "from": previous, "to": vid, "reason": reason,
+                     "decision": decision or {}}
+            self._append_history(entry)
+            return entry
+
+    def promote(self, vid: str, *, reason: str, decision: dict[str, Any] | None = None, force: bool = False) -> dict[str, Any]:
+        """Make ``vid`` current. Refuses a version whose verification did not pass unless forced."""
+        return self._set_current(vid, action="promote", reason=reason, decision=decision, force=force)
+
+    def rollback(self, to: str | None = None, *, reason: str = "manual rollback", force: bool = False) -> dict[str, Any]:
+        """Point ``current`` back at ``to`` (default: the version before the current one)."""
+        with self._lock():
+            pointer = self.pointer()
+            if pointer is None:
+                raise RegistryError("nothing is current: there is nothing to roll back")
+            target = to or pointer.get("previous")
+            if not target:
+                raise RegistryError(f"{pointer['version']} has no previous version; name one with --to")
+            if target == pointer["version"]:
+                raise RegistryError(f"{target} is already current")
+            return self._set_current(target, action="rollback", reason=reason, decision={}, force=force)
+
+    # -- retention -------------------------------------------------------------------------------
+
+    def prune(self, keep: int = 5, *, dry_run: bool = False) -> list[str]:
+        """Delete old versions; never the current, the previous, a pinned one, or the newest ``keep``."""
+        with self._lock():
+            pointer = self.pointer() or {}
+            protected = {pointer.get("version"), pointer.get("previous")}
+            candidates = [v for v in self.list() if v.id not in protected and not v.pinned]
+            doomed = candidates[: max(0, len(candidates) - keep)]
+            if dry_run:
+                return [v.id for v in doomed]
+            removed = []
+            for v in doomed:
+                # Logged first so the id is never handed out again, even if we die mid-delete.
+                with open(self.pruned_file, "a") as f:
+                    f.write(json.dumps({"at": utcnow(), "version": v.id, "sha256": v.gguf_sha256}) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                trash = self.versions_dir / f".{v.id}.deleting"
+                os.replace(v.path, trash)  # vanish atomically from list(), then delete at leisure
+                shutil.rmtree(trash, ignore_errors=True)
+                removed.append(v.id)
+            return removed
+
+    def pruned_ids(self) -> list[str]:
+        if not self.pruned_file.is_file():
+            return []
+        out = []
+        for line in self.pruned_file.read_text().splitlines():
+            try:
+                out.append(json.loads(line)["version"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+        return out

@@ -1,0 +1,54 @@
+"""Shared test setup: every test gets its own LOOP_HOME; nothing is fetched from a model hub."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "test-artifacts"
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Setup-time tools (the Argilla venv, the GGUF converter) are shared by every test's home.
+os.environ.setdefault("LOOP_TOOLS", str(REPO / ".loop" / "tools"))
+# A cache shared by tests that need the same derived artefacts (e.g. the base model's HF weights).
+TEST_CACHE = REPO / ".loop" / "test-cache"
+
+
+@pytest.fixture(autouse=True)
+def loop_home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "loop-home"
+    home.mkdir()
+    monkeypatch.setenv("LOOP_HOME", str(home))
+    for key in list(os.environ):
+        if key.startswith("LOOP_") and "__" in key:  # config overrides from the caller's shell
+            monkeypatch.delenv(key)
+    monkeypatch.delenv("LOOP_CONFIG", raising=False)
+    monkeypatch.delenv("ARGILLA_API_URL", raising=False)
+    monkeypatch.delenv("ARGILLA_API_KEY", raising=False)
+    return home
+
+
+@pytest.fixture
+def artifacts_dir() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def bundled_gguf() -> Path:
+    from loop.bootstrap import find_bundled_gguf
+
+    return find_bundled_gguf()
+
+
+@pytest.fixture(scope="session")
+def base_hf_dir(bundled_gguf) -> Path:
+    """The bundled model's Hugging Face weights, derived once for the whole test session."""
+    from trainer.base_model import ensure_hf_base
+
+    return ensure_hf_base(bundled_gguf, TEST_CACHE / "base-hf")
