@@ -1,0 +1,140 @@
+"""The cycle report: JSON for machines, markdown with plots for people, under $LOOP_HOME/reports.
+
+Plots: the variants' training-loss curves (where people would rather look than read) and the
+held-out / regression loss of every registered version (the lineage at a glance).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from loop import paths
+
+
+def _plot_variants(variants: list[dict[str, Any]], out: Path) -> Path | None:
+    curves = [(v.get("name", "?"), v.get("loss_curve") or v.get("train_losses") or []) for v in variants]
+    curves = [(n, c) for n, c in curves if c]
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, curve in curves:
+        if isinstance(curve[0], dict):
+            xs = [p.get("step", i) for i, p in enumerate(curve)]
+            ys = [p.get("loss") for p in curve]
+        elif isinstance(curve[0], (list, tuple)):
+            xs, ys = [p[0] for p in curve], [p[1] for p in curve]
+        else:
+            xs, ys = list(range(1, len(curve) + 1)), curve
+        ax.plot(xs, ys, label=name)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title("LoRA variants")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _plot_versions(registry, out: Path) -> Path | None:
+    versions = registry.list()
+    rows = [(v.id, v.metrics.get("eval_loss"), v.metrics.get("regression_loss")) for v in versions]
+    if not any(r[1] is not None or r[2] is not None for r in rows):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ids = [r[0] for r in rows]
+    for idx, label in ((1, "held-out loss"), (2, "regression loss")):
+        pts = [(i, r[idx]) for i, r in enumerate(rows) if r[idx] is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax.set_xticks(range(len(ids)), ids)
+    current = registry.current_id()
+    if current in ids:
+        ax.axvline(ids.index(current), color="grey", linestyle=":", label=f"current ({current})")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("versions")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return "—" if v is None else str(v)
+
+
+def write_report(cycle, state) -> dict[str, Any]:
+    reports = paths.reports_dir(cycle.home)
+    reports.mkdir(parents=True, exist_ok=True)
+    stem = reports / state.id
+    data = {k: v for k, v in state.data.items()}
+    data["current_version"] = cycle.registry.current_id()
+    timings = {name: s.get("seconds") for name, s in state.data["stages"].items()}
+    train_s = timings.get("train") or 0.0
+    total = sum(t for t in timings.values() if t)
+    data["timings"] = {"stages_s": timings, "total_s": round(total, 3),
+                       "overhead_share": round((total - train_s) / total, 4) if total else None}
+    variants = state.result("train").get("variants", [])
+    loss_png = _plot_variants(variants, stem.with_suffix(".variants.png"))
+    versions_png = _plot_versions(cycle.registry, stem.with_suffix(".versions.png"))
+    json_path = stem.with_suffix(".json")
+    json_path.write_text(json.dumps(data, indent=2, default=str))
+
+    lines = [f"# Cycle {state.id}", "", f"**Outcome:** {state.data.get('outcome')}"]
+    if state.data.get("reason"):
+        lines.append(f"  \n**Why:** {state.data['reason']}")
+    lines += ["", f"Current version after the cycle: **{data['current_version']}**", "", "## Stages", "",
+              "| stage | status | seconds | note |", "|---|---|---:|---|"]
+    for name, s in state.data["stages"].items():
+        if name == "report":
+            continue
+        note = s.get("reason") or s.get("error") or ""
+        lines.append(f"| {name} | {s.get('status')} | {_fmt(s.get('seconds'))} | {note} |")
+    if data["timings"]["overhead_share"] is not None:
+        lines.append(f"\nEverything but training took {100 * data['timings']['overhead_share']:.1f}% of the cycle.")
+    push = state.result("push")
+    if push:
+        lines += ["", "## Push", "", "```json", json.dumps(push, indent=1, default=str), "```"]
+    pulled = state.result("pull")
+    if pulled:
+        lines += ["", "## Snapshot", "", f"hash `{pulled.get('hash')}`", "", "```json",
+                  json.dumps(pulled.get("counts"), indent=1), "```"]
+    if variants:
+        lines += ["", "## Variants", "", "| variant | status | held-out loss | regression loss | tokens/s | wall s |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for v in variants:
+            lines.append(
+                f"| {v.get('name')} | {v.get('status')} | {_fmt(v.get('eval_loss'))} | {_fmt(v.get('regression_loss'))} "
+                f"| {_fmt(v.get('tokens_per_s'))} | {_fmt(v.get('wall_s'))} |"
+            )
+        if loss_png:
+            lines += ["", f"![loss curves]({loss_png.name})"]
+    gate = state.result("gate") or state.stage("gate").get("result")
+    if gate:
+        lines += ["", "## Gate", "", "```json", json.dumps(gate.get("decision"), indent=1, default=str), "```"]
+    exported = state.result("export") or state.stage("export").get("result")
+    if exported and exported.get("verification"):
+        ver = exported["verification"]
+        lines += ["", "## Verification of the GGUF", "", f"passed: **{ver.get('passed')}**",
+                  "", "; ".join(ver.get("reasons") or [])]
+    if versions_png:
+        lines += ["", "## Versions", "", f"![versions]({versions_png.name})"]
+    md_path = stem.with_suffix(".md")
+    md_path.write_text("\n".join(lines) + "\n")
+    return {"json": str(json_path), "markdown": str(md_path),
+            "plots": [str(p) for p in (loss_png, versions_png) if p]}
