@@ -7,8 +7,9 @@ when it did):
     pull      submitted records -> a hashed snapshot (annotation.pull)
     decide    enough curated examples since the current version? (cycle.min_new_examples, or --force)
     train     the LoRA variant grid on the snapshot + replay (trainer.variants)
-    gate      best variant vs the current version on the same held-out and regression sets (loop.gate)
-    export    merge, GGUF, quantise, verify the quantised file (trainer.export, trainer.verify)
+    export    the best variant (held-out loss): merge, GGUF, quantise, verify the quantised file
+    gate      that candidate vs the current version on the same held-out and regression sets,
+              its GGUF verification included (loop.gate)
     promote   register + atomic promotion + publish (loop.registry, loop.publish)
     report    JSON + markdown with plots under $LOOP_HOME/reports
 
@@ -34,7 +35,7 @@ from loop.lock import CycleLock, LockHeld
 from loop.registry import Registry
 from loop.cycle_state import CycleState, StopCycle, _now
 
-STAGES = ("push", "pull", "decide", "train", "gate", "export", "promote", "report")
+STAGES = ("push", "pull", "decide", "train", "export", "gate", "promote", "report")
 
 
 class Cycle:

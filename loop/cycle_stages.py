@@ -163,51 +163,13 @@ def _metric(row: dict[str, Any], *names: str) -> float | None:
     return None
 
 
-def stage_gate(self, state: CycleState, force: bool) -> dict[str, Any]:
-    from loop.gate import decide
-    from trainer.evaluate import eval_loss, load_regression_set
-
-    trained = state.result("train")
-    rows = [r for r in trained["variants"] if r.get("status") == "ok"]
-    best = min(rows, key=lambda r: (_metric(r, "eval_loss") is None, _metric(r, "eval_loss") or 0.0))
-    held_out = _read_jsonl(Path(state.result("decide")["eval_path"]))
-    base_dir = Path(trained["base_dir"])
-    current_metrics = {
-        "eval_loss": eval_loss(base_dir, held_out, max_length=self.config.trainer.max_length) if held_out else None,
-        "regression_loss": eval_loss(base_dir, load_regression_set(self.config.trainer),
-                                     max_length=self.config.trainer.max_length),
-    }
-    candidate = {
-        "eval_loss": _metric(best, "eval_loss"),
-        "regression_loss": _metric(best, "regression_loss"),
-        "status": best.get("status"),
-    }
-    arena = None
-    if self.config.gate.use_arena:
-        from loop.arena import ratings
-
-        arena = ratings(self.store.arena_votes())
-    decision = decide(candidate, current_metrics, self.config.gate, arena=arena)
-    out = {
-        "best_variant": best.get("name"),
-        "best": best,
-        "candidate": candidate,
-        "current": current_metrics,
-        "decision": decision.to_dict() if hasattr(decision, "to_dict") else vars(decision),
-    }
-    if not decision.promote:
-        raise _stop("gate_refused", "the gate kept the current version: " + "; ".join(decision.reasons), out)
-    return out
-
-
 # -- export, promote ------------------------------------------------------------------------------------
 
 def stage_export(self, state: CycleState, force: bool) -> dict[str, Any]:
     from trainer.export import export_variant
     from trainer.verify import load_probes, verify_gguf
 
-    gated = state.result("gate")
-    best = gated["best"]
+    best = _best_variant(state)
     pulled = state.result("pull")
     current = self.registry.current()
     out_dir = state.dir / "export"
@@ -225,9 +187,52 @@ def stage_export(self, state: CycleState, force: bool) -> dict[str, Any]:
     held_out = _read_jsonl(Path(state.result("decide")["eval_path"]))
     verification = verify_gguf(Path(result.gguf_path), Path(result.merged_dir), load_probes(), held_out, self.config.export)
     vdict = verification.to_dict()
-    out = {"export": result.to_dict(), "verification": vdict}
+    out = {"variant": best.get("name"), "export": result.to_dict(), "verification": vdict}
     if not verification.passed:
         raise _stop("verification_failed", "the exported GGUF failed verification: " + "; ".join(verification.reasons), out)
+    return out
+
+
+def _best_variant(state: CycleState) -> dict[str, Any]:
+    rows = [r for r in state.result("train")["variants"] if r.get("status") == "ok"]
+    # Lowest held-out loss wins (training loss says nothing about generalisation: the seed's mistake).
+    return min(rows, key=lambda r: (_metric(r, "eval_loss") is None, _metric(r, "eval_loss") or 0.0))
+
+
+def stage_gate(self, state: CycleState, force: bool) -> dict[str, Any]:
+    from loop.gate import decide
+    from trainer.evaluate import eval_loss, load_regression_set
+
+    best = _best_variant(state)
+    held_out = _read_jsonl(Path(state.result("decide")["eval_path"]))
+    base_dir = Path(state.result("train")["base_dir"])
+    max_length = self.config.trainer.max_length
+    current_metrics = {
+        "heldout_loss": eval_loss(base_dir, held_out, max_length=max_length) if held_out else None,
+        "regression_loss": eval_loss(base_dir, load_regression_set(self.config.trainer), max_length=max_length),
+        "version": self.registry.current_id(),
+    }
+    candidate = {
+        "heldout_loss": _metric(best, "eval_loss"),
+        "regression_loss": _metric(best, "regression_loss"),
+        "status": best.get("status"),
+        "verification": state.result("export").get("verification"),
+    }
+    arena = None
+    if self.config.gate.use_arena:
+        from loop.arena import ratings
+
+        arena = ratings(self.store.arena_votes())
+    decision = decide(candidate, current_metrics, self.config.gate, arena=arena, current_id=current_metrics["version"])
+    out = {
+        "best_variant": best.get("name"),
+        "best": best,
+        "candidate": {k: v for k, v in candidate.items() if k != "verification"},
+        "current": current_metrics,
+        "decision": decision.to_dict(),
+    }
+    if not decision.promote:
+        raise _stop("gate_refused", "the gate kept the current version: " + "; ".join(decision.reasons), out)
     return out
 
 

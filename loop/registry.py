@@ -7,12 +7,15 @@ Layout under ``$LOOP_HOME/registry``::
     versions/<id>/README.md       the model card (when the exporter wrote one)
     current.json                  {"version", "previous", "since", "reason"}: the one truth
     history.jsonl                 append-only: every promotion and rollback, when, why, by what
+    pruned.jsonl                  ids removed by retention (never handed out again)
+    .lock                         flock serialising writers (cycle, CLI, app) across processes
 
 Crash safety: a version directory is built under a temporary name and renamed into place, and
 ``current.json`` is replaced by write + fsync + rename + fsync(dir). A crash at any point leaves
 either the old or the new version current, never a half-written pointer, and the app (which
 re-reads the pointer per request) keeps serving whichever that is. The history line is written
-after the pointer; a pointer newer than the history is reconciled on the next read.
+after the pointer; a pointer newer than the history is reconciled before the next promotion
+(``reconcile()``), which also removes what dead writers left behind.
 """
 
 from __future__ import annotations

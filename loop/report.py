@@ -45,7 +45,7 @@ def _plot_variants(variants: list[dict[str, Any]], out: Path) -> Path | None:
 
 def _plot_versions(registry, out: Path) -> Path | None:
     versions = registry.list()
-    rows = [(v.id, v.metrics.get("eval_loss"), v.metrics.get("regression_loss")) for v in versions]
+    rows = [(v.id, v.metrics.get("heldout_loss", v.metrics.get("eval_loss")), v.metrics.get("regression_loss")) for v in versions]
     if not any(r[1] is not None or r[2] is not None for r in rows):
         return None
     import matplotlib

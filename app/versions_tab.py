@@ -1,0 +1,204 @@
+"""The app's Versions tab: metrics across versions, side-by-side answers, and a blind arena.
+
+Mount it inside the app's Blocks (within ``gr.Tabs()`` if the app uses tabs)::
+
+    with gr.Blocks() as demo:
+        ...
+        versions = build_versions_tab(ctx)   # ctx has .config, .store, .registry
+
+The arena is blind: two versions answer the user's prompt, shown as "A" and "B" in random order;
+only after the vote are the names revealed. Votes go to the store (``arena_votes``) and the
+Bradley-Terry ratings (``loop.arena``) are shown; the gate can use them (``gate.use_arena``).
+
+Models are loaded through ``loop.probe_runner.LlamaCache`` (a few kept loaded, keyed by version id
+and sha256) and every generation holds the process-wide generation lock, so the tab never runs two
+llama.cpp generations at once next to the chat.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from typing import Any
+
+import gradio as gr
+
+from loop import arena, gate
+from loop.probe_runner import LlamaCache, ProbeAnswer
+from loop.registry import Version
+
+ARENA_CHOICES = ["A is better", "B is better", "Tie"]
+_WINNER = {"A is better": "a", "B is better": "b", "Tie": "tie"}
+
+
+def metrics_figure(versions: list[Version], ratings: dict[str, dict[str, Any]] | None = None,
+                   current: str | None = None) -> Any:
+    """Held-out and regression loss per version (left axis) and arena rating (right axis)."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state in a server
+
+    fig = Figure(figsize=(7, 3.2), layout="constrained")
+    ax = fig.add_subplot()
+    ids = [v.id for v in versions]
+    xs = list(range(len(ids)))
+    drawn = False
+    for label, fn, style in (("held-out loss", gate.heldout_loss, "o-"), ("regression loss", gate.regression_loss, "s--")):
+        points = [(x, fn(v.metrics)) for x, v in zip(xs, versions) if fn(v.metrics) is not None]
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], style, label=label)
+            drawn = True
+    ax.set_xticks(xs, [f"{i}*" if i == current else i for i in ids])
+    ax.set_xlabel("version (* = current)")
+    ax.set_ylabel("loss (lower is better)")
+    if ratings:
+        rated = [(x, ratings[v.id]["rating"]) for x, v in zip(xs, versions) if ratings.get(v.id, {}).get("games")]
+        if rated:
+            ax2 = ax.twinx()
+            ax2.plot([p[0] for p in rated], [p[1] for p in rated], "d:", color="tab:green", label="arena rating")
+            ax2.set_ylabel("arena rating")
+            ax2.legend(loc="upper right")
+            drawn = True
+    if drawn:
+        ax.legend(loc="upper left")
+    else:
+        ax.text(0.5, 0.5, "no metrics recorded yet", ha="center", va="center", transform=ax.transAxes)
+    return fig
+
+
+class VersionsTab:
+    """The tab's logic, separate from its widgets so it can be driven directly (tests, scripts)."""
+
+    def __init__(self, ctx: Any, cache: LlamaCache | None = None, rng: random.Random | None = None):
+        self.ctx = ctx
+        model = ctx.config.model
+        self.cache = cache or LlamaCache(max_models=3, n_ctx=model.n_ctx, n_threads=model.n_threads or None)
+        self.rng = rng or random.Random()
+        self._vote_lock = threading.Lock()
+
+    # -- data ------------------------------------------------------------------------------------
+
+    def servable(self) -> list[Version]:
+        """Versions that may answer users: a version whose verification failed never does."""
+        return [v for v in self.ctx.registry.list() if (v.verification or {}).get("passed", True)]
+
+    def version_ids(self) -> list[str]:
+        return [v.id for v in self.servable()]
+
+    def ratings(self) -> dict[str, dict[str, Any]]:
+        return arena.ratings(self.ctx.store.arena_votes(), versions=self.version_ids())
+
+    def ratings_rows(self) -> list[list[Any]]:
+        existing = set(self.version_ids())
+        board = [(v, s) for v, s in arena.leaderboard(self.ratings()) if v in existing]
+        return [[v, s["rating"], s["games"], s["wins"], s["ties"], s["losses"]] for v, s in board]
+
+    def figure(self) -> Any:
+        return metrics_figure(self.ctx.registry.list(), self.ratings(), self.ctx.registry.current_id())
+
+    def _messages(self, prompt: str) -> list[dict[str, str]]:
+        system = self.ctx.config.app.system_prompt
+        return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+
+    def answer(self, version_id: str, prompt: str) -> ProbeAnswer:
+        version = self.ctx.registry.get(version_id)
+        return self.cache.answer(version, self._messages(prompt), max_tokens=self.ctx.config.app.max_tokens)
+
+    def _check_prompt(self, prompt: str) -> str:
+        prompt = (prompt or "").strip()
+        if not prompt:
+            raise gr.Error("Type a prompt first.")
+        if len(prompt) > self.ctx.config.app.max_message_chars:
+            raise gr.Error(f"The prompt is longer than {self.ctx.config.app.max_message_chars} characters.")
+        return prompt
+
+    # -- handlers --------------------------------------------------------------------------------
+
+    def refresh(self) -> tuple[Any, Any, Any, Any]:
+        ids = self.version_ids()
+        current = self.ctx.registry.current_id()
+        other = next((i for i in reversed(ids) if i != current), current)
+        return (self.figure(), gr.update(choices=ids, value=current), gr.update(choices=ids, value=other),
+                self.ratings_rows())
+
+    def side_by_side(self, prompt: str, a: str, b: str) -> tuple[str, str]:
+        prompt = self._check_prompt(prompt)
+        if not a or not b:
+            raise gr.Error("Choose two versions.")
+        out = []
+        for vid in (a, b):
+            r = self.answer(vid, prompt)
+            logprob = f", mean logprob {r.mean_logprob:.3f}" if r.mean_logprob is not None else ""
+            out.append(f"**{vid}**\n\n{r.answer}\n\n<small>{r.n_tokens} tokens, {r.seconds:.1f} s{logprob}</small>")
+        return out[0], out[1]
+
+    def arena_start(self, prompt: str) -> tuple[dict[str, Any], str, str, Any, str]:
+        """Two different versions, in random order, answer anonymously."""
+        prompt = self._check_prompt(prompt)
+        ids = self.version_ids()
+        if len(ids) < 2:
+            raise gr.Error("The arena needs at least two versions.")
+        a, b = self.rng.sample(ids, 2)
+        ans_a, ans_b = self.answer(a, prompt), self.answer(b, prompt)
+        state = {"prompt": prompt, "version_a": a, "version_b": b, "answer_a": ans_a.answer, "answer_b": ans_b.answer}
+        return (state, ans_a.answer, ans_b.answer, gr.update(value=None, interactive=True),
+                "Which answer is better? The versions are revealed after your vote.")
+
+    def arena_vote(self, choice: str | None, state: dict[str, Any] | None) -> tuple[dict[str, Any] | None, str, Any, list[list[Any]]]:
+        if not state:
+            raise gr.Error("Ask a question in the arena first.")
+        if choice not in _WINNER:
+            raise gr.Error("Pick A, B or Tie.")
+        with self._vote_lock:  # a double click must not count twice
+            if state.get("voted"):
+                raise gr.Error("Already counted; ask another question.")
+            state["voted"] = True
+        self.ctx.store.add_arena_vote(state["prompt"], state["version_a"], state["version_b"],
+                                      state["answer_a"], state["answer_b"], _WINNER[choice])
+        reveal = f"Thanks! A was **{state['version_a']}**, B was **{state['version_b']}**."
+        return None, reveal, gr.update(interactive=False), self.ratings_rows()
+
+
+def build_versions_tab(ctx: Any, *, label: str = "Versions") -> VersionsTab:
+    """Create the tab inside the current Blocks; returns its logic with the widgets attached."""
+    logic = VersionsTab(ctx)
+    figure, init_a, init_b, rows = logic.refresh()  # initial state; refreshed whenever the tab is opened
+    with gr.Tab(label) as tab:
+        gr.Markdown("Compare the model versions the loop has produced. The one marked * is serving the chat.")
+        plot = gr.Plot(value=figure, label="Metrics across versions")
+        refresh_btn = gr.Button("Refresh", size="sm")
+        with gr.Accordion("Side by side", open=True):
+            with gr.Row():
+                pick_a = gr.Dropdown(label="Version 1", choices=init_a["choices"], value=init_a["value"])
+                pick_b = gr.Dropdown(label="Version 2", choices=init_b["choices"], value=init_b["value"])
+            sbs_prompt = gr.Textbox(label="Prompt", lines=2)
+            sbs_btn = gr.Button("Answer with both")
+            with gr.Row():
+                sbs_a = gr.Markdown()
+                sbs_b = gr.Markdown()
+        with gr.Accordion("Blind arena", open=True):
+            arena_state = gr.State(None)
+            arena_prompt = gr.Textbox(label="Ask both anonymous versions", lines=2)
+            arena_btn = gr.Button("Ask")
+            with gr.Row():
+                arena_a = gr.Textbox(label="A", interactive=False, lines=6)
+                arena_b = gr.Textbox(label="B", interactive=False, lines=6)
+            vote = gr.Radio(ARENA_CHOICES, label="Your vote", interactive=False)
+            vote_btn = gr.Button("Vote")
+            arena_msg = gr.Markdown()
+            board = gr.Dataframe(value=rows or None, headers=["version", "rating", "games", "wins", "ties", "losses"],
+                                 label="Arena ratings (Bradley-Terry, Elo scale)", interactive=False)
+
+    # Endpoint names are prefixed so they cannot collide with the chat's; the arena's stay
+    # undocumented (callable, but not advertised as an API for scripted voting).
+    outputs = [plot, pick_a, pick_b, board]
+    tab.select(logic.refresh, None, outputs, api_visibility="private")
+    refresh_btn.click(logic.refresh, None, outputs, api_name="versions_refresh")
+    sbs_btn.click(logic.side_by_side, [sbs_prompt, pick_a, pick_b], [sbs_a, sbs_b], concurrency_id="llama",
+                  api_name="versions_side_by_side")
+    arena_btn.click(logic.arena_start, [arena_prompt], [arena_state, arena_a, arena_b, vote, arena_msg],
+                    concurrency_id="llama", api_name="versions_arena_ask", api_visibility="undocumented")
+    vote_btn.click(logic.arena_vote, [vote, arena_state], [arena_state, arena_msg, vote, board],
+                   api_name="versions_arena_vote", api_visibility="undocumented")
+    logic.tab = tab
+    logic.components = {"plot": plot, "pick_a": pick_a, "pick_b": pick_b, "board": board, "vote": vote,
+                        "arena_a": arena_a, "arena_b": arena_b}
+    return logic

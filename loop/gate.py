@@ -1,0 +1,191 @@
+"""The promotion gate: may a trained candidate replace the current version?
+
+All of these must hold (each failure is one reason in the decision):
+  1. the candidate is usable: its status is not "failed" and its GGUF verification passed
+     (the gate is on the quantised file, since quality lost in conversion is a known trap);
+  2. both were scored on the same held-out set (when both carry ``heldout_hash``);
+  3. held-out loss: ``current - candidate >= gate.min_improvement`` and strictly > 0;
+  4. regression loss (general ability): ``(candidate - current) / current <= gate.regression_tolerance``;
+  5. optionally (``gate.use_arena``): the candidate has at least ``gate.arena_min_games`` arena games
+     and a rating not below the current version's.
+
+Metric names (in ``Version.metrics`` and in the dicts given to ``decide``):
+  ``heldout_loss`` (aliases ``held_out_loss``, ``eval_loss``), ``regression_loss``, ``heldout_hash``;
+  candidate extras: ``status``, ``verification`` ({"passed": bool, "reasons": [...]}) or
+  ``verification_passed``, and ``version`` (registry id, used to look up arena ratings).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Mapping
+
+HELDOUT_KEYS = ("heldout_loss", "held_out_loss", "eval_loss")
+REGRESSION_KEYS = ("regression_loss",)
+
+
+@dataclass
+class GateDecision:
+    promote: bool
+    reasons: list[str] = field(default_factory=list)
+    numbers: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """A few lines for people: the verdict, then why."""
+        head = "PROMOTE" if self.promote else "KEEP CURRENT"
+        return "\n".join([head] + [f"  - {r}" for r in self.reasons])
+
+
+def metric(metrics: Mapping[str, Any] | None, keys: Iterable[str]) -> float | None:
+    """The first of ``keys`` present in ``metrics`` as a float (None when absent or not a number)."""
+    for key in keys:
+        value = (metrics or {}).get(key)
+        if value is None or isinstance(value, bool):
+            continue
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def heldout_loss(metrics: Mapping[str, Any] | None) -> float | None:
+    return metric(metrics, HELDOUT_KEYS)
+
+
+def regression_loss(metrics: Mapping[str, Any] | None) -> float | None:
+    return metric(metrics, REGRESSION_KEYS)
+
+
+def verification_passed(candidate: Mapping[str, Any]) -> bool | None:
+    """True/False when the candidate says, None when it carries no verification at all."""
+    ver = candidate.get("verification")
+    if isinstance(ver, Mapping) and "passed" in ver:
+        return bool(ver["passed"])
+    if isinstance(ver, bool):
+        return ver
+    if "verification_passed" in candidate:
+        return bool(candidate["verification_passed"])
+    return None
+
+
+def best_variant(variants: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The variant with the lowest finite held-out loss among those not failed (None if none)."""
+    usable = [
+        v for v in variants
+        if v.get("status") != "failed" and (loss := heldout_loss(v)) is not None and math.isfinite(loss)
+    ]
+    return min(usable, key=heldout_loss) if usable else None
+
+
+def _finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def decide(
+    candidate_metrics: Mapping[str, Any],
+    current_metrics: Mapping[str, Any] | None,
+    gate: Any,
+    arena: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    candidate_id: str | None = None,
+    current_id: str | None = None,
+) -> GateDecision:
+    """Decide whether the candidate replaces the current version; every failed rule is a reason.
+
+    ``gate`` is a ``GateConfig``; ``arena`` is ``loop.arena.ratings(...)`` (needed when
+    ``gate.use_arena``). Ids for the arena default to the metrics' ``version`` keys.
+    """
+    current_metrics = current_metrics or {}
+    refusals: list[str] = []
+    passes: list[str] = []
+    cand_h, cur_h = heldout_loss(candidate_metrics), heldout_loss(current_metrics)
+    cand_r, cur_r = regression_loss(candidate_metrics), regression_loss(current_metrics)
+    numbers: dict[str, Any] = {
+        "candidate_heldout_loss": cand_h,
+        "current_heldout_loss": cur_h,
+        "heldout_improvement": None,
+        "min_improvement": gate.min_improvement,
+        "candidate_regression_loss": cand_r,
+        "current_regression_loss": cur_r,
+        "regression_rel_change": None,
+        "regression_tolerance": gate.regression_tolerance,
+        "verification_passed": verification_passed(candidate_metrics),
+        "status": candidate_metrics.get("status"),
+        "use_arena": bool(gate.use_arena),
+    }
+
+    # 1. usable at all
+    status = candidate_metrics.get("status")
+    if status == "failed":
+        why = candidate_metrics.get("error") or candidate_metrics.get("reason") or "no reason recorded"
+        refusals.append(f"candidate status is failed: {why}")
+    ver = numbers["verification_passed"]
+    if ver is not True:
+        detail = candidate_metrics.get("verification") if isinstance(candidate_metrics.get("verification"), Mapping) else {}
+        why = "; ".join(detail.get("reasons", [])) if detail else ""
+        refusals.append("GGUF verification " + ("failed" if ver is False else "missing")
+                        + (f": {why}" if why else ""))
+    else:
+        passes.append("GGUF verification passed")
+
+    # 2. same held-out set
+    cand_set, cur_set = candidate_metrics.get("heldout_hash"), current_metrics.get("heldout_hash")
+    if cand_set and cur_set and cand_set != cur_set:
+        refusals.append(f"held-out sets differ (candidate {cand_set}, current {cur_set}): losses are not comparable")
+
+    # 3. held-out loss
+    if not _finite(cand_h):
+        refusals.append(f"candidate has no finite held-out loss ({cand_h})")
+    elif not _finite(cur_h):
+        refusals.append(f"current version has no finite held-out loss on this set ({cur_h}); evaluate it first")
+    else:
+        improvement = cur_h - cand_h
+        numbers["heldout_improvement"] = improvement
+        if improvement > 0 and improvement >= gate.min_improvement:
+            passes.append(f"held-out loss {cand_h:.4f} vs {cur_h:.4f}: better by {improvement:.4f} "
+                          f"(needed {gate.min_improvement:g})")
+        else:
+            refusals.append(f"held-out loss {cand_h:.4f} vs {cur_h:.4f}: improvement {improvement:.4f} "
+                            f"is not above the margin {gate.min_improvement:g}")
+
+    # 4. regression loss
+    if not _finite(cand_r):
+        refusals.append(f"candidate has no finite regression loss ({cand_r})")
+    elif not _finite(cur_r) or cur_r <= 0:
+        refusals.append(f"current version has no usable regression loss ({cur_r}); evaluate it first")
+    else:
+        rel = (cand_r - cur_r) / cur_r
+        numbers["regression_rel_change"] = rel
+        if rel <= gate.regression_tolerance:
+            passes.append(f"regression loss {cand_r:.4f} vs {cur_r:.4f}: {rel:+.1%} "
+                          f"(tolerance +{gate.regression_tolerance:.1%})")
+        else:
+            refusals.append(f"regression loss {cand_r:.4f} vs {cur_r:.4f}: worse by {rel:+.1%}, "
+                            f"beyond the tolerance +{gate.regression_tolerance:.1%}")
+
+    # 5. arena (optional)
+    if gate.use_arena:
+        cand_id = candidate_id or candidate_metrics.get("version")
+        cur_id = current_id or current_metrics.get("version")
+        min_games = getattr(gate, "arena_min_games", 0)
+        if arena is None or not cand_id or not cur_id:
+            refusals.append("arena criterion is on but no ratings (or version ids) were given")
+        else:
+            cand_a = arena.get(cand_id) or {"rating": None, "games": 0}
+            cur_a = arena.get(cur_id) or {"rating": None, "games": 0}
+            numbers.update(candidate_rating=cand_a["rating"], current_rating=cur_a["rating"],
+                           candidate_games=cand_a["games"], arena_min_games=min_games)
+            if cand_a["games"] < min_games:
+                refusals.append(f"arena: {cand_id} has {cand_a['games']} games, needs {min_games}")
+            elif cand_a["rating"] is None or (cur_a["rating"] is not None and cand_a["rating"] < cur_a["rating"]):
+                refusals.append(f"arena: {cand_id} rated {cand_a['rating']} below {cur_id} at {cur_a['rating']}")
+            else:
+                passes.append(f"arena: {cand_id} rated {cand_a['rating']} vs {cur_id} at {cur_a['rating']}")
+
+    promote = not refusals
+    return GateDecision(promote=promote, reasons=passes if promote else refusals + passes, numbers=numbers)

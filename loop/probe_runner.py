@@ -1,0 +1,257 @@
+"""Run a GGUF greedily on prompts through llama-cpp-python: answers, mean logprob, timing.
+
+Used by ``python -m loop.versions compare`` and by the app's Versions tab (side-by-side answers
+and the blind arena). Decoding is a small loop of our own rather than ``create_chat_completion``:
+greedy is then exactly argmax (no sampler chain in between), and each chosen token's logprob
+comes from the last row of logits, so no ``logits_all=True`` buffer (n_ctx x vocab floats, about
+400 MB for SmolLM2 at 2048 tokens) is needed.
+
+Generation is serialised by one process-wide lock: a llama.cpp context is not thread-safe, and on
+a small CPU two interleaved generations only make each other slower.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import json
+import math
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+GENERATION_LOCK = threading.RLock()
+
+# Used when trainer/probes.jsonl is absent (e.g. a Space that installs only the app).
+FALLBACK_PROBES: list[str] = [
+    "What is the capital of France?",
+    "Give me three tips for staying focused while studying.",
+    "Explain in one sentence what a neural network is.",
+    "Write a haiku about autumn.",
+    "What is 12 times 7?",
+    "How do I reverse a list in Python?",
+]
+
+
+def probes_file() -> Path | None:
+    """``trainer/probes.jsonl`` (the exporter's fixed probe set) when the trainer package has one."""
+    spec = importlib.util.find_spec("trainer")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(root) / "probes.jsonl"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def as_messages(item: Any) -> list[dict[str, str]]:
+    """A probe ("prompt" string, "messages" list, or a bare string) as chat messages, without any
+    reference answer: the model must answer the last user turn itself."""
+    if isinstance(item, str):
+        return [{"role": "user", "content": item}]
+    if "messages" in item:
+        messages = [dict(m) for m in item["messages"]]
+        while messages and messages[-1].get("role") == "assistant":
+            messages.pop()
+        return messages
+    return [{"role": "user", "content": str(item["prompt"])}]
+
+
+def load_probes(path: str | Path | None = None, limit: int | None = None) -> tuple[list[list[dict[str, str]]], str]:
+    """(probes as message lists, where they came from)."""
+    source = Path(path) if path else probes_file()
+    if source is None:
+        items: list[Any] = list(FALLBACK_PROBES)
+        origin = "built-in fallback probes"
+    else:
+        items = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
+        origin = str(source.name)
+    probes = [as_messages(item) for item in items]
+    return (probes[:limit] if limit else probes), origin
+
+
+def last_user_text(messages: list[dict[str, str]]) -> str:
+    for m in reversed(messages):
+        if m.get("role") == "user":
+            return str(m.get("content", ""))
+    return ""
+
+
+def load_llama(gguf: str | Path, *, n_ctx: int = 2048, n_threads: int | None = None) -> Any:
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=n_threads or None, seed=0,
+                 logits_all=False, verbose=False)
+
+
+@dataclass
+class ProbeAnswer:
+    prompt: str
+    answer: str
+    n_tokens: int
+    mean_logprob: float | None  # mean log p of each chosen token, the end-of-turn token included
+    seconds: float
+    finished: bool  # ended on an end-of-generation token rather than the token limit
+
+
+def _formatter(llm: Any) -> Any:
+    cached = getattr(llm, "_probe_formatter", None)
+    if cached is not None:
+        return cached
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        raise ValueError("this GGUF has no chat template (tokenizer.chat_template)")
+    model = llm._model
+    eos, bos = llm.token_eos(), llm.token_bos()
+    formatter = Jinja2ChatFormatter(
+        template=template,
+        eos_token=model.token_get_text(eos) if eos != -1 else "",
+        bos_token=model.token_get_text(bos) if bos != -1 else "",
+    )
+    llm._probe_formatter = formatter
+    return formatter
+
+
+def render_prompt(llm: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of the chat-templated prompt, the way llama-cpp-python's chat handler makes them."""
+    text = _formatter(llm)(messages=messages).prompt
+    return llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+
+def _log_softmax_at(logits: Any, index: int) -> float:
+    import numpy as np
+
+    top = float(np.max(logits))
+    return float(logits[index]) - top - math.log(float(np.sum(np.exp(logits - top))))
+
+
+def greedy_answer(llm: Any, messages: list[dict[str, str]], max_tokens: int = 64) -> ProbeAnswer:
+    """Decode greedily (argmax) from the chat-templated messages."""
+    import llama_cpp
+    import numpy as np
+
+    with GENERATION_LOCK:
+        start = time.perf_counter()
+        prompt = render_prompt(llm, messages)
+        room = llm.n_ctx() - len(prompt)
+        if room <= 0:
+            raise ValueError(f"prompt of {len(prompt)} tokens does not fit the context of {llm.n_ctx()}")
+        # `_model` / `_ctx` are llama-cpp-python internals (stable across 0.3.x); the public API
+        # offers logits only with logits_all=True, the large buffer this loop exists to avoid.
+        vocab, n_vocab = llm._model.vocab, llm.n_vocab()
+        llm.reset()
+        llm.eval(prompt)
+        out: list[int] = []
+        logprobs: list[float] = []
+        finished = False
+        for _ in range(min(max_tokens, room)):
+            logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
+            token = int(np.argmax(logits))
+            logprobs.append(_log_softmax_at(logits, token))
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                finished = True
+                break
+            out.append(token)
+            llm.eval([token])
+        text = llm.detokenize(out).decode("utf-8", errors="replace").strip()
+        return ProbeAnswer(
+            prompt=last_user_text(messages),
+            answer=text,
+            n_tokens=len(out),
+            mean_logprob=(sum(logprobs) / len(logprobs)) if logprobs else None,
+            seconds=time.perf_counter() - start,
+            finished=finished,
+        )
+
+
+@dataclass
+class ProbeRun:
+    gguf: str
+    answers: list[ProbeAnswer] = field(default_factory=list)
+    load_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+    @property
+    def mean_logprob(self) -> float | None:
+        values = [a.mean_logprob for a in self.answers if a.mean_logprob is not None]
+        return sum(values) / len(values) if values else None
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        seconds = sum(a.seconds for a in self.answers)
+        return sum(a.n_tokens for a in self.answers) / seconds if seconds > 0 else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"gguf": self.gguf, "load_seconds": self.load_seconds, "total_seconds": self.total_seconds,
+                "mean_logprob": self.mean_logprob, "tokens_per_second": self.tokens_per_second,
+                "answers": [asdict(a) for a in self.answers]}
+
+
+def run_probes(
+    gguf: str | Path,
+    probes: Iterable[list[dict[str, str]]],
+    *,
+    max_tokens: int = 64,
+    n_ctx: int = 2048,
+    n_threads: int | None = None,
+    llm: Any = None,
+) -> ProbeRun:
+    """Answer every probe with one GGUF (loaded here unless ``llm`` is given)."""
+    start = time.perf_counter()
+    run = ProbeRun(gguf=str(gguf))
+    own = llm is None
+    if own:
+        llm = load_llama(gguf, n_ctx=n_ctx, n_threads=n_threads)
+    run.load_seconds = time.perf_counter() - start
+    try:
+        for messages in probes:
+            run.answers.append(greedy_answer(llm, messages, max_tokens=max_tokens))
+    finally:
+        if own:
+            llm.close()
+    run.total_seconds = time.perf_counter() - start
+    return run
+
+
+class LlamaCache:
+    """Loaded models keyed by version id, least recently used dropped beyond ``max_models``.
+
+    Keyed by id *and* sha256 so a version whose file changed is reloaded, never served stale.
+    """
+
+    def __init__(self, max_models: int = 3, *, n_ctx: int = 2048, n_threads: int | None = None):
+        self.max_models = max_models
+        self.n_ctx, self.n_threads = n_ctx, n_threads
+        self._models: collections.OrderedDict[tuple[str, str], Any] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, version_id: str, gguf: str | Path, sha256: str = "") -> Any:
+        key = (version_id, sha256)
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            llm = load_llama(gguf, n_ctx=self.n_ctx, n_threads=self.n_threads)
+            self._models[key] = llm
+            while len(self._models) > self.max_models:
+                _, old = self._models.popitem(last=False)
+                with GENERATION_LOCK:  # never close a model mid-generation
+                    old.close()
+            return llm
+
+    def answer(self, version: Any, messages: list[dict[str, str]], max_tokens: int = 128) -> ProbeAnswer:
+        """Greedy answer from a registry ``Version``."""
+        llm = self.get(version.id, version.gguf_path, version.gguf_sha256)
+        return greedy_answer(llm, messages, max_tokens=max_tokens)
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def close(self) -> None:
+        with self._lock, GENERATION_LOCK:
+            for llm in self._models.values():
+                llm.close()
+            self._models.clear()
