@@ -1,0 +1,5 @@
+"""Everything Argilla: the local stack (`annotation.server`, `annotation.install`), the dataset schema, push,
+pull and priority. Receives and returns plain records; never imports `app`.
+
+Kept import-free so `python -m annotation.install` and `python -m annotation.server` start fast.
+"""
