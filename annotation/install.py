@@ -23,6 +23,8 @@ REQUIREMENTS = (
     "osmem-server==0.1.6",
 )
 MARKER_NAME = ".loop-argilla-installed"
+# Installed as the venv's sitecustomize.py: makes reviewers' submissions work on osmem (see the module).
+COMPAT_SOURCE = Path(__file__).with_name("osmem_compat.py")
 
 
 def loop_home() -> Path:
@@ -54,7 +56,16 @@ def venv_python(venv: Path) -> Path:
 
 
 def _marker_text() -> str:
-    return "\n".join(REQUIREMENTS) + "\n"
+    import hashlib
+
+    compat = hashlib.sha256(COMPAT_SOURCE.read_bytes()).hexdigest()[:16]
+    return "\n".join(REQUIREMENTS) + f"\nosmem_compat {compat}\n"
+
+
+def _install_compat(venv: Path) -> None:
+    out = subprocess.run([str(venv_python(venv)), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         check=True, capture_output=True, text=True).stdout.strip()
+    (Path(out) / "sitecustomize.py").write_text(COMPAT_SOURCE.read_text())
 
 
 def is_installed(venv: Optional[Path] = None) -> bool:
@@ -79,6 +90,13 @@ def install(venv: Optional[Path] = None, force: bool = False, python: str = sys.
     if is_installed(venv) and not force:
         print(f"argilla-server environment already installed at {venv}")
         return venv
+    if not force and venv_python(venv).exists() and (venv / MARKER_NAME).exists():
+        previous = (venv / MARKER_NAME).read_text().split("osmem_compat")[0]
+        if previous == "\n".join(REQUIREMENTS) + "\n":  # only the compatibility patch changed
+            _install_compat(venv)
+            (venv / MARKER_NAME).write_text(_marker_text())
+            print(f"argilla-server environment at {venv}: compatibility patch updated")
+            return venv
     started = time.monotonic()
     marker = venv / MARKER_NAME
     marker.unlink(missing_ok=True)  # a half-finished install must not look complete
@@ -97,6 +115,11 @@ def install(venv: Optional[Path] = None, force: bool = False, python: str = sys.
     binary = osmem_binary(venv)
     binary.chmod(binary.stat().st_mode | 0o111)
     subprocess.run([str(binary), "-version"], check=True, stdout=subprocess.DEVNULL)
+    _install_compat(venv)
+    subprocess.run([str(venv_python(venv)), "-c",
+                    "from argilla_server.search_engine import commons; "
+                    "assert commons.BaseElasticAndOpenSearchEngine.update_record_response.__module__ == 'sitecustomize'"],
+                   check=True)
     marker.write_text(_marker_text())
     print(f"argilla-server environment ready at {venv} ({time.monotonic() - started:.0f} s)")
     return venv

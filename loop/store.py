@@ -291,6 +291,39 @@ class Store:
             (target, turn_id, content_hash, status, 1 if status == "failed" else 0, error, next_attempt_at, utcnow()),
         )
 
+    def sync_mark_many(self, target: str, items: list[dict[str, Any]]) -> None:
+        """``sync_mark`` for many turns in ONE transaction (one fsync instead of one per record).
+
+        Each item: ``{"turn_id", "content_hash", "status", "error"?, "next_attempt_at"?}``.
+        """
+        for item in items:
+            if item["status"] not in ("pending", "sent", "failed"):
+                raise ValueError(f"status must be pending, sent or failed, got {item['status']!r}")
+        now = utcnow()
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(
+                """INSERT INTO sync_state (target, turn_id, content_hash, status, attempts, last_error, next_attempt_at, updated_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (target, turn_id) DO UPDATE SET
+                       content_hash = excluded.content_hash,
+                       status = excluded.status,
+                       attempts = CASE WHEN excluded.status = 'failed' THEN sync_state.attempts + 1 ELSE 0 END,
+                       last_error = excluded.last_error,
+                       next_attempt_at = excluded.next_attempt_at,
+                       updated_at = excluded.updated_at""",
+                [
+                    (target, i["turn_id"], i.get("content_hash"), i["status"], 1 if i["status"] == "failed" else 0,
+                     i.get("error"), i.get("next_attempt_at"), now)
+                    for i in items
+                ],
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
     # -- arena votes ---------------------------------------------------------------------------
 
     def add_arena_vote(self, prompt: str, version_a: str, version_b: str, answer_a: str, answer_b: str, winner: str) -> str:

@@ -52,3 +52,7 @@ def base_hf_dir(bundled_gguf) -> Path:
     from trainer.base_model import ensure_hf_base
 
     return ensure_hf_base(bundled_gguf, TEST_CACHE / "base-hf")
+
+
+# The real local Argilla stack for any test that asks for it (tests/argilla_fixtures.py says how).
+from argilla_fixtures import argilla_stack, new_stack_config, stack_home  # noqa: E402,F401

@@ -141,3 +141,21 @@ def test_export_cli_prints_every_turn_with_feedback(loop_home):
     assert records[1]["feedback"]["correction"] == "Better."
     assert len(records[1]["feedback_events"]) == 1
     assert records[0]["feedback"] is None
+
+
+def test_sync_mark_many_matches_sync_mark():
+    store = Store.open()
+    tids = [make_turn(store) for _ in range(3)]
+    store.sync_mark("argilla", tids[0], content_hash="old", status="failed", error="down")
+    store.sync_mark_many("argilla", [
+        {"turn_id": tids[0], "content_hash": "h0", "status": "failed", "error": "still down", "next_attempt_at": "later"},
+        {"turn_id": tids[1], "content_hash": "h1", "status": "sent"},
+        {"turn_id": tids[2], "content_hash": None, "status": "pending"},
+    ])
+    state = store.sync_state("argilla")
+    assert state[tids[0]]["attempts"] == 2 and state[tids[0]]["last_error"] == "still down"
+    assert state[tids[1]]["status"] == "sent" and state[tids[1]]["attempts"] == 0
+    assert state[tids[2]]["content_hash"] is None
+    with pytest.raises(ValueError):
+        store.sync_mark_many("argilla", [{"turn_id": tids[1], "content_hash": "x", "status": "bogus"}])
+    assert store.sync_state("argilla")[tids[1]]["content_hash"] == "h1"  # nothing half-applied

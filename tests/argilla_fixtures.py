@@ -1,4 +1,4 @@
-"""Fixtures for tests that need a real Argilla server.
+"""Fixtures for tests that need a real Argilla server (imported by tests/conftest.py for every package).
 
 `argilla_stack` (session scope) starts ONE local Argilla stack for the whole test session, in a temporary
 LOOP_HOME and on free ports, and yields an `annotation.server.StackInfo`:
@@ -39,7 +39,7 @@ from annotation.config import StackConfig
 from annotation.install import is_installed
 from annotation.server import start_stack, stop_stack
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 # Captured before any test changes LOOP_HOME: the venv is a setup-time tool shared by every test home.
 TOOLS_DIR = Path(os.environ["LOOP_TOOLS"]).absolute() if os.environ.get("LOOP_TOOLS") else REPO_ROOT / ".loop" / "tools"
 ARGILLA_VENV = TOOLS_DIR / "argilla-venv"

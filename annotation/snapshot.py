@@ -1,0 +1,168 @@
+"""Training snapshots: content-addressed directories of chat examples under $LOOP_HOME/snapshots.
+
+    snapshots/<sha256>/train.jsonl     {"id": ..., "messages": [..., {"role": "assistant", ...}]} per line
+    snapshots/<sha256>/eval.jsonl      same format, the held-out examples
+    snapshots/<sha256>/manifest.json   hash, counts, eval_percent, held_out_ids, created_at, source
+    snapshots/LATEST                   the newest snapshot's hash
+
+The hash covers the examples and their split only (not the manifest), so pulling the same
+reviews twice gives the same directory. The split is by ``sha256(id) mod 100 < eval_percent``,
+and every id that was ever held out stays held out (``held_out_ids`` is carried from snapshot to
+snapshot), so an eval example never leaks into training later, even if eval_percent changes or the
+example drops out for a while.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loop import paths
+
+MANIFEST = "manifest.json"
+LATEST = "LATEST"
+
+
+@dataclass
+class Snapshot:
+    path: Path
+    hash: str
+    counts: dict[str, int]
+    train_path: Path
+    eval_path: Path
+    manifest: dict[str, Any] = field(default_factory=dict)
+    reused: bool = False  # the same content existed already; its directory was kept as is
+
+    def examples(self, split: str = "train") -> list[dict[str, Any]]:
+        return read_jsonl(self.train_path if split == "train" else self.eval_path)
+
+    @property
+    def held_out_ids(self) -> set[str]:
+        return set(self.manifest.get("held_out_ids", []))
+
+
+def bucket(example_id: str) -> int:
+    """0..99, stable for an id on every machine and run."""
+    return int(hashlib.sha256(example_id.encode()).hexdigest(), 16) % 100
+
+
+def in_eval(example_id: str, eval_percent: int) -> bool:
+    return bucket(example_id) < eval_percent
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def _lines(examples: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps({"id": e["id"], "messages": e["messages"]}, ensure_ascii=False, sort_keys=True) + "\n"
+                   for e in sorted(examples, key=lambda e: e["id"]))
+
+
+def content_hash(train_text: str, eval_text: str) -> str:
+    digest = hashlib.sha256()
+    digest.update(b"train\n" + train_text.encode("utf-8") + b"eval\n" + eval_text.encode("utf-8"))
+    return digest.hexdigest()
+
+
+def snapshots_root(home: Path | None = None) -> Path:
+    return paths.snapshots_dir(home)
+
+
+def load_snapshot(path: str | os.PathLike) -> Snapshot:
+    path = Path(path)
+    manifest = json.loads((path / MANIFEST).read_text())
+    return Snapshot(path, manifest["hash"], dict(manifest.get("counts", {})), path / "train.jsonl", path / "eval.jsonl", manifest)
+
+
+def latest_snapshot(home: Path | None = None) -> Snapshot | None:
+    """The snapshot LATEST points at, or None before the first pull."""
+    pointer = snapshots_root(home) / LATEST
+    if not pointer.is_file():
+        return None
+    path = snapshots_root(home) / pointer.read_text().strip()
+    return load_snapshot(path) if (path / MANIFEST).is_file() else None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_snapshot(
+    examples: list[dict[str, Any]],
+    counts: dict[str, int],
+    *,
+    eval_percent: int,
+    previous: Snapshot | None = None,
+    source: dict[str, Any] | None = None,
+    home: Path | None = None,
+) -> Snapshot:
+    """Split, hash and write ``examples`` ({"id", "messages"}); adds new/changed/removed/train/eval to counts."""
+    held_out = set(previous.held_out_ids) if previous else set()
+    held_out |= {e["id"] for e in examples if in_eval(e["id"], eval_percent)}
+    train = [e for e in examples if e["id"] not in held_out]
+    evals = [e for e in examples if e["id"] in held_out]
+    train_text, eval_text = _lines(train), _lines(evals)
+    digest = content_hash(train_text, eval_text)
+
+    before: dict[str, Any] = {}
+    if previous is not None:
+        for split in ("train", "eval"):
+            before.update({e["id"]: e["messages"] for e in previous.examples(split)})
+    now_ids = {e["id"] for e in examples}
+    counts = dict(counts)
+    counts["new"] = sum(1 for e in examples if e["id"] not in before)
+    counts["changed"] = sum(1 for e in examples if e["id"] in before and before[e["id"]] != e["messages"])
+    counts["removed"] = sum(1 for i in before if i not in now_ids)
+    counts["train"], counts["eval"] = len(train), len(evals)
+
+    root = snapshots_root(home)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / digest
+    reused = (final / MANIFEST).is_file()
+    if not reused:
+        manifest = {
+            "hash": digest,
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+            "format": "chat-jsonl-v1",
+            "eval_percent": eval_percent,
+            "counts": counts,
+            "previous": previous.hash if previous else None,
+            "source": source or {},
+            "held_out_ids": sorted(held_out),
+        }
+        # Write into a temporary sibling and rename: a reader never sees a half-written snapshot.
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+        try:
+            (tmp / "train.jsonl").write_text(train_text, encoding="utf-8")
+            (tmp / "eval.jsonl").write_text(eval_text, encoding="utf-8")
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            try:
+                os.rename(tmp, final)
+            except OSError:  # another pull wrote the same content first
+                if not (final / MANIFEST).is_file():
+                    raise
+                reused = True
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if reused:
+        # Same examples as an older snapshot, but the held-out history may have grown since: keep
+        # the union, or a later pull could move a once-held-out id into training.
+        manifest = json.loads((final / MANIFEST).read_text())
+        if not held_out <= set(manifest.get("held_out_ids", [])):
+            manifest["held_out_ids"] = sorted(held_out | set(manifest.get("held_out_ids", [])))
+            _write_atomic(final / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    _write_atomic(root / LATEST, digest + "\n")
+    snap = load_snapshot(final)
+    snap.counts, snap.reused = counts, reused
+    return snap
