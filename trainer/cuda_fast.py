@@ -1,0 +1,450 @@
+"""The CUDA fast path of the trainer: padding-free packing, a varlen attention kernel, fused LoRA, Liger kernels.
+
+Contract (what `trainer/train.py` relies on)
+-------------------------------------------
+    sft_kwargs, model = apply(sft_kwargs, model, config)
+
+called once, on CUDA only, before the `SFTConfig`/`SFTTrainer` is built from `sft_kwargs`.
+
+* `sft_kwargs` is either the dict of keyword arguments for `SFTConfig(**sft_kwargs)` (what trainer/train.py
+  builds), or the dict of keyword arguments for `SFTTrainer(**sft_kwargs)` holding the `SFTConfig` under `args`.
+  Either is changed in place and returned, so ignoring the return value is fine. `model` is the base
+  `PreTrainedModel` (or an already PEFT-wrapped one); it is patched in place and returned. `config` (the
+  trainer's TrainConfig) may be `None`; these attributes are read when present (all optional):
+    - `cuda_fast` (bool, default True): False returns both arguments untouched.
+    - `tokens_per_microbatch` (int, default: sized from the card's memory, at most 16384): real tokens in one
+      forward/backward. Optimizer steps become token-sized: one step covers about this many tokens (times
+      `gradient_accumulation_steps` and the number of processes), so `max_steps`/`save_steps` count larger steps
+      and an epoch has fewer of them. 0: keep the configured examples per micro-batch (padding removed, batches
+      and optimizer steps exactly those of the padded run; examples must arrive truncated to max_length).
+    - `fast_liger` (default True), `fast_fused_lora` (default True): switch the two kernel groups off for A/B tests.
+* The environment variable `LOOP_CUDA_FAST=0` has the same effect as `cuda_fast=False`; `LOOP_CUDA_FAST=force`
+  runs the same path on a CPU (reference attention, no Liger) for dry runs of scripts.
+* Nothing here is needed for correctness; any failure to apply a part is logged and that part is skipped.
+* A custom `data_collator` in `sft_kwargs` cannot be combined with TRL's padding-free collator: the packing part is
+  then skipped (the kernels still apply).
+
+What it switches on, and why each part is safe
+----------------------------------------------
+1. Padding-free packing (`packing=True, packing_strategy="bfd"`): TRL tokenizes and truncates as before (bins are
+   `max_length` long, so an over-long example is cut exactly as without packing), then best-fit-decreasing packs
+   examples into bins, and the padding-free collator flattens `tokens_per_microbatch // max_length` bins into one
+   row with `position_ids` restarting at 0 for every example and `cu_seq_lens_q/k` marking the boundaries. The first
+   label of each example is masked, as a padded batch masks it implicitly. No padding token is computed.
+2. Attention that keeps packed examples apart: the implementation `"loop_varlen"` registered here calls PyTorch's
+   own FlashAttention-2 varlen kernel (`aten::_flash_attention_forward` with `cu_seqlens`, causal, GQA native), so
+   each example attends only to itself and the cost is sum(len_i^2), not (sum len_i)^2. Padded batches (evaluation,
+   generation) go to SDPA with the usual mask. Without CUDA the same function attends example by example (slow,
+   exact): that is what the CPU test checks.
+3. Fused LoRA linear: PEFT computes `base(x) + B(A(dropout(x))) * s` as five kernels plus casts, each a full pass
+   over the layer's activations. For vanilla LoRA on a bf16/fp16 `nn.Linear` (LoRA dropout allowed) we run one
+   autograd function: `y = x W^T; y += s (x A^T) B^T` (the add rides in the GEMM epilogue), and in backward
+   `dx = g W + s (g B) A`, `dA = s (g B)^T x`, `dB = s g^T (x A^T)` (x dropped out where p > 0). Same math, about
+   a third of the memory traffic. QLoRA's 4-bit base layers keep PEFT's path.
+4. Liger Kernel's RMSNorm, RoPE and SwiGLU (fused Triton kernels). Its fused linear cross-entropy is not used:
+   TRL >= 1.x already computes the loss through its own chunked fused LM head without materialising the logits.
+5. No gradient checkpointing when the activations of one micro-batch fit in memory (estimated below): recomputing
+   the forward costs about a third of the step for nothing when memory is there.
+torch.compile is not switched on: with varying packed shapes it recompiled and did not pay (docs/gpu-speed.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ATTN_IMPLEMENTATION = "loop_varlen"
+DEFAULT_MAX_TOKENS_PER_MICROBATCH = 16384
+
+
+# ----------------------------------------------------------------------------------------------- varlen attention
+def _boundaries_from_position_ids(position_ids: torch.Tensor, batch: int, seq: int) -> tuple[torch.Tensor, int]:
+    """cu_seqlens (int32) of the flattened (batch*seq) tokens: a new example starts where the position does not
+    continue the previous one, and at every row start. One host sync; the collator normally saves us this."""
+    pos = position_ids.expand(batch, seq).reshape(-1)
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[1:] = pos[1:] != pos[:-1] + 1
+    starts[::seq] = True
+    idx = starts.nonzero().flatten().to(torch.int32)
+    cu = torch.cat([idx, torch.tensor([pos.numel()], dtype=torch.int32, device=pos.device)])
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+_GQA_NATIVE = True  # set False once if this PyTorch's kernel refuses fewer key/value heads than query heads
+
+
+def _flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, dropout):
+    """PyTorch's bundled FlashAttention-2, varlen and causal. q: (T, Hq, D), k/v: (T, Hkv, D)."""
+    global _GQA_NATIVE
+    if k.shape[1] != q.shape[1] and not _GQA_NATIVE:
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    try:
+        return torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_q, cu_k, max_q, max_k, dropout, True, False, scale=scale
+        )[0]
+    except RuntimeError:
+        if k.shape[1] == q.shape[1] or not _GQA_NATIVE:
+            raise
+        _GQA_NATIVE = False
+        return _flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, dropout)
+
+
+def _per_example_sdpa(q, k, v, cu, scale):
+    """Reference path (CPU, odd dtypes): causal SDPA example by example. q: (T, Hq, D)."""
+    groups = q.shape[1] // k.shape[1]
+    outs = []
+    bounds = cu.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        if groups > 1:
+            ks, vs = ks.repeat_interleave(groups, 0), vs.repeat_interleave(groups, 0)
+        outs.append(
+            torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1)
+        )
+    return torch.cat(outs, 0)
+
+
+def varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention function for transformers' `AttentionInterface` (q/k/v come as (B, H, S, D); returns (B, S, H, D))."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    batch, heads, seq, dim = query.shape
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+    position_ids = kwargs.get("position_ids")
+    same_len = key.shape[2] == seq
+    if cu_q is None or not same_len:
+        # Padded batches, generation with a cache, or a plain single sequence: SDPA with the usual mask.
+        if attention_mask is not None or not same_len or seq == 1 or position_ids is None:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, **kwargs)
+        cu_q, max_q = _boundaries_from_position_ids(position_ids, batch, seq)
+        cu_k, max_k = cu_q, max_q
+    if cu_k is None:
+        cu_k, max_k = cu_q, max_q
+    cu_q, cu_k = cu_q.to(device=query.device, dtype=torch.int32), cu_k.to(device=query.device, dtype=torch.int32)
+    max_q, max_k = int(max_q), int(max_k)
+    q = query.transpose(1, 2).reshape(batch * seq, heads, dim)
+    k = key.transpose(1, 2).reshape(batch * seq, key.shape[1], dim)
+    v = value.transpose(1, 2).reshape(batch * seq, value.shape[1], dim)
+    scale = scaling if scaling is not None else dim**-0.5
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and dim <= 256:
+        out = _flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, dropout if module.training else 0.0)
+    else:
+        out = _per_example_sdpa(q, k, v, cu_q, scale)
+    return out.view(batch, seq, heads, dim), None
+
+
+def varlen_attention_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any):
+    """Mask builder paired with `varlen_attention_forward`: a padded batch gets SDPA's mask; a padding-free
+    batch (no 2D mask) gets none, since the boundaries travel as `cu_seq_lens`/`position_ids`."""
+    if attention_mask is None:
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def register_varlen_attention() -> str:
+    """Register `"loop_varlen"` with transformers (idempotent) and return its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, varlen_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, varlen_attention_mask)
+    return ATTN_IMPLEMENTATION
+
+
+def use_varlen_attention(model: torch.nn.Module) -> None:
+    """Switch a (possibly PEFT-wrapped) transformers model to the varlen attention."""
+    register_varlen_attention()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.set_attn_implementation(ATTN_IMPLEMENTATION)
+
+
+# --------------------------------------------------------------------------------------------------- fused LoRA
+class _FusedLoraLinear(torch.autograd.Function):
+    """y = x W^T + b + s (drop(x) A^T) B^T with the LoRA add fused into the GEMM epilogue; W (and b) frozen.
+
+    drop(x) = x * mask / (1 - p) with a Bernoulli(1 - p) mask when LoRA dropout p > 0 (PEFT's nn.Dropout, drawn
+    here instead); the mask is kept as bool for backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, p):
+        dtype = weight.dtype
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(dtype)
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        mask = None
+        xd = x2
+        if p > 0.0:
+            mask = _dropout_mask(x2, p)
+            xd = x2 * mask * (1.0 / (1.0 - p))
+        xa = xd @ a.t()
+        y = torch.nn.functional.linear(x2, weight, bias)
+        y.addmm_(xa, b.t(), alpha=scale)
+        ctx.save_for_backward(xd, weight, a, b, xa, mask)
+        ctx.scale, ctx.p, ctx.shape, ctx.x_dtype = scale, p, shape, x.dtype
+        ctx.a_dtype, ctx.b_dtype = lora_a.dtype, lora_b.dtype
+        return y.view(*shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        xd, weight, a, b, xa, mask = ctx.saved_tensors
+        g = grad.reshape(-1, weight.shape[0]).to(weight.dtype)
+        gb = (g @ b).mul_(ctx.scale)  # (T, r)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = g @ weight
+            if mask is None:
+                dx.addmm_(gb, a)
+            else:
+                dx.add_((gb @ a).mul_(mask).mul_(1.0 / (1.0 - ctx.p)))
+            dx = dx.view(ctx.shape).to(ctx.x_dtype)
+        da = (gb.t() @ xd).to(ctx.a_dtype) if ctx.needs_input_grad[3] else None
+        db = (g.t() @ xa).mul_(ctx.scale).to(ctx.b_dtype) if ctx.needs_input_grad[4] else None
+        return dx, None, None, da, db, None, None
+
+
+def _dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    return torch.rand(x.shape, device=x.device) >= p
+
+
+_FUSE_ON_CPU = False  # tests flip this to check the math where no GPU is
+_ORIGINAL_LORA_FORWARD = None
+
+
+def _fused_lora_adapter(layer, x):
+    """The single active vanilla adapter of `layer` if the fused path computes exactly what PEFT would."""
+    if layer.disable_adapters or layer.merged or not (x.is_cuda or _FUSE_ON_CPU):
+        return None
+    if not torch.is_grad_enabled() and not layer.training:
+        return None  # inference: PEFT's path is fine and handles every case
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if len(active) != 1:
+        return None
+    name = active[0]
+    base = layer.get_base_layer()
+    if type(base) is not torch.nn.Linear or base.weight.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    if name in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(name, False):
+        return None
+    dropout = layer.lora_dropout[name]
+    if not isinstance(dropout, (torch.nn.Identity, torch.nn.Dropout)) or layer.lora_B[name].bias is not None:
+        return None
+    if getattr(layer, "fan_in_fan_out", False) or base.weight.requires_grad:
+        return None
+    return name
+
+
+def _lora_forward(self, x, *args, **kwargs):
+    name = None if (args or kwargs) else _fused_lora_adapter(self, x)
+    if name is None:
+        return _ORIGINAL_LORA_FORWARD(self, x, *args, **kwargs)
+    base = self.get_base_layer()
+    dropout = self.lora_dropout[name]
+    p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
+    return _FusedLoraLinear.apply(
+        x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, float(self.scaling[name]), p
+    )
+
+
+def enable_fused_lora() -> bool:
+    """Route eligible PEFT `lora.Linear` forwards through `_FusedLoraLinear` (process-wide, idempotent)."""
+    global _ORIGINAL_LORA_FORWARD
+    from peft.tuners.lora import layer as lora_layer
+
+    if _ORIGINAL_LORA_FORWARD is None:
+        _ORIGINAL_LORA_FORWARD = lora_layer.Linear.forward
+        lora_layer.Linear.forward = _lora_forward
+    return True
+
+
+def disable_fused_lora() -> None:
+    global _ORIGINAL_LORA_FORWARD
+    from peft.tuners.lora import layer as lora_layer
+
+    if _ORIGINAL_LORA_FORWARD is not None:
+        lora_layer.Linear.forward = _ORIGINAL_LORA_FORWARD
+        _ORIGINAL_LORA_FORWARD = None
+
+
+# ------------------------------------------------------------------------------------------------------- Liger
+def apply_liger(model: torch.nn.Module) -> bool:
+    """Liger's RMSNorm, RoPE and SwiGLU on the model instance (not its fused cross-entropy: TRL has its own)."""
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "model_type", None) not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        return False
+    _apply_liger_kernel_to_instance(
+        model=base, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
+    )
+    return True
+
+
+# --------------------------------------------------------------------------------------------- micro-batch size
+def activation_bytes_per_token(text_config: Any, checkpointing: bool) -> float:
+    """Rough bytes kept for backward per token (bf16), from what each block saves with the kernels above:
+    about 7.5 x hidden + 3 x intermediate values per layer, or one hidden state per layer with checkpointing
+    (plus one layer being recomputed). Generous by ~1.5x; only used to size micro-batches."""
+    h = text_config.hidden_size
+    i = getattr(text_config, "intermediate_size", 4 * h)
+    layers = text_config.num_hidden_layers
+    per_layer = 7.5 * h + 3 * i
+    values = layers * h * 2 + per_layer if checkpointing else layers * per_layer
+    return 1.5 * 2 * values
+
+
+def tokens_per_microbatch(model: torch.nn.Module, max_length: int, requested: int | None = None,
+                          device: int | None = None) -> tuple[int, bool]:
+    """(tokens per micro-batch, gradient checkpointing needed) for this card; a multiple of `max_length`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    text_config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    if not torch.cuda.is_available():
+        return max(max_length, (requested or 4 * max_length) // max_length * max_length), False
+    free, total = torch.cuda.mem_get_info(device)
+    weights = sum(p.numel() * p.element_size() for p in base.parameters())
+    if next(base.parameters()).device.type == "cuda":
+        weights = 0  # already counted as used
+    budget_bytes = 0.6 * free - weights - 2 * 2**30  # room for the LM-head chunks, optimizer, allocator slack
+    cap = requested or DEFAULT_MAX_TOKENS_PER_MICROBATCH
+    for checkpointing in (False, True):
+        fit = int(budget_bytes // activation_bytes_per_token(text_config, checkpointing))
+        tokens = min(cap, fit) // max_length * max_length
+        if tokens >= max_length:
+            return tokens, checkpointing
+    return max_length, True
+
+
+# ------------------------------------------------------------------------------------------------------- apply
+def _flag(config: Any, name: str, default: bool) -> bool:
+    return bool(getattr(config, name, default)) if config is not None else default
+
+
+class _Fields:
+    """Attribute access to an SFTConfig object or to a dict of SFTConfig keyword arguments (missing: default)."""
+
+    _DEFAULTS = {"max_length": 1024, "gradient_checkpointing": True, "per_device_train_batch_size": 8}
+
+    def __init__(self, target: Any):
+        object.__setattr__(self, "_target", target)
+
+    def __getattr__(self, name: str) -> Any:
+        target = self._target
+        if isinstance(target, dict):
+            return target.get(name, self._DEFAULTS.get(name))
+        return getattr(target, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        target = self._target
+        if isinstance(target, dict):
+            target[name] = value
+            if name == "gradient_checkpointing" and "activation_checkpointing" in target:
+                target["activation_checkpointing"] = value
+        else:
+            setattr(target, name, value)
+            # transformers >= 5.2x: `gradient_checkpointing` became an alias resolved in __post_init__; after it,
+            # the Trainer reads `activation_checkpointing`, so both must change on a built config.
+            if name == "gradient_checkpointing" and hasattr(target, "activation_checkpointing"):
+                target.activation_checkpointing = value
+
+    def checkpointing(self) -> bool:
+        target = self._target
+        if isinstance(target, dict):
+            value = target.get("activation_checkpointing", target.get("gradient_checkpointing"))
+            return bool(self._DEFAULTS["gradient_checkpointing"] if value is None else value)
+        value = getattr(target, "activation_checkpointing", None)
+        return bool(target.gradient_checkpointing if value is None else value)
+
+
+def _batching(args: _Fields, model: Any, config: Any) -> str:
+    """Padding-free batches: token-sized packed micro-batches, or (tokens_per_microbatch=0) the configured
+    examples per micro-batch flattened into one row."""
+    requested = getattr(config, "tokens_per_microbatch", None) if config is not None else None
+    if requested == 0:
+        # The batches, and so the optimizer's trajectory, are those of the padded run, without the padding.
+        # TRL then skips truncation: the examples must come truncated (trainer/data.py truncates them).
+        max_length = args.max_length or 1024
+        worst = (args.per_device_train_batch_size or 8) * max_length  # every example at max_length
+        _, checkpointing = tokens_per_microbatch(model, max_length, worst)
+        args.packing = False
+        args.padding_free = True
+        args.max_length = None
+        args.gradient_checkpointing = bool(args.checkpointing() and checkpointing)
+        return f"padding-free(examples per micro-batch as configured, checkpointing={args.checkpointing()})"
+    max_length = args.max_length or 1024
+    tokens, checkpointing = tokens_per_microbatch(model, max_length, requested or None)
+    args.packing = True
+    args.packing_strategy = "bfd"
+    args.padding_free = True
+    args.per_device_train_batch_size = max(1, tokens // max_length)
+    args.per_device_eval_batch_size = max(1, tokens // max_length)
+    args.gradient_checkpointing = bool(args.checkpointing() and checkpointing)
+    return f"packing({tokens} tokens/micro-batch, checkpointing={args.checkpointing()})"
+
+
+def apply(sft_kwargs: dict, model: Any, config: Any = None) -> tuple[dict, Any]:
+    """Switch on the CUDA fast path (see the module docstring for the contract). Returns (sft_kwargs, model)."""
+    mode = os.environ.get("LOOP_CUDA_FAST", "1")
+    if mode == "0" or not _flag(config, "cuda_fast", True):
+        return sft_kwargs, model
+    if not torch.cuda.is_available():
+        if mode != "force":  # "force": dry runs of the same code path on a CPU (reference kernels, no Liger)
+            return sft_kwargs, model
+        global _FUSE_ON_CPU
+        _FUSE_ON_CPU = True
+    args = _Fields(sft_kwargs["args"] if "args" in sft_kwargs else sft_kwargs)
+    applied = []
+
+    try:
+        use_varlen_attention(model)
+        applied.append("varlen-attention")
+    except Exception as exc:  # noqa: BLE001 - any failure: keep the model as it was
+        log.warning("fast path: varlen attention not applied (%s); packing is skipped too", exc)
+        return sft_kwargs, model
+
+    if sft_kwargs.get("data_collator") is not None:
+        log.warning("fast path: a custom data_collator is set; padding-free packing skipped")
+    elif torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 0):
+        log.warning("fast path: FlashAttention needs compute capability >= 8.0; padding-free packing skipped")
+    else:
+        applied.append(_batching(args, model, config))
+
+    if _flag(config, "fast_liger", True):
+        try:
+            if apply_liger(model):
+                args.use_liger_kernel = False  # applied here; TRL's own switch would reject the fused head anyway
+                applied.append("liger(rms_norm, rope, swiglu)")
+        except Exception as exc:  # noqa: BLE001
+            log.warning("fast path: Liger kernels not applied (%s)", exc)
+
+    if _flag(config, "fast_fused_lora", True):
+        try:
+            enable_fused_lora()
+            applied.append("fused-lora")
+        except Exception as exc:  # noqa: BLE001
+            log.warning("fast path: fused LoRA not applied (%s)", exc)
+
+    log.info("CUDA fast path: %s", ", ".join(applied))
+    global LAST_APPLIED
+    LAST_APPLIED = list(applied)
+    return sft_kwargs, model
+
+
+LAST_APPLIED: list[str] = []
