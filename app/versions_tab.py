@@ -192,10 +192,10 @@ def build_versions_tab(ctx: Any, *, label: str = "Versions") -> VersionsTab:
     outputs = [plot, pick_a, pick_b, board]
     tab.select(logic.refresh, None, outputs, api_visibility="private")
     refresh_btn.click(logic.refresh, None, outputs, api_name="versions_refresh")
-    sbs_btn.click(logic.side_by_side, [sbs_prompt, pick_a, pick_b], [sbs_a, sbs_b], concurrency_id="llama",
+    sbs_btn.click(logic.side_by_side, [sbs_prompt, pick_a, pick_b], [sbs_a, sbs_b], concurrency_id="generate",
                   api_name="versions_side_by_side")
     arena_btn.click(logic.arena_start, [arena_prompt], [arena_state, arena_a, arena_b, vote, arena_msg],
-                    concurrency_id="llama", api_name="versions_arena_ask", api_visibility="undocumented")
+                    concurrency_id="generate", api_name="versions_arena_ask", api_visibility="undocumented")
     vote_btn.click(logic.arena_vote, [vote, arena_state], [arena_state, arena_msg, vote, board],
                    api_name="versions_arena_vote", api_visibility="undocumented")
     logic.tab = tab

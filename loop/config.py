@@ -50,7 +50,8 @@ class ModelConfig:
     name: str = "SmolLM2-135M-Instruct"
     # llama.cpp context window (tokens) used when serving.
     n_ctx: int = 2048
-    # llama.cpp threads; 0 = let llama.cpp decide.
+    # llama.cpp threads for both the prompt and decoding; 0 = half the cores (llama.cpp's own
+    # default gives the prompt every core, which made prompts several times slower on a busy 2-core box).
     n_threads: int = 0
 
     def validate(self) -> list[str]:

@@ -79,9 +79,14 @@ def last_user_text(messages: list[dict[str, str]]) -> str:
 
 
 def load_llama(gguf: str | Path, *, n_ctx: int = 2048, n_threads: int | None = None) -> Any:
+    import os
+
     from llama_cpp import Llama
 
-    return Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=n_threads or None, seed=0,
+    # The same thread count for the prompt as for decoding: llama.cpp's default gives the prompt every
+    # core, which on a small busy machine made short prompts several times slower (see docs/app.md).
+    threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
+    return Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=0,
                  logits_all=False, verbose=False)
 
 
