@@ -167,7 +167,6 @@ def _metric(row: dict[str, Any], *names: str) -> float | None:
 
 def stage_export(self, state: CycleState, force: bool) -> dict[str, Any]:
     from trainer.export import export_variant
-    from trainer.verify import load_probes, verify_gguf
 
     best = _best_variant(state)
     pulled = state.result("pull")
@@ -181,15 +180,18 @@ def stage_export(self, state: CycleState, force: bool) -> dict[str, Any]:
         "variant": {k: best.get(k) for k in ("name", "learning_rate", "lora_rank", "lora_alpha") if k in best},
         "metrics": {k: best.get(k) for k in ("eval_loss", "regression_loss", "tokens_per_s", "wall_s") if k in best},
     }
-    result = export_variant(
-        Path(best["adapter_dir"]), Path(state.result("train")["base_dir"]), out_dir, self.config.export, card_info
-    )
     held_out = _read_jsonl(Path(state.result("decide")["eval_path"]))
-    verification = verify_gguf(Path(result.gguf_path), Path(result.merged_dir), load_probes(), held_out, self.config.export)
-    vdict = verification.to_dict()
+    # export_variant verifies the quantised file itself (probes + this held-out set) and puts the
+    # verification into the model card; the gate reads it from here.
+    result = export_variant(
+        Path(best["adapter_dir"]), Path(state.result("train")["base_dir"]), out_dir, self.config.export, card_info,
+        eval_examples=held_out or None,
+    )
+    verification = result.verification
+    vdict = verification.to_dict() if hasattr(verification, "to_dict") else dict(verification or {})
     out = {"variant": best.get("name"), "export": result.to_dict(), "verification": vdict}
-    if not verification.passed:
-        raise _stop("verification_failed", "the exported GGUF failed verification: " + "; ".join(verification.reasons), out)
+    if not vdict.get("passed"):
+        raise _stop("verification_failed", "the exported GGUF failed verification: " + "; ".join(vdict.get("reasons") or []), out)
     return out
 
 

@@ -1,0 +1,485 @@
+"""Verify a quantised GGUF against the merged Hugging Face model it came from, before anything promotes it.
+
+The gate is on the quantised file itself (quality lost in conversion is a known trap): the file must load in
+llama-cpp-python; on a fixed probe set its greedy continuations must agree with the merged model's; and its held-out
+loss, computed from llama.cpp's own logits, must stay within a tolerance of the loss transformers computes on the
+very same token ids. Both sides see identical inputs: every prompt and example is rendered with the merged model's
+chat template and tokenised once by its HF tokenizer; those ids go to both models.
+
+A file that will not load gives `passed=False` with the reason; no exception from loading escapes `verify_gguf`.
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import json
+import math
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import numpy as np
+
+from trainer.export_config import ExportConfig, VerifyConfig
+
+PROBES_PATH = Path(__file__).with_name("probes.jsonl")
+# End-of-turn markers of common chat templates; generation stops at any that exist in the vocabulary.
+_END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "</s>", "<|endoftext|>")
+
+
+@dataclass
+class VerificationResult:
+    """Outcome of `verify_gguf`. `passed` is the gate; `reasons` lists every check that failed (empty on a pass)."""
+
+    passed: bool
+    reasons: list[str]
+    load_ok: bool
+    # Gated: fraction of probes on which, along the merged model's greedy answer, llama.cpp's top token at each of the
+    # first `probe_tokens` positions is the merged model's top token or within `tie_margin` logits of it.
+    agreement: Optional[float] = None
+    # Reported: fraction of probes whose free-running greedy answers have identical first `probe_tokens` token ids.
+    exact_agreement: Optional[float] = None
+    # Reported: fraction of all teacher-forced positions where both models' top token is the same.
+    token_agreement: Optional[float] = None
+    # Per probe: prompt, both free-running answers (ids and text), exact/tie-tolerant agreement, the largest logit gap.
+    probe_details: list[dict] = field(default_factory=list)
+    # Mean cross-entropy (nats/token) over assistant tokens of the held-out examples, from each side's logits.
+    gguf_eval_loss: Optional[float] = None
+    hf_eval_loss: Optional[float] = None
+    # Relative loss delta |gguf - hf| / hf, the gated figure; loss_abs_delta is gguf - hf (signed).
+    loss_delta: Optional[float] = None
+    loss_abs_delta: Optional[float] = None
+    n_eval_examples: int = 0
+    n_eval_tokens: int = 0
+    # Fraction of probe prompts that llama.cpp's tokenizer (the one the app serves with) tokenises exactly as the HF
+    # tokenizer does; a mismatch means the served model would see other inputs than the ones verified.
+    tokenizer_agreement: Optional[float] = None
+    # Whether the GGUF carries a chat template identical to the merged model's (the app formats chats with it).
+    chat_template_match: Optional[bool] = None
+    # Thresholds in force (after defaults for the quantisation were filled in) and the measure, for the report.
+    min_agreement: Optional[float] = None
+    max_loss_rel_delta: Optional[float] = None
+    probe_tokens: int = 0
+    tie_margin: Optional[float] = None
+    quantization: Optional[str] = None
+    load_error: Optional[str] = None
+    duration_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------- probes and examples
+
+
+def load_probes(path: Optional[Path] = None) -> list[dict]:
+    """The fixed probe set: one JSON object a line with "prompt" and, optionally, a reference "answer"."""
+    path = Path(path) if path else PROBES_PATH
+    probes = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    probes.append(json.loads(line))
+                except ValueError as exc:
+                    raise ValueError(f"{path}:{n}: not JSON: {exc}") from None
+    return probes
+
+
+def example_messages(example: Any) -> list[dict]:
+    """Chat messages of a training/eval example: {"messages": [...]}, {"prompt", "response"|"completion"|"answer"},
+    or a bare list of {"role", "content"} dicts."""
+    if isinstance(example, list):
+        return example
+    if isinstance(example, dict):
+        if "messages" in example:
+            return list(example["messages"])
+        if "prompt" in example:
+            messages = [{"role": "user", "content": example["prompt"]}]
+            for key in ("response", "completion", "answer"):
+                if example.get(key):
+                    messages.append({"role": "assistant", "content": example[key]})
+                    break
+            return messages
+    raise ValueError(f"cannot read chat messages from example {str(example)[:120]!r}")
+
+
+def probe_prompt_messages(probe: Union[str, dict]) -> list[dict]:
+    """The messages a probe asks with (its reference answer, if any, dropped)."""
+    if isinstance(probe, str):
+        return [{"role": "user", "content": probe}]
+    messages = example_messages(probe)
+    while messages and messages[-1].get("role") == "assistant":
+        messages = messages[:-1]
+    if not messages:
+        raise ValueError(f"probe {probe!r} has no prompt")
+    return messages
+
+
+def probes_as_examples(probes: Iterable[dict]) -> list[dict]:
+    """Probes that carry a reference answer, as chat examples (the fallback held-out set)."""
+    return [{"messages": example_messages(p)} for p in probes if isinstance(p, dict) and p.get("answer")]
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    # The rendered template already holds every special token (BOS included where the template has one).
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    return _encode(tokenizer, _render(tokenizer, messages, add_generation_prompt=True))
+
+
+def tokenize_example(tokenizer, messages: list[dict], max_tokens: int) -> tuple[list[int], list[bool]]:
+    """Token ids of the rendered chat and a mask of the assistant tokens (answers plus their end-of-turn markers).
+
+    Assistant spans are found in characters: the text rendered up to turn i with a generation prompt must be a prefix
+    of the full text; the tokens starting inside [len(prefix), len(text through turn i)) are that turn's answer.
+    """
+    full = _render(tokenizer, messages, add_generation_prompt=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        prefix = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        through = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if full.startswith(prefix) and full.startswith(through) and len(through) > len(prefix):
+            spans.append((len(prefix), len(through)))
+    if not spans:
+        raise ValueError("no assistant turn could be located in the rendered chat")
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    mask = [any(lo <= start < hi for lo, hi in spans) for start, _ in enc["offset_mapping"]]
+    return ids[:max_tokens], mask[:max_tokens]
+
+
+def stop_token_ids(tokenizer) -> set[int]:
+    stops = set()
+    if tokenizer.eos_token_id is not None:
+        stops.add(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    stops.update(int(vocab[t]) for t in _END_OF_TURN_TOKENS if t in vocab)
+    return stops
+
+
+def _forced_logits(side, prompt: Sequence[int], answer: Sequence[int]) -> np.ndarray:
+    """Logits predicting each answer token, with the prompt and the answer so far as input (teacher forcing)."""
+    ids = list(prompt) + list(answer)
+    return side.logits(ids)[len(prompt) - 1: len(ids) - 1]
+
+
+def _cut_at_stop(ids: list[int], stops: set[int]) -> list[int]:
+    for i, tok in enumerate(ids):
+        if tok in stops:
+            return ids[: i + 1]
+    return ids
+
+
+def _nll_from_logits(logits: np.ndarray, ids: Sequence[int], mask: Sequence[bool]) -> tuple[float, int]:
+    """Summed negative log-likelihood of the masked tokens; logits[t] predicts ids[t + 1]."""
+    targets = np.asarray(ids[1:])
+    keep = np.asarray(mask[1:], dtype=bool)
+    if not keep.any():
+        return 0.0, 0
+    rows = np.asarray(logits[:-1], dtype=np.float64)[keep]
+    rows -= rows.max(axis=1, keepdims=True)
+    log_z = np.log(np.exp(rows).sum(axis=1))
+    picked = rows[np.arange(len(rows)), targets[keep]]
+    return float((log_z - picked).sum()), int(keep.sum())
+
+
+# ------------------------------------------------------------------------------------------------------ the two sides
+
+
+@contextmanager
+def _torch_threads(n: int):
+    """torch's thread count is process-wide: set it for the verification and put it back after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _GgufSide:
+    """llama.cpp on the quantised file: greedy continuations and logits over given token ids."""
+
+    def __init__(self, gguf_path: Path, n_ctx: int, n_threads: int):
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=min(512, n_ctx), logits_all=True,
+                         n_gpu_layers=0, n_threads=n_threads, n_threads_batch=n_threads, verbose=False, seed=0)
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        self.llm.reset()
+        self.llm.eval(list(ids))
+        return np.array(self.llm.scores[: len(ids)], copy=True)
+
+    def greedy(self, ids: Sequence[int], n: int, stops: set[int]) -> list[int]:
+        self.llm.reset()
+        self.llm.eval(list(ids))
+        out: list[int] = []
+        for _ in range(n):
+            tok = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            out.append(tok)
+            if tok in stops:
+                break
+            self.llm.eval([tok])
+        return out
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
+    def quantization(self) -> Optional[str]:
+        """The file's quantisation from its `general.file_type` metadata ("Q8_0", "f16", ...), None if unknown."""
+        import llama_cpp
+
+        try:
+            ftype = int(self.llm.metadata.get("general.file_type", "")) & ~int(llama_cpp.LLAMA_FTYPE_GUESSED)
+        except ValueError:
+            return None
+        names = {"LLAMA_FTYPE_ALL_F32": "f32", "LLAMA_FTYPE_MOSTLY_F16": "f16", "LLAMA_FTYPE_MOSTLY_BF16": "bf16"}
+        for attr in dir(llama_cpp):
+            if attr.startswith("LLAMA_FTYPE_") and getattr(llama_cpp, attr) == ftype and attr != "LLAMA_FTYPE_GUESSED":
+                return names.get(attr, attr.removeprefix("LLAMA_FTYPE_MOSTLY_"))
+        return None
+
+    def chat_template(self) -> Optional[str]:
+        return self.llm.metadata.get("tokenizer.chat_template")
+
+    def close(self) -> None:
+        close = getattr(self.llm, "close", None)
+        if close:
+            close()
+        self.llm = None
+
+
+class _HfSide:
+    """transformers on the merged weights, in float32: the reference both checks compare against."""
+
+    def __init__(self, merged_dir: Path):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32)
+        self.model.eval()
+        # transformers 5.x renamed the KV-cache argument and output `past_key_values` -> `cache`; accept either.
+        params = inspect.signature(self.model.forward).parameters
+        self.cache_name = "cache" if "cache" in params else "past_key_values"
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        with self.torch.inference_mode():
+            out = self.model(self.torch.tensor([list(ids)]))
+        return out.logits[0].float().numpy()
+
+    def greedy(self, ids: Sequence[int], n: int, stops: set[int]) -> list[int]:
+        torch = self.torch
+        out: list[int] = []
+        with torch.inference_mode():
+            step = self.model(torch.tensor([list(ids)]), use_cache=True)
+            for _ in range(n):
+                tok = int(step.logits[0, -1].argmax())
+                out.append(tok)
+                if tok in stops:
+                    break
+                cache = getattr(step, self.cache_name)
+                step = self.model(torch.tensor([[tok]]), use_cache=True, **{self.cache_name: cache})
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------- loading
+
+
+def _gguf_header_problem(path: Path) -> Optional[str]:
+    if not path.is_file():
+        return f"GGUF file {path} does not exist"
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        return f"{path.name} is not a GGUF file (magic bytes {magic!r}, expected b'GGUF')"
+    return None
+
+
+_LOAD_CHECK = """
+import sys
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_ctx=64, n_gpu_layers=0, verbose=True)
+print("LOAD_OK", llm.n_vocab())
+"""
+
+
+def _load_in_child(path: Path, timeout_s: float) -> Optional[str]:
+    """Load the file in a child process; None when it loads, else the reason (a native crash included)."""
+    try:
+        proc = subprocess.run([sys.executable, "-c", _LOAD_CHECK, str(path)], capture_output=True, text=True,
+                              timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return f"loading {path.name} in llama.cpp took longer than {timeout_s:.0f} s"
+    if proc.returncode == 0 and "LOAD_OK" in proc.stdout:
+        return None
+    log = (proc.stderr + proc.stdout).splitlines()
+    hints = [ln.strip() for ln in log if any(k in ln.lower() for k in ("error", "failed", "invalid", "exception"))
+             and not ln.lstrip().startswith(("raise ", "File "))]  # llama.cpp's lines, not the traceback's
+    detail = "; ".join(hints[-4:]) or (log[-1].strip() if log else "no output")
+    how = f"crashed with signal {-proc.returncode}" if proc.returncode < 0 else f"exited {proc.returncode}"
+    return f"llama.cpp could not load {path.name} (loader {how}): {detail}"
+
+
+# ------------------------------------------------------------------------------------------------------ verification
+
+
+def verify_gguf(
+    gguf_path: Path,
+    merged_dir: Path,
+    probes: Optional[Sequence[Union[str, dict]]] = None,
+    eval_examples: Optional[Sequence[Any]] = None,
+    config: Union[VerifyConfig, ExportConfig, None] = None,
+    quantization: Optional[str] = None,
+) -> VerificationResult:
+    """Check the quantised `gguf_path` against the merged HF model in `merged_dir`; see the module docstring.
+
+    probes: prompts (strings or {"prompt": ...} dicts); None = the fixed set in trainer/probes.jsonl.
+    eval_examples: held-out chat examples (see `example_messages`); empty = the loss check cannot run.
+    quantization: the quantisation whose default thresholds apply (e.g. "Q8_0"); None = read from the file itself.
+        Passing another name holds the file to that type's gate (a Q2_K file judged by Q8_0's bar, say).
+    """
+    started = time.monotonic()
+    if isinstance(config, ExportConfig):
+        config = config.verify
+    config = config or VerifyConfig()
+    result = VerificationResult(passed=False, reasons=[], load_ok=False, probe_tokens=config.probe_tokens,
+                                tie_margin=config.tie_margin, quantization=quantization)
+    gguf_path, merged_dir = Path(gguf_path), Path(merged_dir)
+
+    def finish() -> VerificationResult:
+        result.passed = not result.reasons
+        result.duration_s = round(time.monotonic() - started, 2)
+        return result
+
+    problem = _gguf_header_problem(gguf_path)
+    if problem is None and config.load_check_subprocess:
+        problem = _load_in_child(gguf_path, config.load_check_timeout_s)
+    if problem:
+        result.load_error = problem
+        result.reasons.append(problem)
+        return finish()
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
+    stops = stop_token_ids(tokenizer)
+    probes = list(load_probes() if probes is None else probes)
+    probe_inputs = [(probe_prompt_messages(p), prompt_ids(tokenizer, probe_prompt_messages(p))) for p in probes]
+    examples = []
+    for example in list(eval_examples or [])[: config.max_eval_examples]:
+        try:
+            examples.append(tokenize_example(tokenizer, example_messages(example), config.max_eval_tokens))
+        except ValueError:
+            continue  # an example without an assistant turn has nothing to score
+    longest = max([len(ids) for _, ids in probe_inputs] + [len(ids) for ids, _ in examples] + [1])
+    n_ctx = int(math.ceil((longest + config.probe_tokens + 8) / 256.0) * 256)
+
+    try:
+        gguf = _GgufSide(gguf_path, n_ctx, config.resolved_threads())
+    except Exception as exc:  # llama-cpp-python raises ValueError/RuntimeError for files it cannot use
+        result.load_error = f"llama.cpp could not load {gguf_path.name}: {exc}"
+        result.reasons.append(result.load_error)
+        return finish()
+    result.load_ok = True
+    quantization = quantization or gguf.quantization() or "Q8_0"
+    min_agreement, max_loss = config.thresholds(quantization)
+    result.quantization, result.min_agreement, result.max_loss_rel_delta = quantization, min_agreement, max_loss
+
+    from tqdm.auto import tqdm
+
+    try:
+        # The merged model answers first: its greedy answers are the path both models are teacher-forced along.
+        with _torch_threads(config.resolved_threads()):
+            hf = _HfSide(merged_dir)
+            hf_probe_ids = [hf.greedy(ids, config.probe_tokens, stops)
+                            for _, ids in tqdm(probe_inputs, desc="probes (merged model)", leave=False)]
+            hf_forced = [_forced_logits(hf, ids, ans) for (_, ids), ans in zip(probe_inputs, hf_probe_ids)]
+            hf_nll = [_nll_from_logits(hf.logits(ids), ids, mask)
+                      for ids, mask in tqdm(examples, desc="held-out loss (merged model)", leave=False)]
+        del hf
+        gc.collect()
+
+        gguf_probe_ids = [gguf.greedy(ids, config.probe_tokens, stops)
+                          for _, ids in tqdm(probe_inputs, desc="probes (gguf)", leave=False)]
+        gguf_forced = [_forced_logits(gguf, ids, ans) for (_, ids), ans in zip(probe_inputs, hf_probe_ids)]
+        token_matches = [gguf.tokenize(_render(tokenizer, msgs, True)) == ids for msgs, ids in probe_inputs]
+        gguf_nll = [_nll_from_logits(gguf.logits(ids), ids, mask)
+                    for ids, mask in tqdm(examples, desc="held-out loss (gguf)", leave=False)]
+        template = gguf.chat_template()
+    finally:
+        gguf.close()
+        gc.collect()
+    hf_template = getattr(tokenizer, "chat_template", None)
+    result.chat_template_match = bool(template) and template == hf_template
+
+    # Probe agreement: tie-tolerant along the merged model's answer (gated), exact free-running (reported).
+    tolerant, exact, same_top, positions = [], [], 0, 0
+    for (msgs, _), h_ids, g_ids, h_log, g_log in zip(probe_inputs, hf_probe_ids, gguf_probe_ids, hf_forced,
+                                                     gguf_forced):
+        h_ids, g_ids = _cut_at_stop(h_ids, stops), _cut_at_stop(g_ids, stops)
+        g_top = g_log.argmax(axis=1)
+        gaps = h_log.max(axis=1) - h_log[np.arange(len(g_top)), g_top]
+        worst = float(gaps.max()) if len(gaps) else 0.0
+        same_top += int((g_top == h_log.argmax(axis=1)).sum())
+        positions += len(g_top)
+        tolerant.append(worst <= config.tie_margin)
+        exact.append(g_ids == h_ids)
+        result.probe_details.append({
+            "prompt": msgs[-1]["content"], "agree": tolerant[-1], "exact": exact[-1], "max_gap": round(worst, 4),
+            "hf_text": tokenizer.decode(h_ids), "gguf_text": tokenizer.decode(g_ids),
+            "hf_ids": h_ids, "gguf_ids": g_ids,
+        })
+    if probe_inputs:
+        result.agreement = round(sum(tolerant) / len(tolerant), 4)
+        result.exact_agreement = round(sum(exact) / len(exact), 4)
+        result.token_agreement = round(same_top / max(positions, 1), 4)
+        result.tokenizer_agreement = round(sum(token_matches) / len(token_matches), 4)
+        if result.agreement < min_agreement:
+            result.reasons.append(
+                f"probe agreement {result.agreement:.0%} is below {min_agreement:.0%}: along the merged model's "
+                f"greedy answers, the GGUF's top token stays the same or within {config.tie_margin:g} logits of it "
+                f"for the first {config.probe_tokens} tokens on only {sum(tolerant)} of {len(tolerant)} probes"
+            )
+        if config.require_tokenizer_match and result.tokenizer_agreement < 1.0:
+            bad = sum(1 for m in token_matches if not m)
+            result.reasons.append(f"llama.cpp tokenises {bad} of {len(token_matches)} probe prompts differently "
+                                  "from the merged model's tokenizer (the app would serve other inputs)")
+    else:
+        result.reasons.append("no probes given: probe agreement could not be measured")
+
+    # Held-out loss: token-weighted mean cross-entropy over the assistant tokens, from each side's own logits.
+    n_tokens = sum(n for _, n in hf_nll)
+    if n_tokens:
+        result.n_eval_examples = len(examples)
+        result.n_eval_tokens = n_tokens
+        result.hf_eval_loss = round(sum(s for s, _ in hf_nll) / n_tokens, 6)
+        result.gguf_eval_loss = round(sum(s for s, _ in gguf_nll) / n_tokens, 6)
+        result.loss_abs_delta = round(result.gguf_eval_loss - result.hf_eval_loss, 6)
+        result.loss_delta = round(abs(result.loss_abs_delta) / max(result.hf_eval_loss, 1e-9), 6)
+        if result.loss_delta > max_loss:
+            result.reasons.append(
+                f"held-out loss from llama.cpp's logits ({result.gguf_eval_loss:.4f}) differs from the merged "
+                f"model's ({result.hf_eval_loss:.4f}) by {result.loss_delta:.2%} (relative {result.loss_delta:.4g}), "
+                f"above the tolerance of {max_loss:.4g}"
+            )
+    elif config.require_loss_check:
+        result.reasons.append("no held-out example with an assistant turn: the loss check could not run")
+    return finish()
