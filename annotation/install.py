@@ -8,12 +8,13 @@ uses it. A marker file records the pinned requirements, so a second run is a no-
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Optional
+
+from loop.paths import tools_dir
 
 # What the server environment holds. click>=8.2 breaks argilla-server's typer CLI; osmem-server is the in-memory
 # OpenSearch-compatible search engine (a bundled Go binary) that stands in for Elasticsearch.
@@ -25,25 +26,6 @@ REQUIREMENTS = (
 MARKER_NAME = ".loop-argilla-installed"
 # Installed as the venv's sitecustomize.py: makes reviewers' submissions work on osmem (see the module).
 COMPAT_SOURCE = Path(__file__).with_name("osmem_compat.py")
-
-
-def loop_home() -> Path:
-    """$LOOP_HOME (default ./.loop); defers to loop.paths when the core package provides it."""
-    try:
-        from loop.paths import loop_home as _loop_home
-    except ImportError:
-        return Path(os.environ.get("LOOP_HOME") or ".loop").absolute()
-    return Path(_loop_home())
-
-
-def tools_dir() -> Path:
-    """$LOOP_TOOLS (default $LOOP_HOME/tools): setup-time tools shared between runs and tests."""
-    try:
-        from loop.paths import tools_dir as _tools_dir
-    except ImportError:
-        env = os.environ.get("LOOP_TOOLS")
-        return Path(env).absolute() if env else loop_home() / "tools"
-    return Path(_tools_dir())
 
 
 def venv_dir(override: Optional[Path] = None) -> Path:

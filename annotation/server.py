@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from annotation.config import StackConfig
-from annotation.install import is_installed, loop_home, osmem_binary, venv_dir, venv_python
+from annotation.install import is_installed, osmem_binary, venv_dir, venv_python
+from loop.paths import loop_home
 
 log = logging.getLogger("annotation.server")
 

@@ -77,6 +77,8 @@ class Cycle:
                     if done.get("status") == "stopped":
                         break
                     continue
+                if name == "report" and state.data.get("outcome") is None:
+                    state.data["outcome"] = "promoted" if state.result("promote").get("promoted") else "not_promoted"
                 entry = {"status": "running", "started_at": _now()}
                 state.data["stages"][name] = entry
                 state.save()

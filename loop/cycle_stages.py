@@ -209,10 +209,16 @@ def stage_gate(self, state: CycleState, force: bool) -> dict[str, Any]:
     held_out = _read_jsonl(Path(state.result("decide")["eval_path"]))
     base_dir = Path(state.result("train")["base_dir"])
     max_length = self.config.trainer.max_length
+    # The trainer already measured the starting weights (= the current version) on the same held-out
+    # and regression sets with the same settings; measure again only when it did not.
+    start_h, start_r = _metric(best, "eval_loss_start"), _metric(best, "regression_loss_start")
     current_metrics = {
-        "heldout_loss": eval_loss(base_dir, held_out, max_length=max_length) if held_out else None,
-        "regression_loss": eval_loss(base_dir, load_regression_set(self.config.trainer), max_length=max_length),
+        "heldout_loss": start_h if start_h is not None else (
+            eval_loss(base_dir, held_out, max_length=max_length) if held_out else None),
+        "regression_loss": start_r if start_r is not None else eval_loss(
+            base_dir, load_regression_set(self.config.trainer), max_length=max_length),
         "version": self.registry.current_id(),
+        "measured_by": "trainer (starting weights)" if start_h is not None else "gate",
     }
     candidate = {
         "heldout_loss": _metric(best, "eval_loss"),

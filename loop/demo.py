@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from annotation.server import start_stack
 
-    stack = start_stack()
+    stack = start_stack(config=config.stack)
     say(f"Argilla: {stack.api_url} ({'external' if stack.external else 'local stack'}, "
         f"{stack.startup_seconds:.0f}s to start)")
 

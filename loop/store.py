@@ -276,20 +276,8 @@ class Store:
         next_attempt_at: str | None = None,
     ) -> None:
         """Record the outcome of sending a turn to ``target``: attempts grow on failure, reset on success."""
-        if status not in ("pending", "sent", "failed"):
-            raise ValueError(f"status must be pending, sent or failed, got {status!r}")
-        self._write(
-            """INSERT INTO sync_state (target, turn_id, content_hash, status, attempts, last_error, next_attempt_at, updated_at)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-               ON CONFLICT (target, turn_id) DO UPDATE SET
-                   content_hash = excluded.content_hash,
-                   status = excluded.status,
-                   attempts = CASE WHEN excluded.status = 'failed' THEN sync_state.attempts + 1 ELSE 0 END,
-                   last_error = excluded.last_error,
-                   next_attempt_at = excluded.next_attempt_at,
-                   updated_at = excluded.updated_at""",
-            (target, turn_id, content_hash, status, 1 if status == "failed" else 0, error, next_attempt_at, utcnow()),
-        )
+        self.sync_mark_many(target, [{"turn_id": turn_id, "content_hash": content_hash, "status": status,
+                                      "error": error, "next_attempt_at": next_attempt_at}])
 
     def sync_mark_many(self, target: str, items: list[dict[str, Any]]) -> None:
         """``sync_mark`` for many turns in ONE transaction (one fsync instead of one per record).

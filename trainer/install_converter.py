@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -24,6 +23,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 from typing import Optional
+
+from loop.paths import tools_dir
 
 PACKAGE = "llama-cpp-python"
 CONVERTER_DIR_NAME = "llama.cpp-convert"
@@ -36,25 +37,6 @@ WANTED = (SCRIPT_NAME, "conversion/", "gguf-py/", "LICENSE")
 
 class ConverterInstallError(RuntimeError):
     """The converter could not be installed; the message says why and what to do."""
-
-
-def loop_home() -> Path:
-    """$LOOP_HOME (default ./.loop); defers to loop.paths when the core package provides it."""
-    try:
-        from loop.paths import loop_home as _loop_home
-    except ImportError:
-        return Path(os.environ.get("LOOP_HOME") or ".loop").absolute()
-    return Path(_loop_home())
-
-
-def tools_dir() -> Path:
-    """$LOOP_TOOLS (default $LOOP_HOME/tools): setup-time tools shared between runs and tests."""
-    try:
-        from loop.paths import tools_dir as _tools_dir
-    except ImportError:
-        env = os.environ.get("LOOP_TOOLS")
-        return Path(env).absolute() if env else loop_home() / "tools"
-    return Path(_tools_dir())
 
 
 def default_converter_dir() -> Path:
