@@ -1,0 +1,130 @@
+"""The loop end to end: real Argilla, the real small model, real training, export and promotion.
+
+Two cycles: the first trains and promotes, the second finds nothing new and says so. A cycle
+killed (SIGKILL) mid-training is resumed by the next invocation and promotes exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from loop.config import load_config
+from loop.cycle import Cycle
+from loop.demo import load_samples, scripted_review
+from loop.registry import Registry
+from loop.store import Store
+
+pytestmark = pytest.mark.slow
+
+# Small and fast, but a real run of every stage: one variant, few steps, short sequences.
+FAST = {
+    "LOOP_TRAINER__LEARNING_RATES": "1e-3",
+    "LOOP_TRAINER__LORA_RANKS": "16",
+    "LOOP_TRAINER__MAX_STEPS": "12",
+    "LOOP_TRAINER__SAVE_STEPS": "4",
+    "LOOP_TRAINER__MAX_LENGTH": "160",
+    "LOOP_TRAINER__BATCH_SIZE": "4",
+    "LOOP_CYCLE__MIN_NEW_EXAMPLES": "4",
+    "LOOP_ANNOTATION__EVAL_PERCENT": "25",
+    # The unit under test is the loop, not the learning: accept a small regression here
+    # (benchmarks/learning_scenario.py measures learning against the real 5% gate).
+    "LOOP_GATE__REGRESSION_TOLERANCE": "0.5",
+}
+
+
+@pytest.fixture
+def loop_env(argilla_stack, monkeypatch, base_hf_dir):
+    monkeypatch.setenv("ARGILLA_API_URL", argilla_stack.api_url)
+    monkeypatch.setenv("ARGILLA_API_KEY", argilla_stack.api_key)
+    import uuid
+
+    monkeypatch.setenv("LOOP_ANNOTATION__DATASET", f"cycle-{uuid.uuid4().hex[:8]}")
+    monkeypatch.setenv("LOOP_MODEL__HF_BASE", str(base_hf_dir))  # derived once per session
+    for key, value in FAST.items():
+        monkeypatch.setenv(key, value)
+    return argilla_stack
+
+
+def _seed_and_review(stack):
+    config = load_config()
+    store = Store.open()
+    assert load_samples(store) > 20
+    from annotation.push import push
+
+    report = push(config, store=store, progress=False)
+    # Every thumbs-down/corrected turn goes; thumbs-up turns are sampled (annotation.priority).
+    assert report.failed == 0 and report.tiers["negative"] == 25
+    counts = scripted_review(config, store, stack)
+    assert counts["accepted_correction"] >= 20
+    return config
+
+
+def test_two_cycles_train_promote_then_do_nothing(loop_env):
+    config = _seed_and_review(loop_env)
+    registry = Registry()
+
+    first = Cycle(config, progress=False).run()
+    assert first["outcome"] == "promoted", first
+    assert [s["status"] for s in first["stages"].values()] == ["done"] * 8
+    current = registry.current()
+    assert current.id == first["current_version"] == "v2" and current.parent == "v1"
+    assert current.verification["passed"] is True
+    assert current.metrics["heldout_loss"] < current.metrics["current_at_gate"]["heldout_loss"]
+    report = Path(first["report"])
+    assert report.is_file() and "promoted" in report.read_text()
+    data = json.loads(report.with_suffix(".json").read_text())
+    assert set(data["timings"]["stages_s"]) == {"push", "pull", "decide", "train", "export", "gate", "promote", "report"}
+
+    second = Cycle(config, progress=False).run()
+    assert second["outcome"] == "nothing_new", second
+    assert "decide" in second["stages"] and second["stages"]["decide"]["status"] == "stopped"
+    assert "train" not in second["stages"]
+    assert second["reason"]  # it says why
+    assert registry.current_id() == "v2"
+    assert [h["to"] for h in registry.history() if h["action"] == "promote"] == ["v1", "v2"]
+
+
+def test_killed_mid_training_resumes_and_promotes_once(loop_env):
+    _seed_and_review(loop_env)
+    home = Path(os.environ["LOOP_HOME"])
+    env = {**os.environ, "LOOP_TRAINER__MAX_STEPS": "16"}
+    proc = subprocess.Popen([sys.executable, "-m", "loop.cycle", "--json"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    checkpoint = None
+    while time.time() < deadline and proc.poll() is None:
+        found = sorted(home.glob("cycles/*/variants/*/checkpoint-*/trainer_state.json"))
+        if found:
+            checkpoint = found[0]
+            break
+        time.sleep(0.5)
+    assert checkpoint is not None, f"no checkpoint appeared (exit {proc.poll()}): {proc.stderr.read() if proc.poll() is not None else ''}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    cycle_dirs = list(home.glob("cycles/*"))
+    assert len(cycle_dirs) == 1
+    state = json.loads((cycle_dirs[0] / "state.json").read_text())
+    assert state["outcome"] is None and state["stages"]["train"]["status"] == "running"
+
+    out = subprocess.run([sys.executable, "-m", "loop.cycle", "--json"], env=env, capture_output=True, text=True,
+                         timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["cycle"] == cycle_dirs[0].name  # the same cycle, resumed
+    assert summary["outcome"] == "promoted"
+    assert "resuming unfinished cycle" in out.stderr
+    # The trainer resumed from the checkpoint rather than starting over.
+    metrics = json.loads(next(home.glob("cycles/*/variants/*/metrics.json")).read_text())
+    assert (metrics.get("resumed_from") or "").startswith("checkpoint-"), metrics.get("resumed_from")
+    registry = Registry()
+    promotions = [h for h in registry.history() if h["action"] == "promote"]
+    assert [h["to"] for h in promotions] == ["v1", "v2"]
+    assert [v.id for v in registry.list()] == ["v1", "v2"]

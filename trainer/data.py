@@ -1,0 +1,186 @@
+"""Chat examples: reading, checking, mixing with replay, hashing and tokenising.
+
+An example is one JSON object per line: ``{"id": "...", "messages": [{"role": ..., "content": ...}, ...]}``
+whose last message is the assistant's answer, the only part the loss is computed on. The prompt (every
+earlier message, rendered by the model's chat template up to the assistant header) is masked out.
+
+SmolLM2's chat template has no ``{% generation %}`` markers, so TRL's ``assistant_only_loss`` cannot be
+used; instead each example is split into prompt and completion token ids here, and the trainer is given
+``input_ids`` + ``labels`` with -100 over the prompt (TRL leaves a dataset that has labels as it is).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+ROLES = ("system", "user", "assistant")
+IGNORE_INDEX = -100  # label value the cross-entropy loss skips
+
+
+class DataError(ValueError):
+    """The data cannot be trained on (missing, malformed or too small); the message says why."""
+
+
+def load_examples(path: str | Path) -> list[dict]:
+    """Read and check a JSON-lines file of chat examples. Raises DataError naming every bad line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    examples: list[dict] = []
+    problems: list[str] = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                problems.append(f"{path}:{number}: not JSON ({exc.msg})")
+                continue
+            problem = example_problem(record)
+            if problem:
+                problems.append(f"{path}:{number}: {problem}")
+                continue
+            record.setdefault("id", f"{path.stem}-{number}")
+            examples.append(record)
+    if problems:
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise DataError(f"{len(problems)} bad example(s) in {path}:\n  {shown}{more}")
+    return examples
+
+
+def example_problem(record: object) -> str | None:
+    """Why a record is not a usable chat example, or None when it is."""
+    if not isinstance(record, dict):
+        return "expected a JSON object with 'messages'"
+    messages = record.get("messages")
+    if not isinstance(messages, list) or len(messages) < 2:
+        return "'messages' must be a list of at least a user and an assistant message"
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            return f"message {i} must be an object with role in {ROLES}"
+        if not isinstance(message.get("content"), str):
+            return f"message {i} must have string 'content'"
+    if messages[-1]["role"] != "assistant":
+        return "the last message must be the assistant's (it is what the model learns)"
+    if not messages[-1]["content"].strip():
+        return "the assistant's answer is empty"
+    if not any(m["role"] == "user" for m in messages[:-1]):
+        return "there must be a user message before the assistant's answer"
+    return None
+
+
+def require_enough(examples: list, min_examples: int, what: str = "training") -> None:
+    """Raise DataError when there are too few examples to train on (no run is started)."""
+    if not examples:
+        raise DataError(f"the {what} data is empty: nothing to train on")
+    if len(examples) < min_examples:
+        raise DataError(
+            f"the {what} data has {len(examples)} example(s), fewer than min_examples={min_examples}: "
+            "collect more curated examples first (or lower train.min_examples)"
+        )
+
+
+def build_training_set(new: list, replay_pool: list, ratio: float, seed: int) -> list:
+    """Mix replayed earlier examples with the new ones so earlier corrections are not forgotten.
+
+    ``ratio`` is the share of the result drawn from ``replay_pool`` (0 = new examples only); the number
+    replayed is capped by the pool's size. Pool examples whose id is among the new ones are not replayed
+    (the new version wins). The result is shuffled deterministically by ``seed``.
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"replay ratio must be in [0, 1), got {ratio!r}")
+    new_ids = {example.get("id") for example in new if isinstance(example, dict)}
+    pool = [example for example in replay_pool if example.get("id") is None or example.get("id") not in new_ids]
+    rng = random.Random(seed)
+    wanted = round(len(new) * ratio / (1.0 - ratio)) if ratio > 0 else 0
+    replayed = rng.sample(pool, min(wanted, len(pool)))
+    mixed = list(new) + replayed
+    rng.shuffle(mixed)
+    return mixed
+
+
+def split_eval(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, eval): a deterministic held-out share (at least one example) for when no eval file is given."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(len(examples) * fraction))
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+
+
+def data_hash(examples: Iterable[dict]) -> str:
+    """A stable fingerprint of the examples (order included: order changes the training run)."""
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(json.dumps(example["messages"], sort_keys=True, ensure_ascii=False).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    completion_mask: list[int]  # 1 on the assistant answer's tokens, 0 on the prompt's
+    truncated: bool
+
+
+def tokenize_example(tokenizer, messages: list[dict], max_length: int) -> TokenizedExample:
+    """Token ids of a whole conversation and which of them are the last (assistant) message.
+
+    The prompt is rendered with the generation prompt (the assistant header), so the completion is the
+    answer's text plus the end-of-turn token(s): exactly what the model must learn to produce.
+    """
+    prompt_ids = _template_ids(tokenizer, messages[:-1], add_generation_prompt=True)
+    full_ids = _template_ids(tokenizer, messages, add_generation_prompt=False)
+    if full_ids[: len(prompt_ids)] != prompt_ids:
+        raise DataError(
+            "the chat template does not render the prompt as a prefix of the whole conversation; "
+            "cannot tell the answer's tokens apart"
+        )
+    mask = [0] * len(prompt_ids) + [1] * (len(full_ids) - len(prompt_ids))
+    truncated = len(full_ids) > max_length
+    # Cut at the end: the prompt is context the answer needs, the answer's tail is least informative.
+    return TokenizedExample(full_ids[:max_length], mask[:max_length], truncated)
+
+
+def _template_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    # The template already contains any special tokens; adding BOS again would shift the prompt prefix.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@dataclass
+class TokenizedSet:
+    rows: list[dict]  # {"input_ids", "labels"} per kept example; labels are -100 over the prompt
+    truncated: int  # examples cut at max_length
+    dropped: int  # examples whose answer fell entirely beyond max_length (nothing to learn from)
+    tokens: int  # total tokens in the kept rows
+
+
+def tokenize_examples(tokenizer, examples: list[dict], max_length: int) -> TokenizedSet:
+    """Tokenise a list of examples, counting those truncated and dropping those with no answer left."""
+    rows, truncated, dropped, tokens = [], 0, 0, 0
+    for example in examples:
+        tok = tokenize_example(tokenizer, example["messages"], max_length)
+        truncated += tok.truncated
+        if not any(tok.completion_mask):
+            dropped += 1
+            continue
+        labels = [t if m else IGNORE_INDEX for t, m in zip(tok.input_ids, tok.completion_mask)]
+        rows.append({"input_ids": tok.input_ids, "labels": labels})
+        tokens += len(tok.input_ids)
+    return TokenizedSet(rows, truncated, dropped, tokens)
+
+
+def write_examples(path: str | Path, examples: list[dict]) -> None:
+    """Write examples as JSON lines (used for snapshots and tests)."""
+    with Path(path).open("w", encoding="utf-8") as handle:
+        for example in examples:
+            handle.write(json.dumps(example, ensure_ascii=False) + "\n")
