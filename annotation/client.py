@@ -35,10 +35,19 @@ def api_key_file(home: Path | None = None) -> Path:
 def credentials(config: AnnotationConfig | None = None) -> Credentials:
     """Where to connect: the environment first, then the config's URL, then the local stack."""
     config = config or AnnotationConfig()
-    url = os.environ.get("ARGILLA_API_URL") or config.api_url or DEFAULT_API_URL
+    url = os.environ.get("ARGILLA_API_URL") or config.api_url
     key = os.environ.get("ARGILLA_API_KEY")
     if key:
-        return Credentials(url.rstrip("/"), key, "env")
+        return Credentials((url or DEFAULT_API_URL).rstrip("/"), key, "env")
+    if not url:
+        # The local stack records the ports it was started on (they need not be the defaults).
+        from annotation.server import StackError, connection
+
+        try:
+            local_url, local_key = connection()
+            return Credentials(local_url, local_key, str(api_key_file()))
+        except StackError:
+            url = DEFAULT_API_URL
     key_file = api_key_file()
     if not key_file.is_file():
         raise ArgillaUnavailable(

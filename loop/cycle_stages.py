@@ -168,7 +168,7 @@ def _metric(row: dict[str, Any], *names: str) -> float | None:
 def stage_export(self, state: CycleState, force: bool) -> dict[str, Any]:
     from trainer.export import export_variant
 
-    best = _best_variant(state)
+    best = _best_variant(state, self.config.gate.regression_tolerance)
     pulled = state.result("pull")
     current = self.registry.current()
     out_dir = state.dir / "export"
@@ -195,8 +195,16 @@ def stage_export(self, state: CycleState, force: bool) -> dict[str, Any]:
     return out
 
 
-def _best_variant(state: CycleState) -> dict[str, Any]:
+def _best_variant(state: CycleState, regression_tolerance: float | None = None) -> dict[str, Any]:
     rows = [r for r in state.result("train")["variants"] if r.get("status") == "ok"]
+    if regression_tolerance is not None:
+        # Prefer variants the regression gate would accept, so the most forgetful variant (often the
+        # one that learned most) does not shadow one that learned and kept general ability.
+        def kept_ability(r: dict[str, Any]) -> bool:
+            reg, start = _metric(r, "regression_loss"), _metric(r, "regression_loss_start")
+            return reg is not None and start is not None and reg <= start * (1 + regression_tolerance)
+
+        rows = [r for r in rows if kept_ability(r)] or rows
     # Lowest held-out loss wins (training loss says nothing about generalisation: the seed's mistake).
     return min(rows, key=lambda r: (_metric(r, "eval_loss") is None, _metric(r, "eval_loss") or 0.0))
 
@@ -205,7 +213,7 @@ def stage_gate(self, state: CycleState, force: bool) -> dict[str, Any]:
     from loop.gate import decide
     from trainer.evaluate import eval_loss, load_regression_set
 
-    best = _best_variant(state)
+    best = _best_variant(state, self.config.gate.regression_tolerance)
     held_out = _read_jsonl(Path(state.result("decide")["eval_path"]))
     base_dir = Path(state.result("train")["base_dir"])
     max_length = self.config.trainer.max_length
