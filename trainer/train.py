@@ -69,9 +69,12 @@ def train(data: str | Path | list[dict], output_dir: str | Path, *, base: str | 
         raise ConfigError("invalid training config:\n  - " + "\n  - ".join(problems))
     output_dir = Path(output_dir)
 
+    import torch
     from accelerate import PartialState
 
-    state = PartialState()
+    # The process-wide distributed state (a singleton: the Trainer reuses it). cpu=True on a CPU machine is
+    # what makes `accelerate launch`/torchrun processes there data-parallel (gloo) instead of independent.
+    state = PartialState(cpu=not torch.cuda.is_available())
     new = _examples(data)
     if eval_data is None:
         new, held_out = split_eval(new, config.eval_fraction, config.seed)
