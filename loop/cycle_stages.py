@@ -101,8 +101,14 @@ def stage_decide(self, state: CycleState, force: bool) -> dict[str, Any]:
         raise _stop("nothing_new", "no new curated training examples (new ones all fell into the held-out split)", result)
     trainer_cfg = self.config.trainer
     from trainer.data import build_training_set
+    from trainer.evaluate import load_general_replay
 
-    mixed = build_training_set(new or train, replay_pool if new else [], trainer_cfg.replay_ratio, trainer_cfg.seed)
+    # Replay: earlier corrections (so they are not forgotten) plus general-ability examples (so the
+    # strong update a few dozen corrections need does not cost what the model already knew).
+    general = load_general_replay(trainer_cfg)
+    pool = (replay_pool if new else []) + general
+    mixed = build_training_set(new or train, pool, trainer_cfg.replay_ratio, trainer_cfg.seed)
+    result["replayed_general"] = sum(1 for ex in mixed if str(ex.get("id", "")).startswith("general-"))
     if len(mixed) < trainer_cfg.min_examples:
         raise _stop(
             "too_few_examples",

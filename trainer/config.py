@@ -76,6 +76,10 @@ class TrainConfig:
     # batches are noisy) counts as exploding and fails the run. A loss at chance level (0.9 x ln(vocab)) or
     # non-finite fails it whatever this says.
     loss_explode_factor: float = 5.0
+    # General-ability examples replayed beside the curated ones (chat JSON lines; disjoint from the regression
+    # set): "" = trainer/general_replay.jsonl, "off" = none. Without them a first cycle, which has no earlier
+    # corrections to replay, trains on corrections alone and the variants that learn most also forget most.
+    general_replay: str = ""
     # General-ability regression set (chat JSON lines); "" means the set shipped in trainer/regression_set.jsonl.
     regression_set: str = ""
     # On CUDA: "qlora" (4-bit NF4 base through bitsandbytes, bf16 compute) or "bf16" (bf16 base, bf16 LoRA).

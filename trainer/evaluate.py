@@ -105,3 +105,12 @@ def eval_loss(model_or_dir, examples: list[dict], tokenizer=None, max_length: in
         if was_training:
             model.train()
     return total / count if count else math.nan
+
+
+def load_general_replay(config=None) -> list[dict]:
+    """The general-ability replay examples (``TrainConfig.general_replay``); [] when switched off."""
+    choice = getattr(config, "general_replay", "") if config is not None else ""
+    if choice == "off":
+        return []
+    path = Path(choice) if choice else Path(__file__).with_name("general_replay.jsonl")
+    return regression_examples(path)
