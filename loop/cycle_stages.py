@@ -139,7 +139,7 @@ def _current_hf_dir(self) -> Path:
 
 
 def stage_train(self, state: CycleState, force: bool) -> dict[str, Any]:
-    from trainer.variants import run_variants
+    from trainer.variants import best_variant, run_variants
 
     decided = state.result("decide")
     base_dir = _current_hf_dir(self)
@@ -150,12 +150,18 @@ def stage_train(self, state: CycleState, force: bool) -> dict[str, Any]:
         state.dir / "variants",
         self.config.trainer,
     )
-    rows = [r.to_dict() if hasattr(r, "to_dict") else dict(r) for r in results]
-    ok = [r for r in rows if r.get("status") == "ok"]
-    out = {"base_dir": str(base_dir), "variants": rows}
+    rows = [r.to_dict() for r in results]
+    ok = [r for r in results if r.status == "ok"]
+    out = {"base_dir": str(base_dir), "variants": rows, "variants_dir": str(state.dir / "variants")}
     if not ok:
         raise _stop("training_failed", "every variant failed: " + "; ".join(
-            f"{r.get('name')}: {r.get('reason') or r.get('error')}" for r in rows), out)
+            f"{r['name']}: {r.get('reason') or r.get('error')}" for r in rows), out)
+    # Prefer variants the regression gate would accept, so the most forgetful variant (often the one that
+    # learned most) does not shadow one that learned and kept general ability; lowest held-out loss wins
+    # (training loss says nothing about generalisation: the seed's mistake).
+    best = (best_variant(results, regression_tolerance=self.config.gate.regression_tolerance)
+            or best_variant(results) or ok[0])
+    out["best"] = best.name
     return out
 
 
@@ -174,7 +180,7 @@ def _metric(row: dict[str, Any], *names: str) -> float | None:
 def stage_export(self, state: CycleState, force: bool) -> dict[str, Any]:
     from trainer.export import export_variant
 
-    best = _best_variant(state, self.config.gate.regression_tolerance)
+    best = _best_variant(state)
     pulled = state.result("pull")
     current = self.registry.current()
     out_dir = state.dir / "export"
@@ -201,25 +207,17 @@ def stage_export(self, state: CycleState, force: bool) -> dict[str, Any]:
     return out
 
 
-def _best_variant(state: CycleState, regression_tolerance: float | None = None) -> dict[str, Any]:
-    rows = [r for r in state.result("train")["variants"] if r.get("status") == "ok"]
-    if regression_tolerance is not None:
-        # Prefer variants the regression gate would accept, so the most forgetful variant (often the
-        # one that learned most) does not shadow one that learned and kept general ability.
-        def kept_ability(r: dict[str, Any]) -> bool:
-            reg, start = _metric(r, "regression_loss"), _metric(r, "regression_loss_start")
-            return reg is not None and start is not None and reg <= start * (1 + regression_tolerance)
-
-        rows = [r for r in rows if kept_ability(r)] or rows
-    # Lowest held-out loss wins (training loss says nothing about generalisation: the seed's mistake).
-    return min(rows, key=lambda r: (_metric(r, "eval_loss") is None, _metric(r, "eval_loss") or 0.0))
+def _best_variant(state: CycleState) -> dict[str, Any]:
+    """The row of the variant stage_train chose."""
+    trained = state.result("train")
+    return next(r for r in trained["variants"] if r["name"] == trained["best"])
 
 
 def stage_gate(self, state: CycleState, force: bool) -> dict[str, Any]:
     from loop.gate import decide
     from trainer.evaluate import eval_loss, load_regression_set
 
-    best = _best_variant(state, self.config.gate.regression_tolerance)
+    best = _best_variant(state)
     held_out = _read_jsonl(Path(state.result("decide")["eval_path"]))
     base_dir = Path(state.result("train")["base_dir"])
     max_length = self.config.trainer.max_length

@@ -7,39 +7,19 @@ held-out / regression loss of every registered version (the lineage at a glance)
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 from loop import paths
 
 
-def _plot_variants(variants: list[dict[str, Any]], out: Path) -> Path | None:
-    curves = [(v.get("name", "?"), v.get("loss_curve") or v.get("train_losses") or []) for v in variants]
-    curves = [(n, c) for n, c in curves if c]
-    if not curves:
+def _variants_chart(trained: dict[str, Any], out: Path) -> Path | None:
+    """The variants' loss curves, drawn by the trainer beside the runs; copied next to the report."""
+    src = Path(trained.get("variants_dir") or "") / "variants.png"
+    if not trained.get("variants_dir") or not src.is_file():
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, curve in curves:
-        if isinstance(curve[0], dict):
-            xs = [p.get("step", i) for i, p in enumerate(curve)]
-            ys = [p.get("loss") for p in curve]
-        elif isinstance(curve[0], (list, tuple)):
-            xs, ys = [p[0] for p in curve], [p[1] for p in curve]
-        else:
-            xs, ys = list(range(1, len(curve) + 1)), curve
-        ax.plot(xs, ys, label=name)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
-    ax.set_title("LoRA variants")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    shutil.copyfile(src, out)
     return out
 
 
@@ -89,8 +69,9 @@ def write_report(cycle, state) -> dict[str, Any]:
     total = sum(t for t in timings.values() if t)
     data["timings"] = {"stages_s": timings, "total_s": round(total, 3),
                        "overhead_share": round((total - train_s) / total, 4) if total else None}
-    variants = state.result("train").get("variants", [])
-    loss_png = _plot_variants(variants, stem.with_suffix(".variants.png"))
+    trained = state.result("train")
+    variants = trained.get("variants", [])
+    loss_png = _variants_chart(trained, stem.with_suffix(".variants.png"))
     versions_png = _plot_versions(cycle.registry, stem.with_suffix(".versions.png"))
     json_path = stem.with_suffix(".json")
     json_path.write_text(json.dumps(data, indent=2, default=str))

@@ -16,7 +16,6 @@ A failed verification does not raise: the caller (the registry's gate) reads `re
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import shutil
@@ -27,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from loop.registry import sha256_file
 from trainer.export_config import FLOAT_TYPES, ExportConfig
 from trainer.gguf_convert import convert_hf_to_gguf, quantize_gguf
 from trainer.model_card import write_model_card
@@ -53,15 +53,6 @@ class ExportResult:
         out = asdict(self)
         out["verification"] = self.verification.to_dict() if self.verification else None
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items()}
-
-
-def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
-    """SHA-256 of a file, read in chunks (GGUFs are gigabytes)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def count_parameters(hf_dir: Path) -> int:

@@ -80,6 +80,7 @@ def test_two_cycles_train_promote_then_do_nothing(loop_env):
     assert current.metrics["heldout_loss"] < current.metrics["current_at_gate"]["heldout_loss"]
     report = Path(first["report"])
     assert report.is_file() and "promoted" in report.read_text()
+    assert "![loss curves]" in report.read_text() and report.with_suffix(".variants.png").is_file()
     data = json.loads(report.with_suffix(".json").read_text())
     assert set(data["timings"]["stages_s"]) == {"push", "pull", "decide", "train", "export", "gate", "promote", "report"}
 
