@@ -1,8 +1,14 @@
 """Numbered, append-only schema migrations for the store (simonw/llm's migrations.py is the model).
 
-Never edit a migration that has shipped: add a new one. Each runs once, inside a transaction,
-and is recorded in ``_migrations``; ``tests/loop/test_loop_migrations.py`` checks the exact
-columns so an accidental edit shows up as a failing test, not as a user's corrupted database.
+Never edit a migration that has shipped: add a new one. ``tests/loop/test_loop_migrations.py``
+checks the exact columns so an accidental edit shows up as a failing test, not as a user's
+corrupted database.
+
+Contract: each migration runs once, in its own ``BEGIN IMMEDIATE`` ... ``COMMIT`` together with
+its ``_migrations`` row (SQLite DDL is transactional). A process killed inside a migration leaves
+the database as it was before that migration, and the next open applies it again. Two processes
+opening a fresh database at once are serialised by the write lock that ``BEGIN IMMEDIATE`` takes:
+the second re-reads ``_migrations`` under that lock and skips what the first applied.
 """
 
 from __future__ import annotations
@@ -20,21 +26,40 @@ def migration(fn: Callable[[sqlite3.Connection], None]) -> Callable[[sqlite3.Con
 
 
 def migrate(db: sqlite3.Connection) -> list[str]:
-    """Apply every migration not yet applied; return the names applied now."""
-    db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
-    done = {row[0] for row in db.execute("SELECT name FROM _migrations")}
-    applied = []
-    for fn in MIGRATIONS:
-        if fn.__name__ in done:
-            continue
-        with db:  # one transaction per migration: a crash leaves it either applied or not
-            fn(db)
-            db.execute(
-                "INSERT INTO _migrations (name, applied_at) VALUES (?, ?)",
-                (fn.__name__, dt.datetime.now(dt.timezone.utc).isoformat()),
-            )
-        applied.append(fn.__name__)
-    return applied
+    """Apply every migration not yet applied; return the names applied now.
+
+    ``db`` must have no transaction open. Its ``isolation_level`` is restored on return.
+    """
+    if db.in_transaction:
+        raise RuntimeError("migrate() needs a connection without an open transaction")
+    saved = db.isolation_level
+    # None: the sqlite3 module must neither open transactions of its own nor commit ours early.
+    db.isolation_level = None
+    try:
+        db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
+        done = {row[0] for row in db.execute("SELECT name FROM _migrations")}
+        applied = []
+        for fn in MIGRATIONS:
+            if fn.__name__ in done:
+                continue  # the common case takes no write lock
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                # Read under the write lock: another process may have applied it since we looked.
+                if db.execute("SELECT 1 FROM _migrations WHERE name = ?", (fn.__name__,)).fetchone() is None:
+                    fn(db)
+                    db.execute(
+                        "INSERT INTO _migrations (name, applied_at) VALUES (?, ?)",
+                        (fn.__name__, dt.datetime.now(dt.timezone.utc).isoformat()),
+                    )
+                    applied.append(fn.__name__)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        return applied
+    finally:
+        db.isolation_level = saved
 
 
 @migration

@@ -16,6 +16,14 @@ either the old or the new version current, never a half-written pointer, and the
 re-reads the pointer per request) keeps serving whichever that is. The history line is written
 after the pointer; a pointer newer than the history is reconciled before the next promotion
 (``reconcile()``), which also removes what dead writers left behind.
+
+Version ids match ``VERSION_ID`` (``v1``, ``v2``, ...) and nothing else: every method that takes an
+id checks it with ``check_version_id`` before it touches a path, so ``v2/``, ``./v2``, ``../x`` or an
+absolute path is refused (``InvalidVersionIdError``) instead of being stored in ``current.json``.
+A registry file that cannot be read (a damaged ``current.json`` or ``version.json``) raises
+``RegistryCorruptError`` naming the file and the repair; both are ``RegistryError``s, so every
+caller that handles registry errors handles these. ``rollback(to=ID)`` replaces a damaged pointer
+(the damaged file is kept beside it as ``current.json.damaged-<time>``).
 """
 
 from __future__ import annotations
@@ -26,7 +34,9 @@ import datetime as dt
 import fcntl
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import threading
 from dataclasses import dataclass, field
@@ -36,8 +46,34 @@ from typing import Any, Iterator
 from loop import paths
 
 
+log = logging.getLogger(__name__)
+
+# The one pattern for version ids. Every Registry method that takes an id checks it, so the CLI,
+# the app and the cycle, which all go through those methods, need no check of their own.
+VERSION_ID = re.compile(r"v[1-9][0-9]*")
+
+
 class RegistryError(RuntimeError):
     pass
+
+
+class InvalidVersionIdError(RegistryError, ValueError):
+    """A string that is not a version id (a path, a trailing slash, ``..``, an empty string)."""
+
+
+class RegistryCorruptError(RegistryError):
+    """A registry file exists but cannot be read or does not have the expected shape."""
+
+
+def is_version_id(value: Any) -> bool:
+    return isinstance(value, str) and VERSION_ID.fullmatch(value) is not None
+
+
+def check_version_id(value: Any) -> str:
+    """``value`` if it is a version id, else InvalidVersionIdError saying what ids look like."""
+    if not is_version_id(value):
+        raise InvalidVersionIdError(f"{value!r} is not a version id: ids are v1, v2, ... (a name, not a path)")
+    return value
 
 
 def utcnow() -> str:
@@ -120,8 +156,7 @@ def _pid_alive(pid: int) -> bool:
 class Registry:
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root else paths.registry_dir()
-        self.versions_dir = self.root / "versions"
-        self.versions_dir.mkdir(parents=True, exist_ok=True)
+        self.versions_dir = paths.private_dir(self.root / "versions")
         self.current_file = self.root / "current.json"
         self.history_file = self.root / "history.jsonl"
         self.pruned_file = self.root / "pruned.jsonl"
@@ -149,8 +184,8 @@ class Registry:
 
     def _next_id(self) -> str:
         # Pruned ids count too: an id names one model forever (history, arena votes, published files).
-        numbers = [int(p.name[1:]) for p in self.versions_dir.iterdir() if p.name.startswith("v") and p.name[1:].isdigit()]
-        numbers += [int(vid[1:]) for vid in self.pruned_ids() if vid[1:].isdigit()]
+        numbers = [int(p.name[1:]) for p in self.versions_dir.iterdir() if is_version_id(p.name)]
+        numbers += [int(vid[1:]) for vid in self.pruned_ids()]
         return f"v{max(numbers, default=0) + 1}"
 
     def register(
@@ -182,17 +217,19 @@ class Registry:
             shutil.rmtree(tmp)
         tmp.mkdir()
         target = tmp / "model.gguf"
+        # copyfile, not copy2: a copy gets the process's private mode (loop.paths), not the source's.
+        # A hard link shares its source's inode and mode; only the base model as shipped is linked.
         if link:
             try:
                 os.link(gguf, target)
             except OSError:
-                shutil.copy2(gguf, target)
+                shutil.copyfile(gguf, target)
         else:
-            shutil.copy2(gguf, target)
+            shutil.copyfile(gguf, target)
         for extra in extra_files or []:
             extra = Path(extra)
             if extra.is_file():
-                shutil.copy2(extra, tmp / extra.name)
+                shutil.copyfile(extra, tmp / extra.name)
         sha, size = sha256_file(target), target.stat().st_size
         with self._lock():
             vid = self._next_id()
@@ -220,22 +257,38 @@ class Registry:
         return version
 
     def get(self, vid: str) -> Version:
+        check_version_id(vid)
         vdir = self.versions_dir / vid
         meta = vdir / "version.json"
         if not meta.is_file():
             raise RegistryError(f"no version {vid!r} (known: {', '.join(v.id for v in self.list()) or 'none'})")
-        data = json.loads(meta.read_text())
-        known = {f.name for f in dataclasses.fields(Version)}
-        version = Version(**{k: v for k, v in data.items() if k in known})
+        try:
+            data = json.loads(meta.read_text())
+            if not isinstance(data, dict):
+                raise ValueError(f"a JSON {type(data).__name__}, not an object")
+            known = {f.name for f in dataclasses.fields(Version)}
+            version = Version(**{k: v for k, v in data.items() if k in known})
+        except (OSError, ValueError, TypeError) as exc:  # unreadable, not JSON, wrong shape, missing fields
+            raise RegistryCorruptError(f"{meta} is damaged ({exc}); version {vid} cannot be used until it is "
+                                       "restored from a backup") from exc
+        if version.id != vid:
+            raise RegistryCorruptError(f"{meta} describes {version.id!r}, not {vid!r}")
         version.path = str(vdir)
         return version
 
     def list(self) -> list[Version]:
+        """Every readable version, oldest first; a damaged one is left out with a logged warning."""
         out = []
-        for p in self.versions_dir.iterdir():
-            if p.is_dir() and p.name.startswith("v") and p.name[1:].isdigit() and (p / "version.json").is_file():
-                out.append(self.get(p.name))
+        for vid in self._version_dirs():
+            try:
+                out.append(self.get(vid))
+            except RegistryCorruptError as exc:
+                log.warning("%s", exc)
         return sorted(out, key=lambda v: int(v.id[1:]))
+
+    def _version_dirs(self) -> list[str]:
+        return [p.name for p in self.versions_dir.iterdir()
+                if is_version_id(p.name) and p.is_dir() and (p / "version.json").is_file()]
 
     def update(self, vid: str, **changes: Any) -> Version:
         with self._lock():  # read-modify-write: a concurrent pin must not undo a metrics update
@@ -253,10 +306,29 @@ class Registry:
     # -- the current pointer -------------------------------------------------------------------
 
     def pointer(self) -> dict[str, Any] | None:
+        """The parsed ``current.json``; None when nothing was ever promoted.
+
+        Raises RegistryCorruptError when the file cannot be read or is not a pointer (not JSON, not
+        an object, or a ``version``/``previous`` that is not a version id)."""
         try:
-            return json.loads(self.current_file.read_text())
+            raw = self.current_file.read_bytes()
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            raise RegistryCorruptError(f"{self.current_file} cannot be read: {exc}") from exc
+        try:
+            data = json.loads(raw)
+            if not isinstance(data, dict):
+                raise ValueError(f"a JSON {type(data).__name__}, not an object")
+            check_version_id(data.get("version"))
+            if data.get("previous") is not None:
+                check_version_id(data["previous"])
+        except ValueError as exc:  # also JSONDecodeError, UnicodeDecodeError, InvalidVersionIdError
+            raise RegistryCorruptError(
+                f"{self.current_file} is damaged ({exc}); repair it by naming the version to serve: "
+                "python -m loop.versions rollback --to ID (ids: python -m loop.versions list)"
+            ) from exc
+        return data
 
     def current(self) -> Version | None:
         pointer = self.pointer()
@@ -324,7 +396,7 @@ class Registry:
                 p.unlink(missing_ok=True)
 
     def _set_current(self, vid: str, *, action: str, reason: str, decision: dict[str, Any] | None,
-                     force: bool = False) -> dict[str, Any]:
+                     force: bool = False, replace_damaged: bool = False) -> dict[str, Any]:
         with self._lock():
             version = self.get(vid)
             if not force and version.verification and not version.verification.get("passed", False):
@@ -335,8 +407,15 @@ class Registry:
                 raise RegistryError(f"version {vid} has no GGUF file at {version.gguf_path}")
             if sha256_file(version.gguf_path) != version.gguf_sha256:
                 raise RegistryError(f"version {vid}: GGUF sha256 does not match version.json (file changed on disk)")
-            self.reconcile()
-            previous = self.current_id()
+            if replace_damaged:
+                self._remove_leftovers()
+                previous = None
+                kept = self.current_file.with_name(f"{self.current_file.name}.damaged-{utcnow().replace(':', '')}")
+                shutil.copyfile(self.current_file, kept)  # what was there is evidence: keep it
+                decision = dict(decision or {}, replaced_damaged_pointer=kept.name)
+            else:
+                self.reconcile()
+                previous = self.current_id()
             pointer = {"version": vid, "previous": previous, "since": utcnow(), "reason": reason}
             atomic_write_text(self.current_file, json.dumps(pointer, sort_keys=True))
             entry = {"at": pointer["since"], "action": action, "from": previous, "to": vid, "reason": reason,
@@ -349,9 +428,19 @@ class Registry:
         return self._set_current(vid, action="promote", reason=reason, decision=decision, force=force)
 
     def rollback(self, to: str | None = None, *, reason: str = "manual rollback", force: bool = False) -> dict[str, Any]:
-        """Point ``current`` back at ``to`` (default: the version before the current one)."""
+        """Point ``current`` back at ``to`` (default: the version before the current one).
+
+        With ``to``, this also repairs a damaged ``current.json``."""
+        if to is not None:
+            check_version_id(to)
         with self._lock():
-            pointer = self.pointer()
+            try:
+                pointer = self.pointer()
+            except RegistryCorruptError:
+                if to is None:
+                    raise
+                return self._set_current(to, action="rollback", reason=reason, decision={}, force=force,
+                                         replace_damaged=True)
             if pointer is None:
                 raise RegistryError("nothing is current: there is nothing to roll back")
             target = to or pointer.get("previous")
@@ -364,11 +453,14 @@ class Registry:
     # -- retention -------------------------------------------------------------------------------
 
     def prune(self, keep: int = 5, *, dry_run: bool = False) -> list[str]:
-        """Delete old versions; never the current, the previous, a pinned one, or the newest ``keep``."""
+        """Delete old versions; never the current, the previous, a pinned one, or the newest ``keep``.
+
+        Refuses (RegistryCorruptError) when ``current.json`` cannot be read: what is served is unknown."""
         with self._lock():
             pointer = self.pointer() or {}
-            protected = {pointer.get("version"), pointer.get("previous")}
-            candidates = [v for v in self.list() if v.id not in protected and not v.pinned]
+            # Compared as resolved directories, not strings: no spelling of an id can unprotect it.
+            protected = {(self.versions_dir / pointer[k]).resolve() for k in ("version", "previous") if pointer.get(k)}
+            candidates = [v for v in self.list() if Path(v.path).resolve() not in protected and not v.pinned]
             doomed = candidates[: max(0, len(candidates) - keep)]
             if dry_run:
                 return [v.id for v in doomed]
@@ -391,7 +483,9 @@ class Registry:
         out = []
         for line in self.pruned_file.read_text().splitlines():
             try:
-                out.append(json.loads(line)["version"])
+                vid = json.loads(line)["version"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue
+            if is_version_id(vid):
+                out.append(vid)
         return out

@@ -4,6 +4,10 @@ Many chat users write at once (Gradio runs handlers on worker threads), so each 
 own connection and every write is one short ``BEGIN IMMEDIATE`` transaction: SQLite serialises
 writers, WAL lets readers go on, and ``busy_timeout`` makes a writer wait rather than fail.
 
+The database file is 0600 and its directory 0700 (``loop.paths.private_dir``). The schema is
+brought up to date on open by ``loop.migrations``, which is safe against a crash mid-migration
+and against several processes opening a fresh home at once.
+
 ``python -m loop.store export`` prints every turn with its feedback as JSON lines.
 """
 
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import sqlite3
 import sys
 import threading
@@ -52,7 +57,12 @@ class Store:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        paths.private_dir(self.path.parent)
+        st = self.path.stat() if self.path.exists() else None
+        if st is not None and st.st_mode & 0o077 and st.st_uid == os.getuid():
+            # The store holds raw, unscrubbed chats. SQLite gives -wal and -shm the database
+            # file's mode, so tightening this one file covers all three.
+            os.chmod(self.path, 0o600)
         self._local = threading.local()
         db = self._conn()
         db.execute("PRAGMA journal_mode=WAL")

@@ -9,12 +9,18 @@
     history              every promotion and rollback: when, what, why
 
 Tables are for people; ``--json`` prints the same data for machines.
+
+Every id argument must be a version id (``v1``, ``v2``, ...; ``loop.registry.VERSION_ID``): a path
+such as ``v2/`` or ``./v2`` is refused. Registry errors, a damaged ``current.json`` or
+``version.json`` included, end the command with ``error: ...`` and exit status 1, never a
+traceback; ``list`` still lists what it can read and names what it cannot on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import sys
 import textwrap
@@ -23,7 +29,7 @@ from typing import Any, Sequence
 from loop import gate as gate_mod
 from loop import paths
 from loop.config import ConfigError, load_config
-from loop.registry import Registry, RegistryError, Version
+from loop.registry import Registry, RegistryCorruptError, RegistryError, Version
 
 
 def human_size(n: int | None) -> str:
@@ -76,7 +82,10 @@ def marks(version: Version, pointer: dict[str, Any] | None) -> list[str]:
 
 def list_rows(registry: Registry) -> list[dict[str, Any]]:
     """One dict per version, newest last: what `list` shows (and `--json` prints)."""
-    pointer = registry.pointer()
+    try:
+        pointer = registry.pointer()
+    except RegistryCorruptError:  # list what is there: it is what a repair needs (`problems` names the damage)
+        pointer = None
     rows = []
     for v in registry.list():
         rows.append({
@@ -247,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -256,7 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     emit = lambda data: print(json.dumps(data, indent=2, default=str))  # noqa: E731
     try:
         if args.command == "list":
-            rows = list_rows(registry)
+            try:
+                registry.pointer()
+            except RegistryCorruptError as exc:
+                print(f"warning: {exc}", file=sys.stderr)
+            rows = list_rows(registry)  # damaged version.json files are named on stderr by Registry.list()
             if args.json:
                 emit(rows)
             else:

@@ -94,7 +94,7 @@ def ensure_hf_base(gguf_path: Path, out_dir: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / _MARKER).write_text(json.dumps(source))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared by every process of the loop
+        os.chmod(tmp, 0o700)  # every process of the loop runs as one user; others never read $LOOP_HOME
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

@@ -7,6 +7,11 @@ source distribution vendors exactly its llama.cpp, so setup takes `vendor/llama.
 `conversion/` package and its `gguf-py/` from the sdist of the *installed* version and puts them under
 $LOOP_TOOLS/llama.cpp-convert/. Export then runs that script in a subprocess; nothing is cloned or built at run time
 (that is why Unsloth's export fails offline). A marker records the version, so a second run is a no-op.
+
+An sdist is untrusted input (a local file, a mirror): a member of the wanted part with an absolute path or a `..`
+component is refused, and extraction uses tarfile's "data" filter, which also refuses links that point outside the
+install directory, device files and unsafe modes. A refused archive installs nothing and leaves any previous install
+as it was.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import tarfile
 import tempfile
 import time
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Optional
 
 from loop.paths import tools_dir
@@ -115,6 +120,12 @@ def _sdist_version(tar: tarfile.TarFile, top: str) -> Optional[str]:
     return None
 
 
+def _check_member_path(sdist: Path, name: str, rel: str) -> None:
+    """Refuse an absolute member path or one with a `..` component, before anything is written."""
+    if name.startswith("/") or rel.startswith("/") or ".." in PurePosixPath(rel).parts:
+        raise ConverterInstallError(f"{sdist}: member {name!r} has an absolute path or '..'; refusing the archive")
+
+
 def extract_converter(sdist: Path, converter_dir: Path, expected_version: str) -> list[str]:
     """Extract WANTED from the sdist into converter_dir (replacing it atomically); returns the files written."""
     sdist = Path(sdist)
@@ -139,27 +150,29 @@ def extract_converter(sdist: Path, converter_dir: Path, expected_version: str) -
             )
         members = []
         for member in tar.getmembers():
-            if not member.name.startswith(base) or not (member.isfile() or member.isdir()):
+            if not member.name.startswith(base):
                 continue
             rel = member.name[len(base):]
-            if any(rel == w or (w.endswith("/") and rel.startswith(w)) for w in WANTED):
-                members.append((member, rel))
+            if not any(rel == w or (w.endswith("/") and rel.startswith(w)) for w in WANTED):
+                continue
+            _check_member_path(sdist, member.name, rel)
+            if member.islnk():
+                # A hard link names its target by archive path: re-root it like the member itself.
+                if not member.linkname.startswith(base):
+                    raise ConverterInstallError(
+                        f"{sdist}: {member.name!r} links outside {base!r}; refusing the archive")
+                member = member.replace(name=rel, linkname=member.linkname[len(base):], deep=False)
+            else:
+                member = member.replace(name=rel, deep=False)
+            members.append(member)
         converter_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".convert-staging-", dir=converter_dir.parent))
         try:
-            written = []
-            for member, rel in members:
-                target = staging / rel
-                if member.isdir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                src = tar.extractfile(member)
-                if src is None:
-                    continue
-                with src, open(target, "wb") as out:
-                    shutil.copyfileobj(src, out)
-                written.append(rel)
+            try:
+                tar.extractall(staging, members=members, filter="data")
+            except (tarfile.TarError, OSError, KeyError) as exc:  # FilterError is a TarError
+                raise ConverterInstallError(f"{sdist}: refusing the archive: {exc}") from exc
+            written = [m.name for m in members if m.isfile() or m.islnk() or m.issym()]
             if SCRIPT_NAME not in written or not any(w.startswith("gguf-py/gguf/") for w in written):
                 raise ConverterInstallError(f"{sdist} lacks {SCRIPT_NAME} or gguf-py/gguf; cannot install converter")
             # Swap in the new tree: a failure before this line leaves any previous install untouched.
