@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     # Gradio handles, so launch() returns and the last turns reach the store and the mirror.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        demo.launch(server_name=host, server_port=port, share=args.share, css=CSS, show_error=True, quiet=False)
+        # show_error=False: internal errors are logged, users get the app's own notices (app/errors.py).
+        demo.launch(server_name=host, server_port=port, share=args.share, css=CSS, show_error=False, quiet=False)
     finally:
         engine.close()
     return 0

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from app.generation import ChatModel, ModelLoadError, Sampling, StreamStats, load_llama
-from app.policy import clean_message, dropped_notice, fit_history
+from app.policy import clean_message, clean_system_prompt, dropped_notice, fit_history
 from app.writer import StoreWriter
 from loop import paths
 from loop.config import Config, load_config
@@ -201,7 +201,7 @@ class Engine:
             self._pointer_sig = sig
             try:
                 self._target, self._pointer_error = self.registry.current_id(), None
-            except (ValueError, KeyError, OSError) as exc:  # a pointer mangled by hand
+            except (RegistryError, OSError) as exc:  # a damaged pointer: say so, keep serving what is loaded
                 self._target, self._pointer_error = None, f"the registry pointer cannot be read: {exc}"
         target, served = self._target, self._served
         if target is None:
@@ -254,11 +254,11 @@ class Engine:
         """What the app shows in its header: the serving version, or why there is none."""
         with self._swap_lock:
             notices = self._refresh()
-            served = self._served
+            served, current = self._served, self._target
         return {
             "version": served.version_id if served else None,
             "gguf_sha256": served.gguf_sha256 if served else None,
-            "current": self.registry.current_id(),
+            "current": current,
             "error": self.load_error,
             "notices": notices,
         }
@@ -318,6 +318,7 @@ class Engine:
         """
         t0 = time.perf_counter()
         message = clean_message(user_message, self.config.app.max_message_chars)
+        system_prompt = clean_system_prompt(system_prompt, self.config.app.max_message_chars)
         sampling = dataclasses.replace(sampling or self.default_sampling())
         served, notices = self._acquire()
         if stop is not None:

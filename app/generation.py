@@ -11,7 +11,10 @@ token's log-probability, the same number llama.cpp's ``logprobs`` would report.
 
 The prompt is rendered with the chat template stored in the GGUF (``tokenizer.chat_template``),
 through the same ``Jinja2ChatFormatter`` that ``create_chat_completion`` uses for it, and
-generation stops on any end-of-generation token of the model's vocabulary.
+generation stops on any end-of-generation token of the model's vocabulary. Unlike
+``create_chat_completion``, which tokenises the whole rendered prompt with special tokens parsed,
+only the template's markup is parsed for special tokens: what users type (``<|im_end|>`` included)
+is always text to the model, never a role token (``loop.chat_template``).
 
 A llama.cpp context is not thread-safe: ``ChatModel.lock`` must be held for a whole stream.
 """
@@ -30,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from loop.chat_template import llama_chat_formatter, llama_chat_tokens
 
 Message = dict[str, str]
 
@@ -108,7 +113,6 @@ class ChatModel:
     """A loaded GGUF with its chat template; ``lock`` serialises use of its llama.cpp context."""
 
     def __init__(self, llama: Any, *, name: str = ""):
-        from llama_cpp import llama_chat_format
         import llama_cpp
 
         self.llama = llama
@@ -118,16 +122,10 @@ class ChatModel:
         self.n_vocab = llama.n_vocab()
         self._vocab = llama._model.vocab
         self._is_eog = llama_cpp.llama_vocab_is_eog
-        template = llama.metadata.get("tokenizer.chat_template")
-        if not template:
-            raise ModelLoadError(f"{name or 'the model'} has no chat template in its GGUF metadata")
-        eos_id, bos_id = llama.token_eos(), llama.token_bos()
-        self.formatter = llama_chat_format.Jinja2ChatFormatter(
-            template=template,
-            eos_token=llama._model.token_get_text(eos_id) if eos_id != -1 else "",
-            bos_token=llama._model.token_get_text(bos_id) if bos_id != -1 else "",
-            stop_token_ids=[eos_id],
-        )
+        try:
+            self.formatter = llama_chat_formatter(llama)
+        except ValueError:
+            raise ModelLoadError(f"{name or 'the model'} has no chat template in its GGUF metadata") from None
 
     @classmethod
     def load(cls, path: str | Path, *, n_ctx: int = 2048, n_threads: int = 0, name: str = "") -> "ChatModel":
@@ -142,9 +140,10 @@ class ChatModel:
         return self.formatter(messages=messages).prompt
 
     def prompt_tokens(self, messages: list[Message]) -> list[int]:
-        result = self.formatter(messages=messages)
-        # The template writes its special tokens itself (added_special), as create_chat_completion assumes.
-        return self.llama.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
+        """The prompt's token ids: the template's markup with its special tokens, every message's
+        content as plain text (``loop.chat_template``), BOS as llama-cpp-python's chat completion
+        adds it. The probes and the arena use the same function."""
+        return llama_chat_tokens(self.llama, self.formatter, messages)
 
     def count_tokens(self, messages: list[Message]) -> int:
         return len(self.prompt_tokens(messages))

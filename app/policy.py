@@ -5,6 +5,8 @@ The policy, stated once (docs/app.md repeats it for users):
   * a message longer than ``[app] max_message_chars`` is refused with a notice saying the limit;
   * control characters other than newline and tab are removed (they are never typed on purpose
     and they break exports);
+  * the system prompt goes through the same policy (empty means none; over ``max_message_chars``
+    it is refused before any model work, so a huge one cannot hold the model lock for everyone);
   * when the conversation no longer fits the model's context together with room for the answer,
     the OLDEST turns are left out of what the model sees (never the system prompt, never the new
     message) and the user is told how many; if the new message alone cannot fit, it is refused.
@@ -42,6 +44,21 @@ def clean_message(text: str | None, max_chars: int) -> str:
         raise InputRejected(
             f"That message is {len(cleaned):,} characters; the limit is {max_chars:,}. "
             "Shorten it (or split it over several messages)."
+        )
+    return cleaned
+
+
+def clean_system_prompt(text: str | None, max_chars: int) -> str:
+    """The system prompt as it will be sent ("" for none), or InputRejected saying why it will not be."""
+    if text is None:
+        return ""
+    if not isinstance(text, str):
+        raise InputRejected("The system prompt must be text.")
+    cleaned = _CONTROL.sub("", text).strip()
+    if len(cleaned) > max_chars:
+        raise InputRejected(
+            f"The system prompt is {len(cleaned):,} characters; the limit is {max_chars:,}. "
+            "Shorten it in Settings."
         )
     return cleaned
 

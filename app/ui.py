@@ -5,6 +5,9 @@ one, so users wait their turn in Gradio's queue (and see their position) while t
 guards the llama.cpp context as well; feedback events have their own, wider limit and never wait
 behind a generation. Stop bypasses the queue: it only sets this session's flag, which the stream
 checks after every token.
+
+Errors: every handler is wrapped by ``app.errors.user_safe``: an internal error is logged with its
+traceback and the user sees only a generic notice (the app is launched with ``show_error=False``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import gradio as gr
 
 from app import feedback_panel
 from app.engine import GENERATE_CONCURRENCY_ID, Engine, ModelUnavailable
+from app.errors import user_safe
 from app.generation import Sampling
 from app.policy import InputRejected
 from app.session import ChatSession, ShownTurn, session_from_store
@@ -95,6 +99,7 @@ def build_app(engine: Engine) -> gr.Blocks:
 
         # -- chat ---------------------------------------------------------------------------------
 
+        @user_safe
         def respond(text, session: ChatSession, system_prompt, temp, topp, maxtok, request: gr.Request):
             stop_flag = engine.stop_flag(_session_key(request))
             sampling = Sampling(temperature=float(temp), top_p=float(topp), max_tokens=int(maxtok))
@@ -144,6 +149,7 @@ def build_app(engine: Engine) -> gr.Blocks:
 
         stop.click(on_stop, None, None, queue=False, api_name="stop")
 
+        @user_safe
         def on_new(old: ChatSession, request: gr.Request):
             engine.request_stop(_session_key(request))
             fresh = ChatSession()
@@ -156,6 +162,7 @@ def build_app(engine: Engine) -> gr.Blocks:
 
         # -- feedback -----------------------------------------------------------------------------
 
+        @user_safe
         def on_like(session: ChatSession, data: gr.LikeData):
             p = feedback_panel.on_like(session, engine.writer, data.index, data.liked)
             if not p.ok:
@@ -189,6 +196,7 @@ def build_app(engine: Engine) -> gr.Blocks:
         fb_thumbs.input(on_thumbs_change, [fb_thumbs, fb_reasons], [fb_reasons], queue=False,
                         api_visibility="undocumented")
 
+        @user_safe
         def on_feedback(session: ChatSession, thumbs, reasons, comment, correction):
             p = feedback_panel.submit(session, engine.writer, thumbs, reasons, comment, correction)
             if p.ok:
@@ -204,6 +212,7 @@ def build_app(engine: Engine) -> gr.Blocks:
 
         # -- page load: header, and the conversation this browser had before a reload ------------
 
+        @user_safe
         def on_load(saved):
             session = None
             if saved:

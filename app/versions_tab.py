@@ -10,6 +10,15 @@ The arena is blind: two versions answer the user's prompt, shown as "A" and "B" 
 only after the vote are the names revealed. Votes go to the store (``arena_votes``) and the
 Bradley-Terry ratings (``loop.arena``) are shown; the gate can use them (``gate.use_arena``).
 
+Blind means the side-by-side view cannot unmask it: side by side answers greedily (the same prompt
+gives the same answer every time), so the arena *samples* its answers instead (the chat's
+temperature and top-p, ``ARENA_TEMPERATURE`` when the chat is greedy, a fresh seed per answer),
+and while an arena question is open, side by side refuses that same prompt.
+
+Votes are limited: one vote per pair of versions per browser session (Gradio's session). A session
+that has voted on every pair is told so instead of being asked again. The limit is kept in memory
+(``MAX_TRACKED_SESSIONS`` sessions, oldest forgotten first); a restart resets it.
+
 Models are loaded through ``loop.probe_runner.LlamaCache`` (a few kept loaded, keyed by version id
 and sha256) and every generation holds the process-wide generation lock, so the tab never runs two
 llama.cpp generations at once next to the chat.
@@ -17,6 +26,7 @@ llama.cpp generations at once next to the chat.
 
 from __future__ import annotations
 
+import collections
 import random
 import threading
 from typing import Any
@@ -24,11 +34,23 @@ from typing import Any
 import gradio as gr
 
 from loop import arena, gate
+from app.errors import user_safe
 from loop.probe_runner import LlamaCache, ProbeAnswer
-from loop.registry import Version
+from loop.registry import RegistryError, Version
 
 ARENA_CHOICES = ["A is better", "B is better", "Tie"]
 _WINNER = {"A is better": "a", "B is better": "b", "Tie": "tie"}
+ARENA_TEMPERATURE = 0.7  # used when the chat itself is greedy: greedy arena answers are the side-by-side's
+MAX_TRACKED_SESSIONS = 100_000
+
+
+def _voter(request: Any) -> str:
+    """The browser session a request comes from (Gradio's ``session_hash``)."""
+    return str(getattr(request, "session_hash", None) or "anonymous")
+
+
+def _pair(a: str, b: str) -> tuple[str, str]:
+    return (a, b) if a <= b else (b, a)
 
 
 def metrics_figure(versions: list[Version], ratings: dict[str, dict[str, Any]] | None = None,
@@ -73,6 +95,7 @@ class VersionsTab:
         self.cache = cache or LlamaCache(max_models=3, n_ctx=model.n_ctx, n_threads=model.n_threads or None)
         self.rng = rng or random.Random()
         self._vote_lock = threading.Lock()
+        self._voted: collections.OrderedDict[str, set[tuple[str, str]]] = collections.OrderedDict()
 
     # -- data ------------------------------------------------------------------------------------
 
@@ -91,16 +114,39 @@ class VersionsTab:
         board = [(v, s) for v, s in arena.leaderboard(self.ratings()) if v in existing]
         return [[v, s["rating"], s["games"], s["wins"], s["ties"], s["losses"]] for v, s in board]
 
+    def current_id(self) -> str | None:
+        try:
+            return self.ctx.registry.current_id()
+        except RegistryError:  # a damaged pointer: the tab still shows every version (the header says why)
+            return None
+
     def figure(self) -> Any:
-        return metrics_figure(self.ctx.registry.list(), self.ratings(), self.ctx.registry.current_id())
+        return metrics_figure(self.ctx.registry.list(), self.ratings(), self.current_id())
 
     def _messages(self, prompt: str) -> list[dict[str, str]]:
         system = self.ctx.config.app.system_prompt
         return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
 
     def answer(self, version_id: str, prompt: str) -> ProbeAnswer:
+        """The greedy answer (side by side: reproducible)."""
         version = self.ctx.registry.get(version_id)
         return self.cache.answer(version, self._messages(prompt), max_tokens=self.ctx.config.app.max_tokens)
+
+    def arena_answer(self, version_id: str, prompt: str) -> ProbeAnswer:
+        """A sampled answer (the arena: not the greedy one side by side shows)."""
+        app = self.ctx.config.app
+        temperature = app.temperature if app.temperature > 0 else ARENA_TEMPERATURE
+        version = self.ctx.registry.get(version_id)
+        return self.cache.answer(version, self._messages(prompt), max_tokens=app.max_tokens, temperature=temperature,
+                                 top_p=app.top_p, seed=self.rng.randrange(2**31))
+
+    def voted_pairs(self, voter: str) -> set[tuple[str, str]]:
+        with self._vote_lock:
+            return set(self._voted.get(voter, ()))
+
+    def _open_pairs(self, voter: str, ids: list[str]) -> list[tuple[str, str]]:
+        done = self.voted_pairs(voter)
+        return [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:] if _pair(a, b) not in done]
 
     def _check_prompt(self, prompt: str) -> str:
         prompt = (prompt or "").strip()
@@ -114,15 +160,17 @@ class VersionsTab:
 
     def refresh(self) -> tuple[Any, Any, Any, Any]:
         ids = self.version_ids()
-        current = self.ctx.registry.current_id()
+        current = self.current_id()
         other = next((i for i in reversed(ids) if i != current), current)
         return (self.figure(), gr.update(choices=ids, value=current), gr.update(choices=ids, value=other),
                 self.ratings_rows())
 
-    def side_by_side(self, prompt: str, a: str, b: str) -> tuple[str, str]:
+    def side_by_side(self, prompt: str, a: str, b: str, arena_state: dict[str, Any] | None = None) -> tuple[str, str]:
         prompt = self._check_prompt(prompt)
         if not a or not b:
             raise gr.Error("Choose two versions.")
+        if arena_state and not arena_state.get("voted") and arena_state.get("prompt") == prompt:
+            raise gr.Error("That prompt is open in the blind arena: vote there first, then compare side by side.")
         out = []
         for vid in (a, b):
             r = self.answer(vid, prompt)
@@ -130,27 +178,42 @@ class VersionsTab:
             out.append(f"**{vid}**\n\n{r.answer}\n\n<small>{r.n_tokens} tokens, {r.seconds:.1f} s{logprob}</small>")
         return out[0], out[1]
 
-    def arena_start(self, prompt: str) -> tuple[dict[str, Any], str, str, Any, str]:
-        """Two different versions, in random order, answer anonymously."""
+    def arena_start(self, prompt: str, request: Any = None) -> tuple[dict[str, Any], str, str, Any, str]:
+        """Two different versions this session has not voted on yet, in random order, answer anonymously."""
         prompt = self._check_prompt(prompt)
         ids = self.version_ids()
         if len(ids) < 2:
             raise gr.Error("The arena needs at least two versions.")
-        a, b = self.rng.sample(ids, 2)
-        ans_a, ans_b = self.answer(a, prompt), self.answer(b, prompt)
-        state = {"prompt": prompt, "version_a": a, "version_b": b, "answer_a": ans_a.answer, "answer_b": ans_b.answer}
+        voter = _voter(request)
+        pairs = self._open_pairs(voter, ids)
+        if not pairs:
+            raise gr.Error("You have voted on every pair of versions in this session: one vote per pair.")
+        a, b = self.rng.sample(list(self.rng.choice(pairs)), 2)
+        ans_a, ans_b = self.arena_answer(a, prompt), self.arena_answer(b, prompt)
+        state = {"prompt": prompt, "version_a": a, "version_b": b, "answer_a": ans_a.answer, "answer_b": ans_b.answer,
+                 "voter": voter}
         return (state, ans_a.answer, ans_b.answer, gr.update(value=None, interactive=True),
                 "Which answer is better? The versions are revealed after your vote.")
 
-    def arena_vote(self, choice: str | None, state: dict[str, Any] | None) -> tuple[dict[str, Any] | None, str, Any, list[list[Any]]]:
+    def arena_vote(self, choice: str | None, state: dict[str, Any] | None,
+                   request: Any = None) -> tuple[dict[str, Any] | None, str, Any, list[list[Any]]]:
         if not state:
             raise gr.Error("Ask a question in the arena first.")
         if choice not in _WINNER:
             raise gr.Error("Pick A, B or Tie.")
-        with self._vote_lock:  # a double click must not count twice
+        voter, pair = _voter(request), _pair(state["version_a"], state["version_b"])
+        if state.get("voter", voter) != voter:
+            raise gr.Error("This arena question was asked in another session.")
+        with self._vote_lock:  # check and record together: a double click or a second tab must not count twice
             if state.get("voted"):
                 raise gr.Error("Already counted; ask another question.")
+            if pair in self._voted.get(voter, ()):
+                raise gr.Error("You have already voted on this pair of versions in this session: one vote per pair.")
             state["voted"] = True
+            self._voted.setdefault(voter, set()).add(pair)
+            self._voted.move_to_end(voter)
+            while len(self._voted) > MAX_TRACKED_SESSIONS:
+                self._voted.popitem(last=False)
         self.ctx.store.add_arena_vote(state["prompt"], state["version_a"], state["version_b"],
                                       state["answer_a"], state["answer_b"], _WINNER[choice])
         reveal = f"Thanks! A was **{state['version_a']}**, B was **{state['version_b']}**."
@@ -190,13 +253,19 @@ def build_versions_tab(ctx: Any, *, label: str = "Versions") -> VersionsTab:
     # Endpoint names are prefixed so they cannot collide with the chat's; the arena's stay
     # undocumented (callable, but not advertised as an API for scripted voting).
     outputs = [plot, pick_a, pick_b, board]
-    tab.select(logic.refresh, None, outputs, api_visibility="private")
-    refresh_btn.click(logic.refresh, None, outputs, api_name="versions_refresh")
-    sbs_btn.click(logic.side_by_side, [sbs_prompt, pick_a, pick_b], [sbs_a, sbs_b], concurrency_id="generate",
-                  api_name="versions_side_by_side")
-    arena_btn.click(logic.arena_start, [arena_prompt], [arena_state, arena_a, arena_b, vote, arena_msg],
+    def arena_ask(prompt: str, request: gr.Request):
+        return logic.arena_start(prompt, request)
+
+    def arena_vote(choice: str | None, state: dict[str, Any] | None, request: gr.Request):
+        return logic.arena_vote(choice, state, request)
+
+    tab.select(user_safe(logic.refresh), None, outputs, api_visibility="private")
+    refresh_btn.click(user_safe(logic.refresh), None, outputs, api_name="versions_refresh")
+    sbs_btn.click(user_safe(logic.side_by_side), [sbs_prompt, pick_a, pick_b, arena_state], [sbs_a, sbs_b],
+                  concurrency_id="generate", api_name="versions_side_by_side")
+    arena_btn.click(user_safe(arena_ask), [arena_prompt], [arena_state, arena_a, arena_b, vote, arena_msg],
                     concurrency_id="generate", api_name="versions_arena_ask", api_visibility="undocumented")
-    vote_btn.click(logic.arena_vote, [vote, arena_state], [arena_state, arena_msg, vote, board],
+    vote_btn.click(user_safe(arena_vote), [vote, arena_state], [arena_state, arena_msg, vote, board],
                    api_name="versions_arena_vote", api_visibility="undocumented")
     logic.tab = tab
     logic.components = {"plot": plot, "pick_a": pick_a, "pick_b": pick_b, "board": board, "vote": vote,

@@ -1,10 +1,12 @@
-"""Run a GGUF greedily on prompts through llama-cpp-python: answers, mean logprob, timing.
+"""Run a GGUF on prompts through llama-cpp-python (greedily, or sampled): answers, mean logprob, timing.
 
-Used by ``python -m loop.versions compare`` and by the app's Versions tab (side-by-side answers
-and the blind arena). Decoding is a small loop of our own rather than ``create_chat_completion``:
+Used by ``python -m loop.versions compare`` and by the app's Versions tab (greedy side-by-side
+answers, and sampled answers in the blind arena, so that the arena's answers cannot be matched to
+the side-by-side view's). Decoding is a small loop of our own rather than ``create_chat_completion``:
 greedy is then exactly argmax (no sampler chain in between), and each chosen token's logprob
 comes from the last row of logits, so no ``logits_all=True`` buffer (n_ctx x vocab floats, about
-400 MB for SmolLM2 at 2048 tokens) is needed.
+400 MB for SmolLM2 at 2048 tokens) is needed. Prompts are tokenised exactly as the app's chat
+tokenises them (``loop.chat_template``): a prompt's text is never read as special tokens.
 
 Generation is serialised by one process-wide lock: a llama.cpp context is not thread-safe, and on
 a small CPU two interleaved generations only make each other slower.
@@ -16,11 +18,14 @@ import collections
 import importlib.util
 import json
 import math
+import random
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
+
+from loop.chat_template import llama_chat_formatter, llama_chat_tokens
 
 GENERATION_LOCK = threading.RLock()
 
@@ -98,32 +103,20 @@ class ProbeAnswer:
     mean_logprob: float | None  # mean log p of each chosen token, the end-of-turn token included
     seconds: float
     finished: bool  # ended on an end-of-generation token rather than the token limit
+    seed: int | None = None  # the sampling seed; None for a greedy answer
 
 
 def _formatter(llm: Any) -> Any:
     cached = getattr(llm, "_probe_formatter", None)
-    if cached is not None:
-        return cached
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-    template = llm.metadata.get("tokenizer.chat_template")
-    if not template:
-        raise ValueError("this GGUF has no chat template (tokenizer.chat_template)")
-    model = llm._model
-    eos, bos = llm.token_eos(), llm.token_bos()
-    formatter = Jinja2ChatFormatter(
-        template=template,
-        eos_token=model.token_get_text(eos) if eos != -1 else "",
-        bos_token=model.token_get_text(bos) if bos != -1 else "",
-    )
-    llm._probe_formatter = formatter
-    return formatter
+    if cached is None:
+        cached = llm._probe_formatter = llama_chat_formatter(llm)
+    return cached
 
 
 def render_prompt(llm: Any, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of the chat-templated prompt, the way llama-cpp-python's chat handler makes them."""
-    text = _formatter(llm)(messages=messages).prompt
-    return llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+    """Token ids of the chat-templated prompt, exactly as the app's chat makes them
+    (``loop.chat_template.llama_chat_tokens``: the messages' text is never read as special tokens)."""
+    return llama_chat_tokens(llm, _formatter(llm), messages)
 
 
 def _log_softmax_at(logits: Any, index: int) -> float:
@@ -135,9 +128,38 @@ def _log_softmax_at(logits: Any, index: int) -> float:
 
 def greedy_answer(llm: Any, messages: list[dict[str, str]], max_tokens: int = 64) -> ProbeAnswer:
     """Decode greedily (argmax) from the chat-templated messages."""
+    return sampled_answer(llm, messages, max_tokens=max_tokens, temperature=0.0)
+
+
+def _chooser(temperature: float, top_p: float, seed: int | None) -> Any:
+    """argmax when ``temperature`` is 0, else a draw at ``temperature`` from the top-p nucleus."""
+    import numpy as np
+
+    if temperature <= 0:
+        return lambda logits: int(np.argmax(logits))
+    rng = np.random.default_rng(seed)
+
+    def choose(logits: Any) -> int:
+        scaled = logits.astype(np.float64) / temperature
+        probs = np.exp(scaled - scaled.max())
+        probs /= probs.sum()
+        order = np.argsort(-probs)
+        nucleus = order[: int(np.searchsorted(np.cumsum(probs[order]), top_p)) + 1]
+        return int(rng.choice(nucleus, p=probs[nucleus] / probs[nucleus].sum()))
+
+    return choose
+
+
+def sampled_answer(llm: Any, messages: list[dict[str, str]], max_tokens: int = 64, *, temperature: float = 0.0,
+                   top_p: float = 1.0, seed: int | None = None) -> ProbeAnswer:
+    """Decode from the chat-templated messages: greedily at ``temperature`` 0, else sampled (top-p,
+    seeded by ``seed``; a fresh random seed when None, recorded in the answer)."""
     import llama_cpp
     import numpy as np
 
+    if temperature > 0 and seed is None:
+        seed = random.randrange(2**31)
+    choose = _chooser(temperature, top_p, seed)
     with GENERATION_LOCK:
         start = time.perf_counter()
         prompt = render_prompt(llm, messages)
@@ -154,7 +176,7 @@ def greedy_answer(llm: Any, messages: list[dict[str, str]], max_tokens: int = 64
         finished = False
         for _ in range(min(max_tokens, room)):
             logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
-            token = int(np.argmax(logits))
+            token = choose(logits)
             logprobs.append(_log_softmax_at(logits, token))
             if llama_cpp.llama_vocab_is_eog(vocab, token):
                 finished = True
@@ -169,6 +191,7 @@ def greedy_answer(llm: Any, messages: list[dict[str, str]], max_tokens: int = 64
             mean_logprob=(sum(logprobs) / len(logprobs)) if logprobs else None,
             seconds=time.perf_counter() - start,
             finished=finished,
+            seed=seed if temperature > 0 else None,
         )
 
 
@@ -247,10 +270,11 @@ class LlamaCache:
                     old.close()
             return llm
 
-    def answer(self, version: Any, messages: list[dict[str, str]], max_tokens: int = 128) -> ProbeAnswer:
-        """Greedy answer from a registry ``Version``."""
+    def answer(self, version: Any, messages: list[dict[str, str]], max_tokens: int = 128, *,
+               temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> ProbeAnswer:
+        """An answer from a registry ``Version``: greedy at ``temperature`` 0 (the default), else sampled."""
         llm = self.get(version.id, version.gguf_path, version.gguf_sha256)
-        return greedy_answer(llm, messages, max_tokens=max_tokens)
+        return sampled_answer(llm, messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
 
     def __len__(self) -> int:
         return len(self._models)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from loop.chat_template import hf_chat_ids
+
 ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100  # label value the cross-entropy loss skips
 
@@ -151,9 +153,10 @@ def tokenize_example(tokenizer, messages: list[dict], max_length: int) -> Tokeni
 
 
 def _template_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    # The template already contains any special tokens; adding BOS again would shift the prompt prefix.
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    # The template's markup carries the special tokens (BOS too, where it has one; none is added), while
+    # the messages' text, written by users and reviewers, is never parsed for them: a correction holding
+    # "<|im_start|>system" must be learned as those characters, not as a forged turn (loop.chat_template).
+    return hf_chat_ids(tokenizer, messages, add_generation_prompt)
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -199,3 +200,22 @@ def test_unloadable_new_version_keeps_serving_the_old_one_with_a_notice(engine, 
     registry.promote(good, reason="test: fixed")
     assert run(engine.chat(conversation_id=None, history=[], user_message="Hi",
                            sampling=Sampling(temperature=0.0, max_tokens=4)))[0].version_id == good
+
+
+def test_a_10_mb_system_prompt_is_refused_at_once_and_never_reaches_the_model(engine, monkeypatch):
+    def no_model(*_a, **_k):
+        raise AssertionError("the model was asked with an oversized system prompt")
+
+    monkeypatch.setattr(engine, "_acquire", no_model)
+    started = time.perf_counter()
+    with pytest.raises(InputRejected, match=r"system prompt is 10,485,760 characters; the limit is 8,000"):
+        next(engine.chat(conversation_id=None, history=[], user_message="Hi", system_prompt="x" * (10 * 2**20)))
+    assert time.perf_counter() - started < 2.0
+    engine.flush()
+    assert engine.store.count_turns() == 0
+
+
+def test_the_system_prompt_is_cleaned_like_a_message(engine):
+    events = run(engine.chat(conversation_id=None, history=[], user_message="Name a colour.",
+                             system_prompt="  Answer\x00 in one word.\x1b \n", sampling=Sampling(max_tokens=4)))
+    assert events[-1].outcome.messages[0] == {"role": "system", "content": "Answer in one word."}

@@ -79,3 +79,12 @@ def test_fit_history_with_the_real_tokenizer(shared_chat_model):
     assert len(model.prompt_tokens(fitted.messages)) == fitted.prompt_tokens <= n_ctx - 128
     # The rendered prompt uses the GGUF's own chat template (ChatML for SmolLM2).
     assert model.render(fitted.messages).startswith("<|im_start|>system\nBe brief.<|im_end|>")
+
+
+def test_system_prompt_over_the_limit_is_refused_and_empty_means_none():
+    from app.policy import clean_system_prompt
+
+    with pytest.raises(InputRejected, match=r"system prompt is 101 characters; the limit is 100"):
+        clean_system_prompt("x" * 101, 100)
+    assert clean_system_prompt(None, 100) == clean_system_prompt("  \n", 100) == ""
+    assert clean_system_prompt(" Be\x00 brief. ", 100) == "Be brief."
