@@ -8,6 +8,14 @@ Four processes, each started detached with its own pid file under $LOOP_HOME/arg
 SQLite is the source of truth; the index lives in memory, so whenever the search server is fresh `start` rebuilds
 it from SQLite ("search-engine reindex") before the UI comes up, and reviews survive restarts.
 
+Security contract: every part listens on `StackConfig.host`, which must be a loopback address (validated), so
+nothing is reachable from the network. Redis requires a password (Argilla's worker unpickles the jobs it reads
+from redis, so whoever can write to redis can run code as this user): generated once per home, kept in
+$LOOP_HOME/argilla/redis_password (0600), handed to redis through a 0600 config file and to the server and
+worker through their environment, never on a command line (other users can read command lines). osmem-server
+has no authentication option, so loopback is all that guards the record index. Passwords and API keys are
+written 0600 and never printed.
+
 Setting ARGILLA_API_URL and ARGILLA_API_KEY points everything at another Argilla; the local stack is then not started.
 """
 
@@ -31,7 +39,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Optional
 
-from annotation.config import StackConfig
+from annotation.config import StackConfig, bind_address
 from annotation.install import is_installed, osmem_binary, venv_dir, venv_python
 from loop.paths import loop_home
 
@@ -76,6 +84,8 @@ class _Layout:
         self.tmp = self.root / "tmp"  # the server copies its UI statics to a temp dir at every start
         self.api_key = self.root / "api_key"
         self.credentials = self.root / "credentials.json"
+        self.redis_password = self.root / "redis_password"
+        self.redis_conf = self.redis_dir / "redis.conf"  # holds the password: written 0600 at every start
         self.stack_json = self.run / "stack.json"  # ports of the running stack, for status/stop/info
 
     def pidfile(self, part: str) -> Path:
@@ -215,9 +225,11 @@ def _group_alive(pid: int, group: Optional[int]) -> bool:
 
 
 def _port_open(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.3)
-        return sock.connect_ex((host, port)) == 0
+    try:
+        with socket.create_connection((host, port), timeout=0.3):
+            return True
+    except OSError:
+        return False
 
 
 def _http_ok(url: str) -> bool:
@@ -228,29 +240,45 @@ def _http_ok(url: str) -> bool:
         return False
 
 
-def _redis(host: str, port: int, *command: str) -> Optional[bytes]:
-    """Send one command in the RESP protocol and return the first reply line (no client library needed)."""
-    payload = f"*{len(command)}\r\n" + "".join(f"${len(c)}\r\n{c}\r\n" for c in command)
+def _resp(*command: str) -> bytes:
+    return (f"*{len(command)}\r\n" + "".join(f"${len(c.encode())}\r\n{c}\r\n" for c in command)).encode()
+
+
+def _redis(host: str, port: int, *command: str, password: Optional[str] = None) -> Optional[bytes]:
+    """Send one command in the RESP protocol (after AUTH when a password is given) and return the first line of
+    its reply, or of the AUTH reply when that is not +OK. No client library: the main venv has none."""
+    commands = ([("AUTH", password)] if password is not None else []) + [command]
     try:
-        with socket.create_connection((host, port), timeout=1) as sock:
-            sock.sendall(payload.encode())
-            return sock.recv(256).split(b"\r\n", 1)[0]
+        with socket.create_connection((bind_address(host), port), timeout=1) as sock:
+            sock.sendall(b"".join(_resp(*c) for c in commands))
+            data = b""
+            while data.count(b"\r\n") < len(commands):  # every reply used here is one line
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
     except OSError:
         return None
+    lines = data.split(b"\r\n")
+    if password is not None and lines[0] != b"+OK":
+        return lines[0]
+    return lines[len(commands) - 1] if len(lines) >= len(commands) else None
 
 
-def _redis_int(host: str, port: int, *command: str) -> int:
-    reply = _redis(host, port, *command) or b""
+def _redis_int(host: str, port: int, *command: str, password: Optional[str] = None) -> int:
+    reply = _redis(host, port, *command, password=password) or b""
     return int(reply[1:]) if reply[:1] == b":" else -1
 
 
-def _checks(cfg: StackConfig) -> dict[str, Callable[[], bool]]:
-    h = cfg.host
+def _checks(cfg: StackConfig, redis_password: Optional[str]) -> dict[str, Callable[[], bool]]:
+    h = bind_address(cfg.host)
+    pw = redis_password
     return {
         "search": lambda: _http_ok(f"http://{h}:{cfg.search_port}/"),
-        "redis": lambda: _redis(h, cfg.redis_port, "PING") == b"+PONG",
+        # Healthy means it accepted the stack's password: a redis without one is not this stack's redis.
+        "redis": lambda: pw is not None and _redis(h, cfg.redis_port, "PING", password=pw) == b"+PONG",
         # rq registers each worker in this set once it listens on the queues.
-        "worker": lambda: _redis_int(h, cfg.redis_port, "SCARD", "rq:workers") > 0,
+        "worker": lambda: pw is not None and _redis_int(h, cfg.redis_port, "SCARD", "rq:workers", password=pw) > 0,
         # /api/v1/status answers only after the lifespan pinged the database, the search engine and redis.
         "server": lambda: _http_ok(f"http://{h}:{cfg.port}/api/v1/status"),
     }
@@ -293,6 +321,41 @@ def _load_credentials(layout: _Layout, cfg: StackConfig) -> dict:
     if changed:
         _write_private(layout.credentials, json.dumps(creds, indent=1))
     return creds
+
+
+def _load_redis_password(layout: _Layout) -> str:
+    """The home's redis password: generated on the first start, then kept (0600)."""
+    try:
+        password = layout.redis_password.read_text().strip()
+    except OSError:
+        password = ""
+    if not password:
+        password = secrets.token_urlsafe(32)  # URL-safe: it goes into ARGILLA_REDIS_URL as is
+        _write_private(layout.redis_password, password + "\n")
+    return password
+
+
+def _read_redis_password(layout: _Layout) -> Optional[str]:
+    try:
+        return layout.redis_password.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _redis_conf(layout: _Layout, cfg: StackConfig, password: str) -> str:
+    """redis.conf for the stack's redis: loopback, its own dir, no persistence, the password."""
+    quoted_dir = json.dumps(str(layout.redis_dir))  # redis reads double-quoted strings with C-style escapes
+    return "\n".join([
+        f"port {cfg.redis_port}",
+        f"bind {bind_address(cfg.host)}",
+        "protected-mode yes",
+        f"dir {quoted_dir}",
+        'save ""',
+        "appendonly no",
+        "daemonize no",
+        f"requirepass {password}",
+        "",
+    ])
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -352,16 +415,17 @@ if p["reindex"]:
 """
 
 
-def _server_env(layout: _Layout, cfg: StackConfig) -> dict:
+def _server_env(layout: _Layout, cfg: StackConfig, redis_password: str) -> dict:
     # Drop inherited ARGILLA_* (e.g. a client's ARGILLA_API_URL) and Python path settings of the main venv.
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("ARGILLA_") and k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     env.update(
         ARGILLA_HOME_PATH=str(layout.server_home),
         ARGILLA_DATABASE_URL=f"sqlite+aiosqlite:///{layout.server_home / 'argilla.db'}?check_same_thread=False",
-        ARGILLA_ELASTICSEARCH=f"http://{cfg.host}:{cfg.search_port}",
+        ARGILLA_ELASTICSEARCH=f"http://{bind_address(cfg.host)}:{cfg.search_port}",
         ARGILLA_SEARCH_ENGINE="opensearch",
-        ARGILLA_REDIS_URL=f"redis://{cfg.host}:{cfg.redis_port}/0",
+        # The environment of a process is readable by its user only (unlike its command line).
+        ARGILLA_REDIS_URL=f"redis://:{redis_password}@{bind_address(cfg.host)}:{cfg.redis_port}/0",
         HF_HUB_OFFLINE="1",  # no telemetry calls home, no hub look-ups
         HF_HUB_DISABLE_TELEMETRY="1",
         TMPDIR=str(layout.tmp),
@@ -426,9 +490,13 @@ def _locked(layout: _Layout):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _api_url(cfg: StackConfig) -> str:
+    return f"http://{bind_address(cfg.host)}:{cfg.port}"
+
+
 def _info(layout: _Layout, cfg: StackConfig, creds: dict, **extra) -> StackInfo:
     return StackInfo(
-        api_url=f"http://{cfg.host}:{cfg.port}", api_key=creds["owner"]["api_key"], home=layout.home,
+        api_url=_api_url(cfg), api_key=creds["owner"]["api_key"], home=layout.home,
         workspace=cfg.workspace, owner_username=creds["owner"]["username"], owner_password=creds["owner"]["password"],
         reviewer_username=creds["reviewer"]["username"], reviewer_password=creds["reviewer"]["password"],
         reviewer_api_key=creds["reviewer"]["api_key"], **extra,
@@ -465,29 +533,35 @@ def start_stack(home: Optional[Path] = None, port: Optional[int] = None, config:
                              f"search {recorded.search_port}, redis {recorded.redis_port}); stop it first")
         creds = _load_credentials(layout, cfg)
         _write_private(layout.api_key, creds["owner"]["api_key"])
-        checks = _checks(cfg)
+        redis_password = _load_redis_password(layout)
+        checks = _checks(cfg, redis_password)
         if all(running.values()) and all(checks[p]() for p in PARTS):
-            log.info("the Argilla stack is already running at http://%s:%s", cfg.host, cfg.port)
+            log.info("the Argilla stack is already running at %s", _api_url(cfg))
             return _info(layout, cfg, creds, already_running=True)
-        env = _server_env(layout, cfg)
+        if running["redis"] and not checks["redis"]():
+            raise StackError(f"the running redis (pid {running['redis']}) does not accept this stack's password "
+                             f"({layout.redis_password}); stop the stack and start it again")
+        env = _server_env(layout, cfg, redis_password)
         ports = {"search": cfg.search_port, "redis": cfg.redis_port, "server": cfg.port}
         for part, p in ports.items():
-            if not running[part] and _port_open(cfg.host, p):
+            if not running[part] and _port_open(bind_address(cfg.host), p):
                 flag = "--port" if part == "server" else f"--{part}-port"
                 raise StackError(f"port {p} for the {part} part is already in use by a process this stack did "
                                  f"not start; free it or choose another port (StackConfig or {flag})")
         layout.stack_json.write_text(json.dumps(asdict(cfg), default=str, indent=1))
+        if not running["redis"]:
+            _write_private(layout.redis_conf, _redis_conf(layout, cfg, redis_password))
         venv_py = str(venv_python(venv))
+        search_addr = f"{bind_address(cfg.host)}:{cfg.search_port}"
         argvs = {
-            "search": [str(osmem_binary(venv)), "--addr", f"{cfg.host}:{cfg.search_port}", "--no-stdin-watch",
-                       "--no-ja"],
-            "redis": [cfg.redis_server_bin, "--port", str(cfg.redis_port), "--bind", cfg.host, "--dir",
-                      str(layout.redis_dir), "--save", "", "--appendonly", "no", "--daemonize", "no"],
+            # osmem-server has no authentication option: binding to loopback is what keeps the index private.
+            "search": [str(osmem_binary(venv)), "--addr", search_addr, "--no-stdin-watch", "--no-ja"],
+            "redis": [cfg.redis_server_bin, str(layout.redis_conf)],
             "worker": [venv_py, "-m", "argilla_server", "worker", "--num-workers", str(cfg.worker_processes)],
-            "server": [venv_py, "-m", "argilla_server", "start", "--host", cfg.host, "--port", str(cfg.port),
-                       "--no-access-log"],
+            "server": [venv_py, "-m", "argilla_server", "start", "--host", bind_address(cfg.host),
+                       "--port", str(cfg.port), "--no-access-log"],
         }
-        match = {"search": [f"{cfg.host}:{cfg.search_port}"], "redis": ["redis-server", str(cfg.redis_port)],
+        match = {"search": [search_addr], "redis": ["redis-server", str(cfg.redis_port)],
                  "worker": ["argilla_server worker"], "server": ["argilla_server start", str(cfg.port)]}
         pids = dict(running)
         t0 = {part: time.monotonic() for part in PARTS}
@@ -528,8 +602,7 @@ def start_stack(home: Optional[Path] = None, port: Optional[int] = None, config:
                 layout.stack_json.unlink(missing_ok=True)
             raise
     elapsed = time.monotonic() - started
-    log.info("Argilla is up at http://%s:%s in %.1f s (owner API key in %s)", cfg.host, cfg.port, elapsed,
-             layout.api_key)
+    log.info("Argilla is up at %s in %.1f s (owner API key in %s)", _api_url(cfg), elapsed, layout.api_key)
     return _info(layout, cfg, creds, startup_seconds=elapsed)
 
 
@@ -553,7 +626,7 @@ def stack_status(home: Optional[Path] = None) -> dict:
     external = external_connection()
     layout = _Layout(home)
     cfg = _recorded_config(layout) or StackConfig()
-    checks = _checks(cfg)
+    checks = _checks(cfg, _read_redis_password(layout))
     parts = {}
     for part in PARTS:
         pid = _owned_pid(layout, part)
@@ -561,7 +634,7 @@ def stack_status(home: Optional[Path] = None) -> dict:
                        "log": str(layout.logfile(part))}
     return {
         "external": bool(external),
-        "api_url": external[0] if external else f"http://{cfg.host}:{cfg.port}",
+        "api_url": external[0] if external else _api_url(cfg),
         "home": str(layout.home),
         "running": all(p["healthy"] for p in parts.values()),
         "parts": parts,
@@ -580,7 +653,7 @@ def connection(home: Optional[Path] = None) -> tuple[str, str]:
     except OSError:
         raise StackError(f"no API key at {layout.api_key}; run `python -m annotation.server start` or set "
                          "ARGILLA_API_URL and ARGILLA_API_KEY") from None
-    return f"http://{cfg.host}:{cfg.port}", key
+    return _api_url(cfg), key
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -603,8 +676,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                           startup_timeout_s=args.timeout)
             info = start_stack(config=cfg)
             if not info.external:
-                print(f"UI: {info.api_url}  owner: {info.owner_username} / {info.owner_password}  "
-                      f"reviewer: {info.reviewer_username} / {info.reviewer_password}")
+                # Terminals are logged and shared: say where the secrets are, never what they are.
+                print(f"UI: {info.api_url}  users: {info.owner_username} (owner), {info.reviewer_username} "
+                      f"(reviewer); passwords and API keys in {_Layout(info.home).credentials}")
         elif args.command == "stop":
             stop_stack()
         else:

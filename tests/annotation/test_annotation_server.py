@@ -1,9 +1,12 @@
-"""The local Argilla stack: lifecycle, restart durability, pid-file safety, failure reports, API key file."""
+"""The local Argilla stack: lifecycle, restart durability, pid-file safety, failure reports, API key file, and its
+security: loopback only, a redis that demands its password, secrets never on a command line or a terminal."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -15,6 +18,7 @@ import pytest
 
 from annotation.config import StackConfig
 from annotation.server import PARTS, StackError, _Layout, _proc_stat, stack_status, start_stack, stop_stack
+from loop.config import ConfigError, load_config
 
 rg = pytest.importorskip("argilla")
 
@@ -45,6 +49,29 @@ def test_config_validate_reports_every_problem():
                      "worker_processes"):
         assert fragment in text
     assert StackConfig().validate() == []
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "127.255.255.254", "localhost"])
+def test_stack_host_accepts_loopback_addresses(host):
+    assert StackConfig(host=host).validate() == []
+
+
+def test_stack_host_ipv6_loopback_is_refused_with_the_reason():
+    (problem,) = StackConfig(host="::1").validate()
+    assert "cannot reach an IPv6 address" in problem
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.20", "10.0.0.1", "example.com", "localhost.example.com",
+                                  "::ffff:127.0.0.1", "", "127.0.0.1 ", "128.0.0.1"])
+def test_stack_host_that_is_not_loopback_is_a_config_error(host, monkeypatch, tmp_path):
+    problems = StackConfig(host=host).validate()
+    assert len(problems) == 1 and problems[0].startswith("stack.host must be a loopback address"), problems
+    monkeypatch.setenv("LOOP_STACK__HOST", host)
+    with pytest.raises(ConfigError, match="stack.host must be a loopback address"):
+        load_config()
+    with pytest.raises(StackError, match="stack.host must be a loopback address"):
+        start_stack(home=tmp_path, config=StackConfig(host=host), use_external=False)
+    assert not (tmp_path / "argilla").exists(), "nothing may be started or written for a rejected config"
 
 
 def test_external_server_is_used_instead_of_starting(tmp_path, monkeypatch):
@@ -195,3 +222,108 @@ def test_cli_status_reports_each_part(argilla_stack):
     report = json.loads(done.stdout)
     assert report["running"] and report["api_url"] == argilla_stack.api_url
     assert set(report["parts"]) == set(PARTS) and all(p["healthy"] for p in report["parts"].values())
+
+
+def _raw_redis(port: int, *commands: list[str]) -> list[bytes]:
+    """Send RESP commands on one connection and return the first line of each reply."""
+    payload = b"".join(
+        (f"*{len(c)}\r\n" + "".join(f"${len(a)}\r\n{a}\r\n" for a in c)).encode() for c in commands)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(payload)
+        data = b""
+        while data.count(b"\r\n") < len(commands):
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    return data.split(b"\r\n")[: len(commands)]
+
+
+def _group_pids(leader: int) -> list[int]:
+    """Every process in the process group `leader` started (the worker's forked children included)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2:].split()[2]) == leader:
+                pids.append(int(entry.name))
+    return pids
+
+
+def _listening_addresses(pids: list[int]) -> list[tuple[str, int]]:
+    """(address, port) of every TCP socket in LISTEN state that one of `pids` holds."""
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = []
+    for table, width in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] != "0A" or cols[9] not in inodes:  # 0A: LISTEN
+                continue
+            hex_addr, hex_port = cols[1].split(":")
+            raw = b"".join(bytes.fromhex(hex_addr[i:i + 8])[::-1] for i in range(0, len(hex_addr), 8))
+            found.append((str(ipaddress.ip_address(raw)), int(hex_port, 16)))
+    return found
+
+
+def test_redis_refuses_commands_without_the_stack_password(argilla_stack):
+    port = json.loads((argilla_stack.home / "argilla" / "run" / "stack.json").read_text())["redis_port"]
+    (ping,) = _raw_redis(port, ["PING"])
+    assert ping.startswith(b"-NOAUTH"), ping
+    (keys,) = _raw_redis(port, ["KEYS", "*"])  # rq's pickled jobs live here: no reading them without the password
+    assert keys.startswith(b"-NOAUTH"), keys
+    password_file = argilla_stack.home / "argilla" / "redis_password"
+    assert password_file.stat().st_mode & 0o077 == 0, "the redis password must be readable by its owner only"
+    password = password_file.read_text().strip()
+    assert len(password) >= 32
+    assert _raw_redis(port, ["AUTH", "not-the-password"], ["PING"]) == [
+        b"-WRONGPASS invalid username-password pair or user is disabled.", b"-NOAUTH Authentication required."]
+    assert _raw_redis(port, ["AUTH", password], ["PING"]) == [b"+OK", b"+PONG"]
+    # Command lines are readable by every local user: no part may carry the password on its own.
+    for part in PARTS:
+        for pid in _group_pids(stack_status(argilla_stack.home)["parts"][part]["pid"]):
+            assert password not in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"), part
+    conf = argilla_stack.home / "argilla" / "redis" / "redis.conf"
+    assert conf.stat().st_mode & 0o077 == 0, "redis.conf holds the password"
+
+
+def test_every_part_listens_on_loopback_only(argilla_stack):
+    status = stack_status(argilla_stack.home)
+    ports = json.loads((argilla_stack.home / "argilla" / "run" / "stack.json").read_text())
+    for part in PARTS:
+        addresses = _listening_addresses(_group_pids(status["parts"][part]["pid"]))
+        assert all(ipaddress.ip_address(a).is_loopback for a, _ in addresses), (part, addresses)
+        expected = {"search": ports["search_port"], "redis": ports["redis_port"], "server": ports["port"]}.get(part)
+        if expected is not None:  # the worker listens on nothing
+            assert expected in {p for _, p in addresses}, (part, addresses)
+        else:
+            assert addresses == [], (part, addresses)
+
+
+def test_cli_start_never_prints_passwords_and_says_where_they_are(argilla_stack):
+    ports = json.loads((argilla_stack.home / "argilla" / "run" / "stack.json").read_text())
+    env = dict(os.environ, LOOP_HOME=str(argilla_stack.home))
+    env.pop("ARGILLA_API_URL", None)
+    env.pop("ARGILLA_API_KEY", None)
+    done = subprocess.run([sys.executable, "-m", "annotation.server", "start", "--port", str(ports["port"]),
+                           "--search-port", str(ports["search_port"]), "--redis-port", str(ports["redis_port"])],
+                          env=env, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2],
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    printed = done.stdout + done.stderr
+    credentials = json.loads((argilla_stack.home / "argilla" / "credentials.json").read_text())
+    secrets_ = [credentials[role][key] for role in ("owner", "reviewer") for key in ("password", "api_key")]
+    for secret in secrets_:
+        assert secret not in printed
+    assert str(argilla_stack.home / "argilla" / "credentials.json") in printed
+    assert re.search(r"UI: http://127\.0\.0\.1:\d+", printed)
