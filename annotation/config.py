@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,11 +15,29 @@ from typing import Optional
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
+def is_loopback(host: object) -> bool:
+    """True for "localhost" and for IP addresses in 127.0.0.0/8 or ::1; anything else (a name, 0.0.0.0) is not."""
+    if not isinstance(host, str):
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bind_address(host: str) -> str:
+    """The IP address a part binds to for `host` ("localhost" resolves differently per program; an IP does not)."""
+    return "127.0.0.1" if host == "localhost" else host
+
+
 @dataclass
 class StackConfig:
     """How the local Argilla stack (search server + redis + argilla server + worker) is run."""
 
-    # Interface every part listens on. Loopback only: the stack has no TLS and a generated owner password.
+    # Interface every part listens on: a loopback address only (127.0.0.0/8 or "localhost"). The stack has
+    # no TLS, and its search server answers without authentication, so it must never be reachable from the network.
     host: str = "127.0.0.1"
     # Port of the Argilla server (UI + REST API). The DESIGN contract is http://127.0.0.1:6900.
     port: int = 6900
@@ -51,8 +70,13 @@ class StackConfig:
                 problems.append(f"stack.{name} must be an integer port in 1..65535, got {value!r}")
         if len(set(ports.values())) != len(ports):
             problems.append(f"stack ports must differ from each other, got {ports}")
-        if not self.host:
-            problems.append("stack.host must not be empty")
+        if not is_loopback(self.host):
+            problems.append(f"stack.host must be a loopback address (127.0.0.0/8 or localhost): the stack has "
+                            f"no TLS and its search server has no authentication, got {self.host!r}")
+        elif ":" in self.host:
+            # argilla-server 2.8's search client drops the brackets of an IPv6 URL and fails at startup.
+            problems.append(f"stack.host {self.host!r}: Argilla's search client cannot reach an IPv6 address; "
+                            "use an address in 127.0.0.0/8 or localhost")
         for name in ("workspace", "owner_username", "reviewer_username"):
             value = getattr(self, name)
             if not isinstance(value, str) or not _NAME.match(value):
@@ -71,7 +95,7 @@ class StackConfig:
 # Priority tiers a turn can fall in (see annotation/priority.py and docs/annotation.md).
 PRIORITY_TIERS: tuple[str, ...] = ("negative", "uncertain", "recent", "positive")
 # Privacy detectors (see annotation/scrub.py).
-SCRUB_KINDS: tuple[str, ...] = ("secret", "email", "card", "phone")
+SCRUB_KINDS: tuple[str, ...] = ("secret", "email", "iban", "card", "crypto", "ip", "phone", "name")
 
 
 @dataclass
@@ -118,9 +142,13 @@ class AnnotationConfig:
     # Lowest reviewer quality (1-5) at which the model's own answer becomes a training example
     # when no correction was given (DESIGN.md: quality >= 4).
     min_quality: int = 4
-    # Percentage (0-50) of example ids held out for evaluation, by sha256(id) mod 100; an id once in
-    # eval stays in eval in every later snapshot, so it never leaks into training.
+    # The judge (annotation/judge_split.py): one wording of every correction taught by 3+ wordings is held
+    # out, then wordings are added until at least eval_percent (0-50) of the examples, and never fewer than
+    # min_held_out, judge the cycle. An id once held out stays held out. 0 turns the judge off (and with
+    # it training: a cycle does not train what nothing can judge).
     eval_percent: int = 10
+    # The fewest held-out examples a cycle may be judged on; smaller data stops the cycle with a reason.
+    min_held_out: int = 2
 
     def validate(self) -> list[str]:
         """Every problem with this config, all at once (empty list when valid)."""
@@ -167,6 +195,8 @@ class AnnotationConfig:
             problems.append(f"annotation.min_quality must be an integer in 1..5, got {self.min_quality!r}")
         if not isinstance(self.eval_percent, int) or not 0 <= self.eval_percent <= 50:
             problems.append(f"annotation.eval_percent must be an integer in 0..50, got {self.eval_percent!r}")
+        if not isinstance(self.min_held_out, int) or self.min_held_out < 1:
+            problems.append(f"annotation.min_held_out must be an integer >= 1, got {self.min_held_out!r}")
         return problems
 
 

@@ -235,7 +235,8 @@ def pull_snapshot(config: Any = None, *, client=None, previous: Snapshot | str |
         prev = load_snapshot(previous)
     examples, counts, source = collect(client, cfg, progress=progress)
     source["duration_s"] = round(time.monotonic() - started, 3)
-    return write_snapshot(examples, counts, eval_percent=cfg.eval_percent, previous=prev, source=source, home=home)
+    return write_snapshot(examples, counts, eval_percent=cfg.eval_percent, min_held_out=cfg.min_held_out,
+                          previous=prev, source=source, home=home)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,14 +2,16 @@
 
     snapshots/<sha256>/train.jsonl     {"id": ..., "messages": [..., {"role": "assistant", ...}]} per line
     snapshots/<sha256>/eval.jsonl      same format, the held-out examples
-    snapshots/<sha256>/manifest.json   hash, counts, eval_percent, held_out_ids, created_at, source
+    snapshots/<sha256>/manifest.json   hash, counts, eval_percent, held_out_ids, judge, created_at, source
     snapshots/LATEST                   the newest snapshot's hash
 
 The hash covers the examples and their split only (not the manifest), so pulling the same
-reviews twice gives the same directory. The split is by ``sha256(id) mod 100 < eval_percent``,
-and every id that was ever held out stays held out (``held_out_ids`` is carried from snapshot to
-snapshot), so an eval example never leaks into training later, even if eval_percent changes or the
-example drops out for a while.
+reviews twice gives the same directory. The split holds out whole wordings of taught corrections,
+chosen from the text alone (annotation/judge_split.py: the rule, the floor, and why), and every id
+that was ever held out stays held out (``held_out_ids`` is carried from snapshot to snapshot), so an
+eval example never leaks into training later, even if eval_percent changes or the example drops out
+for a while. The manifest's ``judge`` says how the split came out (``judge.notes`` when the data was
+too small to reach the floor).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from annotation.judge_split import split_for_judging
 from loop import paths
 
 MANIFEST = "manifest.json"
@@ -46,15 +49,6 @@ class Snapshot:
     @property
     def held_out_ids(self) -> set[str]:
         return set(self.manifest.get("held_out_ids", []))
-
-
-def bucket(example_id: str) -> int:
-    """0..99, stable for an id on every machine and run."""
-    return int(hashlib.sha256(example_id.encode()).hexdigest(), 16) % 100
-
-
-def in_eval(example_id: str, eval_percent: int) -> bool:
-    return bucket(example_id) < eval_percent
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -103,13 +97,15 @@ def write_snapshot(
     counts: dict[str, int],
     *,
     eval_percent: int,
+    min_held_out: int = 2,
     previous: Snapshot | None = None,
     source: dict[str, Any] | None = None,
     home: Path | None = None,
 ) -> Snapshot:
     """Split, hash and write ``examples`` ({"id", "messages"}); adds new/changed/removed/train/eval to counts."""
     held_out = set(previous.held_out_ids) if previous else set()
-    held_out |= {e["id"] for e in examples if in_eval(e["id"], eval_percent)}
+    judge = split_for_judging(examples, eval_percent=eval_percent, min_held_out=min_held_out, carried=held_out)
+    held_out |= judge.held_out_ids
     train = [e for e in examples if e["id"] not in held_out]
     evals = [e for e in examples if e["id"] in held_out]
     train_text, eval_text = _lines(train), _lines(evals)
@@ -140,6 +136,7 @@ def write_snapshot(
             "previous": previous.hash if previous else None,
             "source": source or {},
             "held_out_ids": sorted(held_out),
+            "judge": judge.summary(),
         }
         # Write into a temporary sibling and rename: a reader never sees a half-written snapshot.
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))

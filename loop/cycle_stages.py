@@ -9,6 +9,7 @@ Heavy imports (torch, argilla) happen inside the stages so that ``loop.cycle`` i
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ def stage_pull(self, state: CycleState, force: bool) -> dict[str, Any]:
         "path": str(snap.path),
         "hash": snap.hash,
         "counts": snap.counts,
+        "judge": snap.manifest.get("judge") or {},
         "train_path": str(snap.train_path),
         "eval_path": str(snap.eval_path),
     }
@@ -87,7 +89,21 @@ def stage_decide(self, state: CycleState, force: bool) -> dict[str, Any]:
         "replay_pool": len(replay_pool),
         "min_new_examples": self.config.cycle.min_new_examples,
         "forced": force,
+        "judge": {**(pulled.get("judge") or {}), "held_out_examples": len(held_out),
+                  "min_held_out": self.config.annotation.min_held_out},
     }
+    # Structural stops first: they hold with --force too, since no training could be judged.
+    if not train and not held_out:
+        counts = pulled.get("counts") or {}
+        raise _stop("no_examples", "the snapshot holds no curated example ("
+                    + ", ".join(f"{counts.get(k, 0)} {k}" for k in ("records", "discarded", "pending", "rejected"))
+                    + "): nothing to train", result)
+    if len(held_out) < self.config.annotation.min_held_out:
+        notes = "; ".join((pulled.get("judge") or {}).get("notes") or [])
+        raise _stop("too_small_to_judge",
+                    f"{len(held_out)} held-out example(s), fewer than annotation.min_held_out = "
+                    f"{self.config.annotation.min_held_out}: a cycle is not trained when nothing can judge it"
+                    + (f" ({notes})" if notes else ""), result)
     if pulled.get("hash") and current is not None and current.snapshot_hash == pulled["hash"] and not force:
         raise _stop("nothing_new", f"the snapshot {pulled['hash'][:12]} is the one {current.id} was trained on", result)
     if new_total < self.config.cycle.min_new_examples and not force:
@@ -148,7 +164,8 @@ def stage_train(self, state: CycleState, force: bool) -> dict[str, Any]:
         Path(decided["eval_path"]) if decided.get("eval_path") else None,
         base_dir,
         state.dir / "variants",
-        self.config.trainer,
+        # The trainer keeps the best epoch the gate would accept: one regression tolerance for both.
+        replace(self.config.trainer, regression_tolerance=self.config.gate.regression_tolerance),
     )
     rows = [r.to_dict() for r in results]
     ok = [r for r in results if r.status == "ok"]
@@ -156,13 +173,26 @@ def stage_train(self, state: CycleState, force: bool) -> dict[str, Any]:
     if not ok:
         raise _stop("training_failed", "every variant failed: " + "; ".join(
             f"{r['name']}: {r.get('reason') or r.get('error')}" for r in rows), out)
-    # Prefer variants the regression gate would accept, so the most forgetful variant (often the one that
-    # learned most) does not shadow one that learned and kept general ability; lowest held-out loss wins
-    # (training loss says nothing about generalisation: the seed's mistake).
-    best = (best_variant(results, regression_tolerance=self.config.gate.regression_tolerance)
-            or best_variant(results) or ok[0])
+    # Only variants the regression gate would accept compete, so the most forgetful variant (often the one
+    # that learned most) cannot shadow one that learned and kept general ability; the lowest held-out loss
+    # wins (training loss says nothing about generalisation: the seed's mistake). None left: no candidate,
+    # never a variant picked by its place in the grid.
+    tolerance = self.config.gate.regression_tolerance
+    best = best_variant(results, regression_tolerance=tolerance)
+    if best is None:
+        raise _stop("no_candidate", "no variant both has a finite held-out loss and kept its regression loss "
+                    f"within +{tolerance:.1%}: " + "; ".join(_variant_note(r) for r in ok), out)
     out["best"] = best.name
     return out
+
+
+def _variant_note(r) -> str:
+    if r.eval_loss is None:
+        return f"{r.name}: no held-out loss"
+    if r.regression_loss is not None and r.regression_loss_start:
+        return (f"{r.name}: held-out {r.eval_loss:.4f}, regression "
+                f"{(r.regression_loss - r.regression_loss_start) / r.regression_loss_start:+.1%}")
+    return f"{r.name}: held-out {r.eval_loss:.4f}, no regression loss"
 
 
 def _metric(row: dict[str, Any], *names: str) -> float | None:

@@ -73,15 +73,6 @@ def verification_passed(candidate: Mapping[str, Any]) -> bool | None:
     return None
 
 
-def best_variant(variants: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
-    """The variant with the lowest finite held-out loss among those not failed (None if none)."""
-    usable = [
-        v for v in variants
-        if v.get("status") != "failed" and (loss := heldout_loss(v)) is not None and math.isfinite(loss)
-    ]
-    return min(usable, key=heldout_loss) if usable else None
-
-
 def _finite(x: float | None) -> bool:
     return x is not None and math.isfinite(x)
 

@@ -71,6 +71,10 @@ class VerifyConfig:
     min_agreement: Optional[float] = None
     # Held-out loss gate: |gguf_loss - hf_loss| / hf_loss must not exceed this; None = DEFAULT_THRESHOLDS.
     max_loss_rel_delta: Optional[float] = None
+    # ... unless the absolute gap is at most this many nats per token. A relative bound alone refuses a model that
+    # learned well: at a held-out loss of 0.11, Q8_0 rounding's 0.006 nats is already 5.7%. A broken conversion
+    # (wrong weights, template or tokenizer) moves the loss by whole nats, far beyond this floor.
+    max_loss_abs_delta: float = 0.02
     # At most this many held-out examples are scored (first N, in order), to bound the time the gate takes.
     max_eval_examples: int = 64
     # Examples longer than this many tokens are cut at the end (the loss is then over the assistant tokens kept).
@@ -112,6 +116,8 @@ class VerifyConfig:
             problems.append(f"verify.min_agreement must be in [0, 1] or None, got {self.min_agreement!r}")
         if self.max_loss_rel_delta is not None and not self.max_loss_rel_delta >= 0.0:
             problems.append(f"verify.max_loss_rel_delta must be >= 0 or None, got {self.max_loss_rel_delta!r}")
+        if not isinstance(self.max_loss_abs_delta, (int, float)) or not self.max_loss_abs_delta >= 0.0:
+            problems.append(f"verify.max_loss_abs_delta must be a number >= 0, got {self.max_loss_abs_delta!r}")
         if not isinstance(self.max_eval_examples, int) or self.max_eval_examples < 1:
             problems.append(f"verify.max_eval_examples must be an integer >= 1, got {self.max_eval_examples!r}")
         if not isinstance(self.max_eval_tokens, int) or self.max_eval_tokens < 8:

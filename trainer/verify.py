@@ -25,6 +25,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
+from loop.chat_template import hf_chat_ids, hf_chat_segments, hf_special_strings, joined, tokenizer_pieces
 from trainer.export_config import ExportConfig, VerifyConfig
 
 PROBES_PATH = Path(__file__).with_name("probes.jsonl")
@@ -130,35 +131,40 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    # The rendered template already holds every special token (BOS included where the template has one).
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    return _encode(tokenizer, _render(tokenizer, messages, add_generation_prompt=True))
+    # Markup with its special tokens, message text never parsed for them: the app's tokenisation (loop.chat_template).
+    return hf_chat_ids(tokenizer, messages, add_generation_prompt=True)
 
 
 def tokenize_example(tokenizer, messages: list[dict], max_tokens: int) -> tuple[list[int], list[bool]]:
     """Token ids of the rendered chat and a mask of the assistant tokens (answers plus their end-of-turn markers).
 
     Assistant spans are found in characters: the text rendered up to turn i with a generation prompt must be a prefix
-    of the full text; the tokens starting inside [len(prefix), len(text through turn i)) are that turn's answer.
+    of the full text; the tokens starting inside [len(prefix), len(text through turn i)) are that turn's answer. The
+    messages' text is tokenised with special-token parsing off, the template's markup with it on.
     """
-    full = _render(tokenizer, messages, add_generation_prompt=False)
+    segments = hf_chat_segments(tokenizer, messages, add_generation_prompt=False)
+    full = joined(segments)
     spans = []
     for i, message in enumerate(messages):
         if message.get("role") != "assistant":
             continue
-        prefix = _render(tokenizer, messages[:i], add_generation_prompt=True)
-        through = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        prefix = joined(hf_chat_segments(tokenizer, messages[:i], add_generation_prompt=True))
+        through = joined(hf_chat_segments(tokenizer, messages[: i + 1], add_generation_prompt=False))
         if full.startswith(prefix) and full.startswith(through) and len(through) > len(prefix):
             spans.append((len(prefix), len(through)))
     if not spans:
         raise ValueError("no assistant turn could be located in the rendered chat")
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    mask = [any(lo <= start < hi for lo, hi in spans) for start, _ in enc["offset_mapping"]]
+    ids: list[int] = []
+    starts: list[int] = []
+    position = 0
+    for piece in tokenizer_pieces(segments, hf_special_strings(tokenizer)):
+        enc = tokenizer(piece.text, add_special_tokens=False, return_offsets_mapping=True,
+                        split_special_tokens=piece.is_content)
+        ids.extend(enc["input_ids"])
+        starts.extend(position + start for start, _ in enc["offset_mapping"])
+        position += len(piece.text)
+    mask = [any(lo <= start < hi for lo, hi in spans) for start in starts]
     return ids[:max_tokens], mask[:max_tokens]
 
 
@@ -474,11 +480,12 @@ def verify_gguf(
         result.gguf_eval_loss = round(sum(s for s, _ in gguf_nll) / n_tokens, 6)
         result.loss_abs_delta = round(result.gguf_eval_loss - result.hf_eval_loss, 6)
         result.loss_delta = round(abs(result.loss_abs_delta) / max(result.hf_eval_loss, 1e-9), 6)
-        if result.loss_delta > max_loss:
+        if result.loss_delta > max_loss and abs(result.loss_abs_delta) > config.max_loss_abs_delta:
             result.reasons.append(
                 f"held-out loss from llama.cpp's logits ({result.gguf_eval_loss:.4f}) differs from the merged "
                 f"model's ({result.hf_eval_loss:.4f}) by {result.loss_delta:.2%} (relative {result.loss_delta:.4g}), "
-                f"above the tolerance of {max_loss:.4g}"
+                f"above the tolerance of {max_loss:.4g}, and by {abs(result.loss_abs_delta):.4f} nats/token, above "
+                f"the absolute floor of {config.max_loss_abs_delta:g}"
             )
     elif config.require_loss_check:
         result.reasons.append("no held-out example with an assistant turn: the loss check could not run")

@@ -12,7 +12,7 @@ from annotation.config import AnnotationConfig
 from annotation.pull import pull_snapshot, review_queue, submit_review
 from annotation.push import push
 from annotation.schema import find_dataset
-from annotation.snapshot import in_eval
+from annotation.judge_split import split_for_judging
 from loop.store import Store
 
 SYSTEM = {"role": "system", "content": "Be helpful."}
@@ -66,7 +66,8 @@ def test_annotator_reviews_become_the_expected_snapshot(owner, reviewer):
                 ids["good"]: _example("2+2?", "4", ids["good"])}
     got = {e["id"]: e for e in snap.examples("train") + snap.examples("eval")}
     assert got == expected
-    assert {e["id"] for e in snap.examples("eval")} == {i for i in expected if in_eval(i, 50)}
+    judged = split_for_judging(expected.values(), eval_percent=50, min_held_out=cfg.min_held_out).held_out_ids
+    assert {e["id"] for e in snap.examples("eval")} == judged and len(judged) == 1
     c = snap.counts
     assert (c["records"], c["submitted"], c["pending"], c["discarded"], c["rejected"], c["conflicts"]) == (5, 3, 1, 1, 1, 0)
     assert (c["examples"], c["from_corrections"], c["from_answers"], c["new"], c["changed"]) == (2, 1, 1, 2, 0)

@@ -1,10 +1,11 @@
-"""Snapshots: content hash, stable train/eval split, held-out ids never leak into training."""
+"""Snapshots: content hash, a judge split chosen from the text alone, held-out ids never leak into training."""
 
 from __future__ import annotations
 
 import json
 
-from annotation.snapshot import bucket, in_eval, latest_snapshot, load_snapshot, write_snapshot
+from annotation.judge_split import split_for_judging
+from annotation.snapshot import latest_snapshot, load_snapshot, write_snapshot
 
 
 def _ex(i, answer="ok"):
@@ -17,8 +18,8 @@ def test_snapshot_layout_hash_and_counts(loop_home):
     assert snap.path == loop_home / "snapshots" / snap.hash and len(snap.hash) == 64
     train, evals = snap.examples("train"), snap.examples("eval")
     assert len(train) + len(evals) == 200
-    assert {e["id"] for e in evals} == {e["id"] for e in examples if in_eval(e["id"], 10)}
-    assert 5 <= len(evals) <= 40
+    assert {e["id"] for e in evals} == split_for_judging(examples, eval_percent=10, min_held_out=2).held_out_ids
+    assert len(evals) == 20  # the floor: 10% of 200 singletons
     for line in snap.train_path.read_text().splitlines():
         row = json.loads(line)
         assert set(row) == {"id", "messages"} and row["messages"][-1]["role"] == "assistant"
@@ -54,9 +55,3 @@ def test_split_is_stable_and_held_out_ids_never_move_to_training(loop_home):
         assert not (train_ids & held), "a once held-out example leaked into training"
     assert gone in {e["id"] for e in third.examples("eval")}
     assert held <= load_snapshot(third.path).held_out_ids
-
-
-def test_bucket_is_a_pure_function_of_the_id():
-    assert bucket("turn-0001") == bucket("turn-0001")
-    assert all(0 <= bucket(f"x{i}") < 100 for i in range(100))
-    assert not any(in_eval(f"x{i}", 0) for i in range(100))

@@ -9,7 +9,7 @@ import pytest
 
 from loop import arena
 from loop.config import ConfigError, GateConfig, load_config
-from loop.gate import best_variant, decide
+from loop.gate import decide
 
 PASSED = {"passed": True, "reasons": []}
 CURRENT = {"version": "v1", "heldout_loss": 2.00, "regression_loss": 1.50, "heldout_hash": "h1"}
@@ -91,17 +91,6 @@ def test_arena_criterion_uses_ratings():
     assert decide(candidate(), CURRENT, gate, arena=None).promote is False
     # Off by default: the same losing record does not block promotion.
     assert decide(candidate(), CURRENT, GateConfig(), arena=arena.ratings(losses_for_v2)).promote is True
-
-
-def test_best_variant_skips_failed_and_non_finite():
-    variants = [
-        {"name": "lr1e-3_r16", "heldout_loss": 1.1, "status": "failed"},
-        {"name": "lr1e-3_r64", "heldout_loss": math.nan, "status": "ok"},
-        {"name": "lr2e-4_r16", "eval_loss": 1.3, "status": "ok"},
-        {"name": "lr2e-4_r64", "heldout_loss": 1.2, "status": "ok"},
-    ]
-    assert best_variant(variants)["name"] == "lr2e-4_r64"
-    assert best_variant(variants[:2]) is None
 
 
 def test_gate_and_registry_settings_come_from_config(loop_home, monkeypatch):

@@ -193,8 +193,13 @@ def test_quantisation_that_degrades_too_much_fails(base_export, tmp_path):
     assert ver.quantization == "Q2_K"
     assert (ver.min_agreement, ver.max_loss_rel_delta) == VerifyConfig().thresholds("Q2_K")
 
-    # And a tolerance tighter than any real quantisation refuses even the good Q8_0 file, saying why.
-    strict = VerifyConfig(max_loss_rel_delta=1e-6, min_agreement=0.8)
+    # And a tolerance tighter than any real quantisation refuses even the good Q8_0 file, saying why ...
+    strict = VerifyConfig(max_loss_rel_delta=1e-6, max_loss_abs_delta=0.0, min_agreement=0.8)
     ver = verify_gguf(base_export.gguf_path, base_export.merged_dir, PROBES[:2], EXAMPLES[:4], strict)
     assert ver.load_ok and not ver.passed
     assert len(ver.reasons) == 1 and "above the tolerance of 1e-06" in ver.reasons[0]
+    # ... unless the gap is within the absolute floor: a tiny gap on a small loss is rounding, not breakage.
+    floored = VerifyConfig(max_loss_rel_delta=1e-6, min_agreement=0.8)
+    ver = verify_gguf(base_export.gguf_path, base_export.merged_dir, PROBES[:2], EXAMPLES[:4], floored)
+    assert 0 < abs(ver.loss_abs_delta) <= floored.max_loss_abs_delta and ver.loss_delta > 1e-6
+    assert ver.passed, ver.reasons

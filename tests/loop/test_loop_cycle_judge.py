@@ -1,0 +1,99 @@
+"""The cycle's judge rules: stated stops for data too small to judge, no variant chosen by its grid position."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from annotation.snapshot import write_snapshot
+from loop.config import load_config
+from loop.cycle import Cycle
+from loop.cycle_state import CycleState, StopCycle
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _ex(i, q, a):
+    return {"id": f"turn-{i:03d}", "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+
+
+def _demo_examples():
+    rows = [json.loads(line) for line in (REPO / "loop/scenario/sample_conversations.jsonl").read_text().splitlines()]
+    out = []
+    for i, row in enumerate(rows):
+        fb = row.get("feedback") or {}
+        answer = fb.get("correction") or (row["answer"] if fb.get("thumbs") == "up" else None)
+        if answer:
+            out.append({"id": f"turn-{i:03d}", "messages": row["messages"] + [{"role": "assistant", "content": answer}]})
+    return out
+
+
+def _decide(examples, counts=None):
+    config = load_config()
+    snap = write_snapshot(examples, counts or {}, eval_percent=config.annotation.eval_percent,
+                          min_held_out=config.annotation.min_held_out)
+    cycle = Cycle(config, progress=False)
+    state = CycleState.new(config.home / "cycles", False)
+    state.data["stages"]["pull"] = {"status": "done", "result": {
+        "path": str(snap.path), "hash": snap.hash, "counts": snap.counts, "judge": snap.manifest.get("judge"),
+        "train_path": str(snap.train_path), "eval_path": str(snap.eval_path)}}
+    return cycle, state, lambda force=False: cycle.stage_decide(state, force)
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_snapshot_with_every_record_discarded_stops_with_no_examples(force):
+    _, _, decide = _decide([], {"records": 12, "discarded": 12})
+    with pytest.raises(StopCycle) as stop:
+        decide(force)
+    assert stop.value.outcome == "no_examples" and "12 discarded" in stop.value.reason
+
+
+@pytest.mark.parametrize("examples", [
+    [_ex(i, "What is the refund window?", "Thirty days.") for i in range(20)],  # all identical
+    [_ex(0, "What is the refund window?", "Thirty days.")],  # a single example
+], ids=["all-identical", "single"])
+def test_data_too_small_to_judge_stops_before_training_even_when_forced(examples):
+    _, _, decide = _decide(examples)
+    with pytest.raises(StopCycle) as stop:
+        decide(True)
+    assert stop.value.outcome == "too_small_to_judge"
+    assert "0 held-out example(s)" in stop.value.reason and "annotation.min_held_out" in stop.value.reason
+
+
+def test_the_demo_data_is_judged_on_a_held_out_wording_of_every_fact():
+    _, state, decide = _decide(_demo_examples())
+    result = decide()
+    assert result["judge"]["held_out_examples"] == 8 and result["judge"]["paraphrase_wordings"] == 8
+    assert result["curated_eval"] == 8 and Path(result["train_path"]).is_file()
+
+
+def _variant(name, eval_loss, regression, regression_start=1.0):
+    from trainer.config import TrainConfig
+    from trainer.variants import VariantResult
+
+    metrics = {"status": "ok", "eval_loss": eval_loss, "regression_loss": regression,
+               "regression_loss_start": regression_start, "eval_loss_start": 2.0}
+    return VariantResult.from_metrics(name, TrainConfig(), Path("/nonexistent") / name, metrics)
+
+
+def test_no_variant_is_chosen_by_its_place_in_the_grid(monkeypatch):
+    cycle, state, decide = _decide(_demo_examples())
+    state.data["stages"]["decide"] = {"status": "done", "result": decide()}
+    import trainer.variants
+
+    # Every variant forgot more than the gate allows: no candidate, and the reason names each one.
+    monkeypatch.setattr(trainer.variants, "run_variants", lambda *a, **k: [
+        _variant("first", 0.5, 1.2), _variant("second", None, 1.0)])
+    monkeypatch.setattr("loop.cycle_stages._current_hf_dir", lambda self: Path("/nonexistent"))
+    with pytest.raises(StopCycle) as stop:
+        cycle.stage_train(state, False)
+    assert stop.value.outcome == "no_candidate"
+    assert "first: held-out 0.5000, regression +20.0%" in stop.value.reason
+    assert "second: no held-out loss" in stop.value.reason
+
+    # Otherwise the lowest held-out loss among those within the tolerance wins, wherever it stands.
+    monkeypatch.setattr(trainer.variants, "run_variants", lambda *a, **k: [
+        _variant("first", 0.9, 1.0), _variant("forgetful", 0.1, 1.5), _variant("last", 0.4, 1.01)])
+    assert cycle.stage_train(state, False)["best"] == "last"
