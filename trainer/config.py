@@ -41,6 +41,12 @@ class TrainConfig:
     target_modules: str = "all-linear"
     # Passes over the training set; ignored when max_steps > 0.
     epochs: float = 3.0
+    # Score every epoch on the judge (held-out and regression loss) and keep the adapter of the best one
+    # (trainer/best_epoch.py): the right number of passes differs between a new fact and a change of style.
+    select_best_epoch: bool = True
+    # An epoch whose regression loss rose more than this fraction above the starting weights' is never kept
+    # (a cycle sets it to gate.regression_tolerance, so the trainer keeps what the gate would accept).
+    regression_tolerance: float = 0.05
     # Optimizer steps to run; > 0 overrides epochs (tests and smoke runs use a few).
     max_steps: int = -1
     # Examples per device per forward pass.
@@ -85,6 +91,9 @@ class TrainConfig:
     # On CUDA: "qlora" (4-bit NF4 base through bitsandbytes, bf16 compute) or "bf16" (bf16 base, bf16 LoRA).
     # CPU runs are always float32 LoRA.
     cuda_precision: str = "qlora"
+    # NEFTune: uniform noise of this scale on the input embeddings while training (0 = off). Noise on the
+    # embeddings keeps a small set of corrections from being learned as exact token strings.
+    neftune_noise_alpha: float = 0.0
     # Recompute activations in the backward pass: less memory for larger models at ~30% more compute.
     gradient_checkpointing: bool = False
     # Testing hook: make the loss NaN from this optimizer step on (0 = off). Proves the NaN guard end to end.
@@ -145,6 +154,8 @@ class TrainConfig:
             p.append(f"trainer.max_grad_norm must be >= 0, got {self.max_grad_norm!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             p.append(f"trainer.seed must be an integer >= 0, got {self.seed!r}")
+        if not isinstance(self.regression_tolerance, (int, float)) or not self.regression_tolerance >= 0:
+            p.append(f"trainer.regression_tolerance must be a number >= 0, got {self.regression_tolerance!r}")
         if not 0.0 <= self.replay_ratio < 1.0:
             p.append(f"trainer.replay_ratio must be in [0, 1), got {self.replay_ratio!r}")
         if not 0.0 < self.eval_fraction < 1.0:
@@ -153,6 +164,9 @@ class TrainConfig:
             p.append(f"trainer.loss_explode_factor must be > 1, got {self.loss_explode_factor!r}")
         if self.cuda_precision not in CUDA_PRECISIONS:
             p.append(f"trainer.cuda_precision must be one of {CUDA_PRECISIONS}, got {self.cuda_precision!r}")
+        if isinstance(self.neftune_noise_alpha, bool) or not isinstance(self.neftune_noise_alpha, (int, float)) \
+                or not (self.neftune_noise_alpha >= 0 and math.isfinite(self.neftune_noise_alpha)):
+            p.append(f"trainer.neftune_noise_alpha must be a number >= 0, got {self.neftune_noise_alpha!r}")
         if not isinstance(self.inject_nan_at_step, int) or self.inject_nan_at_step < 0:
             p.append(f"trainer.inject_nan_at_step must be an integer >= 0, got {self.inject_nan_at_step!r}")
         p.extend(self.grid().validate())
@@ -166,7 +180,8 @@ class TrainConfig:
     # (save_steps, logging, regression_set, ...) may change between a killed run and its resumption.
     RESUME_FIELDS = ("learning_rate", "lora_rank", "lora_alpha", "lora_dropout", "target_modules", "epochs",
                      "max_steps", "batch_size", "grad_accum", "max_length", "lr_scheduler", "warmup_ratio",
-                     "weight_decay", "max_grad_norm", "seed", "cuda_precision", "inject_nan_at_step")
+                     "weight_decay", "max_grad_norm", "seed", "cuda_precision", "inject_nan_at_step",
+                     "neftune_noise_alpha")
 
     def resume_fields(self) -> dict:
         """The values of RESUME_FIELDS, with lora_alpha resolved."""

@@ -112,6 +112,11 @@ def train(data: str | Path | list[dict], output_dir: str | Path, *, base: str | 
         log.info("resuming from %s", checkpoint)
     try:
         trainer, guard = build_trainer(base_path, tokenizer, train_set.rows, eval_set.rows, output_dir, config)
+        if config.select_best_epoch and eval_set.rows:
+            from trainer.best_epoch import make_callback
+
+            trainer.add_callback(make_callback(output_dir, tokenizer, held_out,
+                                               regression_examples(config.regression_set or None), config))
         # Exactly one call: resuming *is* the training (the seed project called train() again afterwards).
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except Exception as exc:  # noqa: BLE001 - OOM is re-raised with advice, anything else recorded then re-raised
@@ -196,6 +201,7 @@ def build_trainer(base_path: str, tokenizer, train_rows: list, eval_rows: list, 
         max_length=config.max_length,
         packing=False,
         gradient_checkpointing=config.gradient_checkpointing,
+        neftune_noise_alpha=config.neftune_noise_alpha or None,
         bf16=cuda,
         use_cpu=not cuda,
         ddp_find_unused_parameters=False,  # LoRA: every adapter gets a gradient; skip DDP's graph walk
@@ -317,6 +323,7 @@ def _report(trainer, guard, tokenizer, result, config: TrainConfig, output_dir: 
     """Save the adapter (if the run succeeded), compute the losses, write metrics.json and the PNG."""
     import torch
 
+    from trainer.best_epoch import read_scores, restore_best
     from trainer.plots import plot_run
 
     history = trainer.state.log_history
@@ -331,7 +338,9 @@ def _report(trainer, guard, tokenizer, result, config: TrainConfig, output_dir: 
     adapter = output_dir / ADAPTER_DIR
     if adapter.exists():
         shutil.rmtree(adapter)
+    best_epoch = None
     if not failed:
+        best_epoch = restore_best(model, output_dir) if config.select_best_epoch else None
         _save_adapter(model, tokenizer, adapter, base_path)
         regression = regression_examples(config.regression_set or None)
         for name, examples in (("eval_loss", held_out), ("regression_loss", regression)):
@@ -355,6 +364,9 @@ def _report(trainer, guard, tokenizer, result, config: TrainConfig, output_dir: 
         "train_loss_curve": train_curve,
         "eval_loss_curve": eval_curve,
         "train_loss_final": train_curve[-1][1] if train_curve else None,
+        # The judge's score of every epoch, and the earlier epoch kept instead of the last (None: the last).
+        "epoch_scores": read_scores(output_dir).get("epochs") if not failed else None,
+        "best_epoch": best_epoch,
         "eval_loss": _finite(losses.get("eval_loss")),
         "eval_loss_start": _finite(losses.get("eval_loss_start")),
         "regression_loss": _finite(losses.get("regression_loss")),
