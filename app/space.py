@@ -1,7 +1,9 @@
 """Build a Hugging Face Space folder for the app, and install the Space's model when it starts.
 
-``python -m app.space --out DIR`` writes, ready for ``HfApi().upload_folder(folder_path=DIR,
-repo_id=..., repo_type="space")``:
+``python -m app.space --out DIR`` writes the folder below; ``--push OWNER/NAME`` also uploads it
+(``push_space``): the Space is created **private** and an existing Space that is public is refused
+before anything is uploaded, unless ``--public`` says that it is meant to be public. A Space built
+from the registry serves a model trained on users' chats, and its chats are its users' own.
 
     README.md           front matter (sdk: gradio, app_file: app.py, ...) and what the Space is
     app.py              the entry: pick LOOP_HOME, install the model, run ``python -m app``
@@ -16,8 +18,9 @@ repo_id=..., repo_type="space")``:
 
 On the Space, ``install_space_model`` fetches/locates that GGUF, checks its sha256, registers it
 in the Space's own registry and makes it current; publishing a new version rewrites the pointer,
-which restarts the Space onto it. Set ``LOOP_APP__MIRROR_HF_REPO`` (a Space variable) and an
-``HF_TOKEN`` secret so the store survives restarts (see loop/mirror.py).
+which restarts the Space onto it. Set ``LOOP_APP__MIRROR_HF_REPO`` (a Space variable; the dataset
+must be private, see loop/mirror.py) and an ``HF_TOKEN`` secret so the store survives restarts;
+the same token lets the Space download a model from a private model repo.
 """
 
 from __future__ import annotations
@@ -182,6 +185,33 @@ def build_space(out: str | Path, config: Config | None = None, *, max_copy_mb: f
     return {"out": str(out), "version": version.id, "pointer": pointer, "pointer_file": pointer_name, "files": files}
 
 
+def push_space(out: str | Path, repo_id: str, api: Any | None = None, *, public: bool = False) -> dict[str, Any]:
+    """Upload a built Space folder to ``repo_id`` in one commit, creating the Space private.
+
+    Unless ``public``, an existing Space that is not private is refused (``SpaceError``) before
+    anything is uploaded: ``create_repo(exist_ok=True)`` leaves its visibility as it is.
+    """
+    out = Path(out)
+    if not (out / "app.py").is_file() or not (out / "README.md").is_file():
+        raise SpaceError(f"{out} is not a Space folder built by python -m app.space")
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+    api.create_repo(repo_id, repo_type="space", space_sdk="gradio", private=not public, exist_ok=True)
+    if not public:
+        private = getattr(api.repo_info(repo_id, repo_type="space"), "private", None)
+        if private is not True:
+            raise SpaceError(
+                f"the Space {repo_id} is public; nothing was uploaded. Make it private "
+                f"(HfApi().update_repo_settings({repo_id!r}, repo_type='space', private=True)) or pass --public "
+                "if it is meant to be public"
+            )
+    info = api.upload_folder(folder_path=str(out), repo_id=repo_id, repo_type="space",
+                             commit_message="feedback-loop Space build")
+    return {"space": repo_id, "private": not public, "commit": getattr(info, "oid", None)}
+
+
 def install_space_model(space_dir: str | Path, config: Config | None = None, api: Any | None = None) -> Version:
     """On the Space: make the pointed-to GGUF the registry's current version (idempotent)."""
     space_dir = Path(space_dir)
@@ -230,16 +260,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-copy-mb", type=float, default=DEFAULT_MAX_COPY_MB,
                         help="copy the GGUF into the Space when at most this big; else it must be published")
     parser.add_argument("--title", default="Chat feedback loop")
+    parser.add_argument("--push", metavar="OWNER/NAME", help="upload the folder to this Space (created private)")
+    parser.add_argument("--public", action="store_true", help="with --push: the Space is meant to be public")
     parser.add_argument("--config")
     args = parser.parse_args(argv)
     try:
         result = build_space(args.out, load_config(args.config), max_copy_mb=args.max_copy_mb, title=args.title)
-    except (ConfigError, RegistryError, SpaceError) as exc:
+        pushed = push_space(args.out, args.push, public=args.public) if args.push else None
+    except (ConfigError, RegistryError, SpaceError, OSError) as exc:  # OSError: the Hub's HTTP errors too
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps({k: v for k, v in result.items() if k != "files"} | {"files": len(result["files"])}, indent=2))
-    print(f"upload with: HfApi().upload_folder(folder_path={result['out']!r}, repo_id=..., repo_type='space')",
-          file=sys.stderr)
+    print(json.dumps({k: v for k, v in result.items() if k != "files"} | {"files": len(result["files"]), "pushed": pushed},
+                     indent=2))
+    if not pushed:
+        print(f"upload with: python -m app.space --out {result['out']} --push OWNER/NAME (creates the Space private)",
+              file=sys.stderr)
     return 0
 
 

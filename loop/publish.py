@@ -3,7 +3,11 @@
 Locally there is nothing to do: the app re-reads the registry's ``current`` pointer and hot-swaps.
 With ``[registry] hf_model_repo`` set, the version goes to the Hub through ``huggingface_hub.HfApi``:
 
-  1. ``create_repo(model repo, exist_ok=True)``;
+  1. ``create_repo`` for the model repo (and the Space, when set), **private** by default
+     (``[registry] hf_private = true``). ``exist_ok`` leaves an existing repo's visibility as it
+     is, so while ``hf_private`` is true each repo's ``repo_info(...).private`` is checked, and a
+     public one is refused with ``PublishError`` before anything is uploaded. The model is trained
+     on users' chats; publishing it openly is a choice made by setting ``hf_private = false``;
   2. the GGUF, its ``version.json`` and its model card under ``<id>/`` in the model repo, and the
      card again as the repo's ``README.md`` (the page people see describes the latest version);
   3. with ``hf_space_repo`` set, a small pointer file (``hf_space_pointer``, JSON: repo, file,
@@ -108,8 +112,17 @@ def publish(version: Version | str, config: Config, api: Any = None, *, registry
     card = model_card(version).encode()
     meta = json.dumps(version.to_json(), indent=2, sort_keys=True).encode()
     prefix = version.id
+    space = settings.hf_space_repo or None
     try:
         api.create_repo(repo_id=repo, repo_type="model", private=settings.hf_private, exist_ok=True)
+        if space:
+            api.create_repo(repo_id=space, repo_type="space", space_sdk="gradio", private=settings.hf_private,
+                            exist_ok=True)
+    except Exception as exc:
+        raise PublishError(f"publishing {version.id}: creating {repo}{' / ' + space if space else ''} failed: {exc}") from exc
+    if settings.hf_private:
+        _refuse_public(api, version.id, [(repo, "model"), *([(space, "space")] if space else [])])
+    try:
         uploads = [
             (str(version.gguf_path), f"{prefix}/{gguf_name(version)}"),
             (meta, f"{prefix}/version.json"),
@@ -126,10 +139,8 @@ def publish(version: Version | str, config: Config, api: Any = None, *, registry
                    "version": version.id, "sha256": version.gguf_sha256, "size_bytes": version.size_bytes,
                    "quantization": version.quantization, "published_at": result["at"]}
         result["pointer"] = pointer
-        if settings.hf_space_repo:
-            space = settings.hf_space_repo
+        if space:
             result["space_repo"] = space
-            api.create_repo(repo_id=space, repo_type="space", space_sdk="gradio", exist_ok=True)
             api.upload_file(path_or_fileobj=json.dumps(pointer, indent=2, sort_keys=True).encode(),
                             path_in_repo=settings.hf_space_pointer, repo_id=space, repo_type="space",
                             commit_message=f"serve {version.id} from {repo}@{(revision or 'main')[:12]}")
@@ -137,6 +148,22 @@ def publish(version: Version | str, config: Config, api: Any = None, *, registry
         raise PublishError(f"publishing {version.id} to {repo} failed after {result['files'] or 'no files'}: {exc}") from exc
     _record(registry, result)
     return result
+
+
+def _refuse_public(api: Any, version_id: str, repos: list[tuple[str, str]]) -> None:
+    """PublishError unless every ``(repo_id, repo_type)`` is private (``hf_private`` asks for it)."""
+    for repo_id, repo_type in repos:
+        try:
+            private = getattr(api.repo_info(repo_id, repo_type=repo_type), "private", None)
+        except Exception as exc:
+            raise PublishError(f"publishing {version_id}: cannot tell whether the {repo_type} repo {repo_id} is "
+                               f"private: {exc}; nothing was uploaded") from exc
+        if private is not True:
+            raise PublishError(
+                f"publishing {version_id}: the {repo_type} repo {repo_id} is public but [registry] hf_private is true; "
+                f"nothing was uploaded. Make it private (HfApi().update_repo_settings({repo_id!r}, "
+                f"repo_type={repo_type!r}, private=True)) or set hf_private = false to publish openly"
+            )
 
 
 def _record(registry: Registry, result: dict[str, Any]) -> None:

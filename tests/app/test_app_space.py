@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -12,12 +11,12 @@ import time
 import tomllib
 import urllib.request
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
+from fake_hub import FakeHubApi
 
-from app.space import SpaceError, build_space, install_space_model, requirements
+from app.space import SpaceError, build_space, install_space_model, push_space, requirements
 from loop.config import load_config
 from loop.registry import sha256_file
 
@@ -79,31 +78,6 @@ def test_a_big_unpublished_model_is_refused_with_advice(loop_home, tmp_path):
         build_space(tmp_path / "space", load_config(), max_copy_mb=1)
 
 
-class FakeHubApi:
-    """Stands in for huggingface_hub.HfApi (no hub here): records uploads, 'downloads' from them."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.files: dict[tuple[str, str], bytes | str] = {}
-
-    def create_repo(self, repo_id, **_):
-        return None
-
-    def upload_file(self, *, path_or_fileobj, path_in_repo, repo_id, **_):
-        self.files[(repo_id, path_in_repo)] = path_or_fileobj
-        return SimpleNamespace(oid="c0ffee" * 6 + "abcd")
-
-    def hf_hub_download(self, *, repo_id, filename, revision=None, **_):
-        payload = self.files[(repo_id, filename)]
-        out = self.root / repo_id.replace("/", "--") / (revision or "main") / filename
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(payload, (bytes, bytearray)):
-            out.write_bytes(payload)
-        else:
-            shutil.copy2(payload, out)
-        return str(out)
-
-
 def test_published_model_is_pointed_to_and_installed_on_the_space(loop_home, tmp_path, monkeypatch):
     from loop.publish import publish
 
@@ -130,6 +104,30 @@ def test_published_model_is_pointed_to_and_installed_on_the_space(loop_home, tmp
     (out / "model_pointer.json").write_text(json.dumps(bad))
     with pytest.raises(SpaceError, match="sha256 does not match"):
         install_space_model(out, space_config, api=api)
+
+
+def test_push_creates_the_space_private_in_one_commit(loop_home, tmp_path):
+    out = tmp_path / "space"
+    build_space(out, load_config())
+    api = FakeHubApi(tmp_path / "hub-cache")
+    pushed = push_space(out, "org/chat-space", api=api)
+    assert pushed["private"] is True and api.repo_info("org/chat-space", repo_type="space").private is True
+    (commit,) = api.commits_to("org/chat-space", "space")
+    assert "app.py" in commit.paths and "model_pointer.json" in commit.paths
+    assert api.files("org/chat-space", "space")["app.py"] == (out / "app.py").read_bytes()
+
+
+def test_push_refuses_an_existing_public_space_and_uploads_nothing(loop_home, tmp_path):
+    out = tmp_path / "space"
+    build_space(out, load_config())
+    api = FakeHubApi(tmp_path / "hub-cache")
+    api.create_repo("org/chat-space", repo_type="space", space_sdk="gradio")  # made by hand: public
+    with pytest.raises(SpaceError, match="public; nothing was uploaded"):
+        push_space(out, "org/chat-space", api=api)
+    assert api.commits == []
+    # Public on purpose is a choice the caller states.
+    assert push_space(out, "org/chat-space", api=api, public=True)["private"] is False
+    assert len(api.commits_to("org/chat-space", "space")) == 1
 
 
 @pytest.mark.slow

@@ -1,70 +1,23 @@
 """Publishing: local is implicit; a Hugging Face target goes through HfApi (a fake here).
 
-The Hub cannot be reached from tests, so ``FakeHubApi`` stands in for ``huggingface_hub.HfApi``:
-it keeps repos and files in memory, refuses uploads to repos never created (as the Hub does), and
-every call is checked against the real ``HfApi`` method's signature so the fake cannot drift.
+The Hub cannot be reached from tests, so ``FakeHubApi`` (tests/fake_hub.py) stands in for
+``huggingface_hub.HfApi``: repos and files in memory, uploads refused to repos never created (as
+the Hub does), visibility as the Hub models it (public unless asked otherwise; ``exist_ok`` keeps
+an existing repo's), and every call checked against the real ``HfApi`` method's signature.
 """
 
 from __future__ import annotations
 
 import hashlib
-import inspect
-import io
 import json
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
+from fake_hub import FakeHubApi
 
 from loop.bootstrap import ensure_base_version
 from loop.config import load_config
 from loop.publish import PublishError, publish, published
 from loop.registry import Registry
-
-
-class FakeHubApi:
-    """A fake of huggingface_hub.HfApi (create_repo, upload_file) recording calls and files."""
-
-    def __init__(self, fail_on: str | None = None):
-        from huggingface_hub import HfApi
-
-        self._real = HfApi
-        self.calls: list[tuple[str, dict]] = []
-        self.repos: dict[tuple[str, str], dict] = {}
-        self.files: dict[tuple[str, str], dict[str, bytes]] = {}
-        self.fail_on = fail_on
-
-    def _record(self, name: str, kwargs: dict) -> None:
-        inspect.signature(getattr(self._real, name)).bind(None, **kwargs)  # raises on a wrong argument
-        self.calls.append((name, kwargs))
-
-    def create_repo(self, **kwargs):
-        self._record("create_repo", kwargs)
-        key = (kwargs.get("repo_type") or "model", kwargs["repo_id"])
-        if key in self.repos and not kwargs.get("exist_ok"):
-            raise RuntimeError(f"409 Conflict: {key} exists")
-        self.repos.setdefault(key, kwargs)
-        self.files.setdefault(key, {})
-        return SimpleNamespace(repo_id=kwargs["repo_id"], url=f"https://hub.invalid/{kwargs['repo_id']}")
-
-    def upload_file(self, **kwargs):
-        self._record("upload_file", kwargs)
-        key = (kwargs.get("repo_type") or "model", kwargs["repo_id"])
-        if key not in self.repos:
-            raise RuntimeError(f"404 Repository Not Found: {key}")
-        if self.fail_on and kwargs["path_in_repo"].endswith(self.fail_on):
-            raise RuntimeError("503 Service Unavailable")
-        payload = kwargs["path_or_fileobj"]
-        if isinstance(payload, (str, Path)):
-            data = Path(payload).read_bytes()
-        elif isinstance(payload, bytes):
-            data = payload
-        else:
-            data = io.BufferedReader(payload).read()
-        self.files[key][kwargs["path_in_repo"]] = data
-        # A commit id that changes with every commit, like the Hub's.
-        oid = hashlib.sha1(f"{len(self.calls)}:{kwargs['path_in_repo']}:{hashlib.sha256(data).hexdigest()}".encode()).hexdigest()
-        return SimpleNamespace(oid=oid, commit_url=f"https://hub.invalid/{key[1]}/commit/{oid}")
 
 
 @pytest.fixture
@@ -92,14 +45,14 @@ def test_publish_uploads_gguf_and_card_then_points_the_space(version, monkeypatc
     api = FakeHubApi()
     result = publish(version.id, load_config(), api=api)
 
-    model = api.files[("model", "org/chat-model")]
+    model = api.files("org/chat-model", "model")
     gguf_path = f"{version.id}/model-Q4_1.gguf"
     assert hashlib.sha256(model[gguf_path]).hexdigest() == version.gguf_sha256  # the very file, whole
     assert model["README.md"].decode().startswith("---\nlibrary_name: gguf") and b"exported card" in model["README.md"]
     assert model[f"{version.id}/README.md"] == model["README.md"]
     assert json.loads(model[f"{version.id}/version.json"])["gguf_sha256"] == version.gguf_sha256
 
-    pointer = json.loads(api.files[("space", "org/chat-space")]["model_pointer.json"])
+    pointer = json.loads(api.files("org/chat-space", "space")["model_pointer.json"])
     assert pointer["model_repo"] == "org/chat-model" and pointer["filename"] == gguf_path
     assert pointer["version"] == version.id and pointer["sha256"] == version.gguf_sha256
     assert pointer["revision"] and pointer == result["pointer"]
@@ -107,8 +60,8 @@ def test_publish_uploads_gguf_and_card_then_points_the_space(version, monkeypatc
     names = [(name, kw.get("repo_type"), kw.get("path_in_repo")) for name, kw in api.calls]
     assert names[0] == ("create_repo", "model", None)
     assert names[-1] == ("upload_file", "space", "model_pointer.json")
-    assert api.repos[("model", "org/chat-model")]["exist_ok"] is True
-    assert api.repos[("space", "org/chat-space")]["space_sdk"] == "gradio"
+    assert api.repos[("model", "org/chat-model")].create_kwargs["exist_ok"] is True
+    assert api.repos[("space", "org/chat-space")].create_kwargs["space_sdk"] == "gradio"
     assert published(Registry())[-1]["version"] == version.id
 
     again = publish(version.id, load_config(), api=api)  # idempotent: existing repos are fine
@@ -124,7 +77,7 @@ def test_generated_card_when_the_exporter_wrote_none(bundled_gguf, monkeypatch):
     api = FakeHubApi()
     result = publish(v, load_config(), api=api)
     assert result["space_repo"] is None and all(kw.get("repo_type") == "model" for _, kw in api.calls)
-    card = api.files[("model", "org/chat-model")]["README.md"].decode()
+    card = api.files("org/chat-model", "model")["README.md"].decode()
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
     assert "| heldout_loss | 1.9 |" in card and v.gguf_sha256 in card and '"rank": 16' in card
 
@@ -139,7 +92,39 @@ def test_failed_versions_are_never_published_and_hub_errors_name_the_step(versio
         publish(bad, load_config(), api=api)
     assert api.calls == []
 
-    flaky = FakeHubApi(fail_on="README.md")
+    flaky = FakeHubApi()
+    flaky.fail("upload_file", 503, when=lambda call: call["path_in_repo"].endswith("README.md"))
     with pytest.raises(PublishError, match="model-Q4_1.gguf"):  # says how far it got
         publish(version, load_config(), api=flaky)
-    assert ("space", "org/chat-space") not in flaky.files  # the Space never points at a half-published version
+    assert flaky.commits_to("org/chat-space", "space") == []  # the Space never points at a half-published version
+
+
+def test_publish_creates_the_model_repo_and_the_space_private_by_default(version, monkeypatch):
+    monkeypatch.setenv("LOOP_REGISTRY__HF_MODEL_REPO", "org/chat-model")
+    monkeypatch.setenv("LOOP_REGISTRY__HF_SPACE_REPO", "org/chat-space")
+    api = FakeHubApi()
+    publish(version, load_config(), api=api)
+    assert api.repo_info("org/chat-model", repo_type="model").private is True
+    assert api.repo_info("org/chat-space", repo_type="space").private is True
+
+
+@pytest.mark.parametrize("public_one", ["model", "space"])
+def test_publish_refuses_an_existing_public_repo_and_uploads_nothing(version, monkeypatch, public_one):
+    monkeypatch.setenv("LOOP_REGISTRY__HF_MODEL_REPO", "org/chat-model")
+    monkeypatch.setenv("LOOP_REGISTRY__HF_SPACE_REPO", "org/chat-space")
+    api = FakeHubApi()
+    # Made earlier by hand, public (the Hub's default); create_repo(exist_ok=True) leaves it so.
+    api.create_repo(f"org/chat-{public_one}", repo_type=public_one, **({"space_sdk": "gradio"} if public_one == "space" else {}))
+    with pytest.raises(PublishError, match=f"{public_one} repo org/chat-{public_one} is public.*nothing was uploaded"):
+        publish(version, load_config(), api=api)
+    assert api.commits == [] and published(Registry()) == []
+    assert api.repo_info(f"org/chat-{public_one}", repo_type=public_one).private is False  # not changed behind the owner's back
+
+
+def test_publishing_openly_is_an_explicit_choice(version, monkeypatch):
+    monkeypatch.setenv("LOOP_REGISTRY__HF_MODEL_REPO", "org/chat-model")
+    monkeypatch.setenv("LOOP_REGISTRY__HF_PRIVATE", "false")
+    api = FakeHubApi()
+    publish(version, load_config(), api=api)
+    assert api.repo_info("org/chat-model", repo_type="model").private is False
+    assert f"{version.id}/version.json" in api.files("org/chat-model", "model")
