@@ -21,6 +21,11 @@ served by it; a stream already running keeps its own reference to the old model 
 it; the old model is closed when its last stream ends. If the new version cannot be loaded, the
 engine keeps answering with the model it has (and says so), or, with none, reports the model as
 unavailable while the app stays up; it retries when the pointer or the file changes.
+
+Turns: the "done" event carries a turn id only once the turn is durable (``app.writer``), so
+feedback on it can never meet "no turn", even after a crash. Shutdown (``close``) refuses new
+chats, stops every running stream and logs each one's partial answer (finish_reason "shutdown"),
+also for a stream whose consumer went away without closing it, before the writer is closed.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from typing import Any
 
 from app.generation import ChatModel, ModelLoadError, Sampling, StreamStats, load_llama
 from app.policy import clean_message, clean_system_prompt, dropped_notice, fit_history
-from app.writer import StoreWriter
+from app.writer import StoreWriter, WriteFailed, WriterClosed, WriteTimeout
 from loop import paths
 from loop.config import Config, load_config
 from loop.registry import Registry, RegistryError, sha256_file
@@ -66,7 +71,7 @@ class Served:
 
 @dataclass
 class TurnOutcome:
-    turn_id: str
+    turn_id: str | None  # None: the turn could not be saved (``save_error`` says why); no feedback on it
     answer: str
     version_id: str
     gguf_sha256: str
@@ -81,6 +86,7 @@ class TurnOutcome:
     logprob_min: float | None
     decode_s: float
     dropped_turns: int
+    save_error: str | None = None
 
 
 @dataclass
@@ -93,6 +99,25 @@ class Event:
     notices: list[str] = field(default_factory=list)
     outcome: TurnOutcome | None = None
     conversation_id: str = ""
+
+
+@dataclass
+class _InFlight:
+    """One chat stream between its "start" and its logged turn; ``Engine.close`` finishes it."""
+
+    served: Served
+    conversation_id: str
+    fitted: Any
+    sampling: Sampling
+    stats: StreamStats
+    t0: float
+    stop: threading.Event
+    parts: list[str] = field(default_factory=list)
+    ttft: float | None = None
+    suspended: bool = False  # at a yield: the consumer holds it, no code of ours is running
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    outcome: TurnOutcome | None = None
+    logged: bool = False
 
 
 def _stat_signature(path: Path) -> tuple[int, int, int] | None:
@@ -129,6 +154,8 @@ class Engine:
         self._failed: tuple[str, Any] | None = None  # (version id, file signature) that failed to load
         self.load_error: str | None = None
         self._stops: dict[str, threading.Event] = {}
+        self._inflight_by_id: dict[int, _InFlight] = {}
+        self._closing = False
         if bootstrap:
             self._bootstrap()
 
@@ -162,8 +189,28 @@ class Engine:
         """Wait until every turn logged so far is durable in the store."""
         self.writer.flush()
 
-    def close(self) -> None:
-        self.writer.close()  # first: the mirror's last flush then includes the last turns
+    def close(self, drain_timeout: float = 5.0) -> None:
+        """Stop serving without losing a turn: refuse new chats, stop the running streams, log
+        each one's answer so far, then close the writer (so the mirror's last flush has them)."""
+        with self._swap_lock:
+            already, self._closing = self._closing, True
+            streams = list(self._inflight_by_id.values())
+        if already:
+            return
+        for f in streams:
+            f.stop.set()
+        # A stream that is generating stops after its next token and logs itself; one parked at a
+        # yield (its consumer went away) never resumes, so it is logged here instead.
+        deadline = time.monotonic() + drain_timeout
+        while time.monotonic() < deadline and any(not f.logged and not f.suspended for f in streams):
+            time.sleep(0.01)
+        for f in streams:
+            if not f.logged:
+                try:
+                    self._log(f, finish_reason="shutdown")
+                except Exception as exc:
+                    log.error("could not log a stream running at shutdown: %s", exc)
+        self.writer.close()  # before the mirror: its last flush then includes the last turns
         if self.mirror is not None:
             self.mirror.stop()
         with self._swap_lock:
@@ -236,6 +283,8 @@ class Engine:
 
     def _acquire(self) -> tuple[Served, list[str]]:
         with self._swap_lock:
+            if self._closing:
+                raise ModelUnavailable("The app is shutting down; please try again in a moment.")
             notices = self._refresh()
             served = self._served
             if served is None:
@@ -255,6 +304,10 @@ class Engine:
         with self._swap_lock:
             notices = self._refresh()
             served, current = self._served, self._target
+        health = self.writer.health()
+        if health["fallback_rows"]:
+            notices.append(f"The store failed ({health['error']}); {health['fallback_rows']} rows are kept in a "
+                           "fallback file and are written to the store on the next start.")
         return {
             "version": served.version_id if served else None,
             "gguf_sha256": served.gguf_sha256 if served else None,
@@ -321,13 +374,11 @@ class Engine:
         system_prompt = clean_system_prompt(system_prompt, self.config.app.max_message_chars)
         sampling = dataclasses.replace(sampling or self.default_sampling())
         served, notices = self._acquire()
-        if stop is not None:
-            stop.clear()  # a Stop pressed after the previous answer ended must not cut this one
-        parts: list[str] = []
+        if stop is None:
+            stop = threading.Event()  # close() must be able to stop this stream too
+        stop.clear()  # a Stop pressed after the previous answer ended must not cut this one
         stats = StreamStats()
-        ttft: float | None = None
-        fitted = None
-        logged = False
+        flight: _InFlight | None = None
         try:
             with served.model.lock:
                 fitted = fit_history(system_prompt, history, message, served.model.count_tokens,
@@ -337,16 +388,21 @@ class Engine:
                     conversation_id = self.writer.new_conversation(client="app")
                 if fitted.dropped_turns:
                     notices.append(dropped_notice(fitted.dropped_turns, served.model.n_ctx))
-                yield Event("start", version_id=served.version_id, notices=notices, conversation_id=conversation_id)
+                flight = _InFlight(served, conversation_id, fitted, sampling, stats, t0, stop)
+                with self._swap_lock:
+                    if self._closing:
+                        raise ModelUnavailable("The app is shutting down; please try again in a moment.")
+                    self._inflight_by_id[id(flight)] = flight
+                yield from self._parked(flight, Event("start", version_id=served.version_id, notices=notices,
+                                                      conversation_id=conversation_id))
                 tokens = served.model.prompt_tokens(fitted.messages)
                 for step in served.model.stream(tokens, sampling, stats, stop):
-                    if ttft is None:
-                        ttft = time.perf_counter() - t0
-                    parts.append(step.text)
+                    if flight.ttft is None:
+                        flight.ttft = time.perf_counter() - t0
+                    flight.parts.append(step.text)
                     if step.text:
-                        yield Event("delta", text=step.text, version_id=served.version_id)
-            outcome = self._log(served, conversation_id, fitted, sampling, stats, parts, ttft, t0)
-            logged = True
+                        yield from self._parked(flight, Event("delta", text=step.text, version_id=served.version_id))
+            outcome = self._log(flight)
             yield Event("done", text=outcome.answer, version_id=served.version_id, outcome=outcome)
         except GeneratorExit:
             stats.finish_reason = "abandoned"  # the consumer went away mid-stream
@@ -355,37 +411,75 @@ class Engine:
             stats.finish_reason = "error"
             raise
         finally:
-            if not logged and fitted is not None and stats.finish_reason in ("abandoned", "error"):
-                try:
-                    self._log(served, conversation_id, fitted, sampling, stats, parts, ttft, t0)
-                except Exception as exc:  # never mask the original problem
-                    log.error("could not log an interrupted turn: %s", exc)
+            if flight is not None:
+                if not flight.logged:  # abandoned, or an error after the user saw part of the answer
+                    try:
+                        self._log(flight)
+                    except Exception as exc:  # never mask the original problem
+                        log.error("could not log an interrupted turn: %s", exc)
+                with self._swap_lock:
+                    self._inflight_by_id.pop(id(flight), None)
             self._release(served)
-            if stop is not None:
-                stop.clear()
+            stop.clear()
 
-    def _log(self, served, conversation_id, fitted, sampling, stats, parts, ttft, t0) -> TurnOutcome:
-        answer = "".join(parts).strip()
-        latency = time.perf_counter() - t0
-        sampling_log = {**sampling.as_dict(), "finish_reason": stats.finish_reason}
-        turn_id = self.writer.log_turn(
-            conversation_id=conversation_id,
-            messages=fitted.messages,
-            answer=answer,
-            model_version=served.version_id,
-            gguf_sha256=served.gguf_sha256,
-            sampling=sampling_log,
-            latency_s=latency,
-            ttft_s=ttft,
-            prompt_tokens=stats.prompt_tokens,
-            completion_tokens=stats.completion_tokens,
-            logprob_mean=stats.logprob_mean,
-            logprob_min=stats.logprob_min,
-        )
-        return TurnOutcome(turn_id, answer, served.version_id, served.gguf_sha256, stats.finish_reason,
-                           fitted.messages, sampling_log, ttft, latency, stats.prompt_tokens,
-                           stats.completion_tokens, stats.logprob_mean, stats.logprob_min, stats.decode_s,
-                           fitted.dropped_turns)
+    @staticmethod
+    def _parked(flight: _InFlight, event: Event) -> Iterator[Event]:
+        flight.suspended = True
+        try:
+            yield event
+        finally:
+            flight.suspended = False
+
+    def _log(self, flight: _InFlight, finish_reason: str | None = None) -> TurnOutcome:
+        """Log ``flight``'s turn once (whoever comes first: the stream itself or ``close``) and
+        wait until it is durable; a turn that cannot be saved gets no id and says why."""
+        with flight.lock:
+            if flight.outcome is not None:
+                return flight.outcome
+            flight.logged = True
+            served, fitted, sampling, stats = flight.served, flight.fitted, flight.sampling, flight.stats
+            reason = finish_reason or stats.finish_reason
+            if reason == "stopped" and self._closing:
+                reason = "shutdown"
+            answer = "".join(list(flight.parts)).strip()
+            latency = time.perf_counter() - flight.t0
+            sampling_log = {**sampling.as_dict(), "finish_reason": reason}
+            turn_id, save_error = None, None
+            try:
+                turn_id = self.writer.log_turn(
+                    conversation_id=flight.conversation_id,
+                    messages=fitted.messages,
+                    answer=answer,
+                    model_version=served.version_id,
+                    gguf_sha256=served.gguf_sha256,
+                    sampling=sampling_log,
+                    latency_s=latency,
+                    ttft_s=flight.ttft,
+                    prompt_tokens=stats.prompt_tokens,
+                    completion_tokens=stats.completion_tokens,
+                    logprob_mean=stats.logprob_mean,
+                    logprob_min=stats.logprob_min,
+                )
+            except (WriteFailed, WriteTimeout, WriterClosed) as exc:
+                log.error("turn not saved: %s", exc)
+                save_error = f"This answer could not be saved ({exc}), so it cannot take feedback."
+            flight.outcome = TurnOutcome(turn_id, answer, served.version_id, served.gguf_sha256, reason,
+                                         fitted.messages, sampling_log, flight.ttft, latency, stats.prompt_tokens,
+                                         stats.completion_tokens, stats.logprob_mean, stats.logprob_min,
+                                         stats.decode_s, fitted.dropped_turns, save_error)
+            return flight.outcome
+
+    def conversation_history(self, conversation_id: str) -> list[dict[str, str]]:
+        """The finished exchanges of a logged conversation, as the model sees them next
+        (KeyError when the store has no such conversation)."""
+        turns = self.store.conversation_turns(conversation_id)
+        if not turns:
+            raise KeyError(f"no conversation with id {conversation_id!r}")
+        out: list[dict[str, str]] = []
+        for t in turns:
+            user = next((m["content"] for m in reversed(t["messages"]) if m["role"] == "user"), "")
+            out += [{"role": "user", "content": user}, {"role": "assistant", "content": t["answer"]}]
+        return out
 
     def default_sampling(self) -> Sampling:
         app = self.config.app

@@ -58,6 +58,8 @@ def on_like(session: ChatSession, store: Any, message_index: Any, liked: Any) ->
     turn = session.turns[k]
     if turn.turn_id is None:
         return Panel(notice="Wait for the answer to finish before rating it.", ok=False)
+    if not turn.turn_id:  # "": the answer finished but could not be saved
+        return Panel(notice="This answer could not be saved, so it cannot take feedback.", ok=False)
     thumbs = thumbs_from_like(liked)
     notice = ""
     if thumbs is not None:
@@ -94,7 +96,7 @@ def submit(
 ) -> Panel:
     """Append the panel's feedback as a new event on the selected turn."""
     k = session.selected
-    if k is None or k >= len(session.turns) or session.turns[k].turn_id is None:
+    if k is None or k >= len(session.turns) or not session.turns[k].turn_id:
         return Panel(notice="Pick an answer to give feedback on (click its thumbs up or down).", ok=False)
     turn = session.turns[k]
     thumbs = thumbs or None

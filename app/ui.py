@@ -6,6 +6,11 @@ guards the llama.cpp context as well; feedback events have their own, wider limi
 behind a generation. Stop bypasses the queue: it only sets this session's flag, which the stream
 checks after every token.
 
+API (``gradio_client`` or plain HTTP; docs/app.md): ``/ask`` answers a message and returns the
+turn id, the answer and the version (a ``conversation_id`` continues a logged conversation);
+``/feedback`` takes a turn id with thumbs, reasons, comment and correction, and returns the
+feedback id only once the event is durable. ``/ask`` shares the generation queue with the chat.
+
 Errors: every handler is wrapped by ``app.errors.user_safe``: an internal error is logged with its
 traceback and the user sees only a generic notice (the app is launched with ``show_error=False``).
 """
@@ -24,6 +29,8 @@ from app.errors import user_safe
 from app.generation import Sampling
 from app.policy import InputRejected
 from app.session import ChatSession, ShownTurn, session_from_store
+from app.writer import WriteFailed, WriterClosed, WriteTimeout
+from loop.feedback import FeedbackError
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +135,11 @@ def build_app(engine: Engine) -> gr.Blocks:
                             yield _chatbot(session), gr.update(), session, gr.update(), gr.update(), gr.update()
                     elif event.kind == "done":
                         out = event.outcome
-                        shown.answer, shown.turn_id, shown.finish_reason = out.answer, out.turn_id, out.finish_reason
+                        # "" (not None) marks an answer that could not be saved: finished, but no feedback.
+                        shown.answer, shown.turn_id, shown.finish_reason = out.answer, out.turn_id or "", out.finish_reason
                         shown.user = out.messages[-1]["content"]
+                        if out.save_error:
+                            gr.Warning(out.save_error)
             finally:
                 stream.close()
             if session.replaced_by is None:
@@ -140,6 +150,8 @@ def build_app(engine: Engine) -> gr.Blocks:
 
         chat_inputs = [message, session_state, system, temperature, top_p, max_tokens]
         chat_outputs = [chatbot, message, session_state, notice, saved_conversation, header]
+        # "/chat" is the page's own streaming event (its inputs and outputs are the page's widgets);
+        # programs use "/ask" below, which returns the turn id.
         for trigger, api in ((message.submit, dict(api_name="chat")), (send.click, dict(api_visibility="undocumented"))):
             trigger(respond, chat_inputs, chat_outputs, concurrency_limit=1, concurrency_id=GENERATE_CONCURRENCY_ID,
                     show_progress="minimal", **api)
@@ -207,8 +219,60 @@ def build_app(engine: Engine) -> gr.Blocks:
 
         fb_send.click(on_feedback, [session_state, fb_thumbs, fb_reasons, fb_comment, fb_correction],
                       [panel, session_state, notice, chatbot], concurrency_limit=FEEDBACK_CONCURRENCY,
-                      concurrency_id="feedback", api_name="feedback")
+                      concurrency_id="feedback", api_visibility="undocumented")
         fb_close.click(lambda: gr.update(visible=False), None, [panel], queue=False, api_visibility="undocumented")
+
+        # -- the API for programs: chat with a turn id, feedback by turn id ----------------------
+
+        @user_safe
+        def ask(message: str, conversation_id: str = "", system_prompt: str = "", temperature: float = -1.0,
+                max_tokens: int = 0) -> dict:
+            """Answer `message` (continuing `conversation_id` when given; "" starts a new conversation).
+            Returns {turn_id, conversation_id, answer, version, finish_reason}; the turn is durable
+            when this returns. temperature < 0 and max_tokens 0 mean the app's defaults."""
+            try:
+                history = engine.conversation_history(conversation_id) if conversation_id else []
+            except KeyError as exc:
+                raise gr.Error(str(exc).strip("'\"")) from None
+            sampling = engine.default_sampling()
+            if temperature is not None and float(temperature) >= 0:
+                sampling.temperature = float(temperature)
+            if max_tokens:
+                sampling.max_tokens = max(1, min(int(max_tokens), cfg.max_tokens))
+            try:
+                events = list(engine.chat(conversation_id=conversation_id or None, history=history,
+                                          user_message=message, system_prompt=system_prompt or None,
+                                          sampling=sampling))
+            except (InputRejected, ModelUnavailable) as exc:
+                raise gr.Error(str(exc)) from None
+            start, done = events[0], events[-1]
+            out = done.outcome
+            if out.turn_id is None:
+                raise gr.Error(out.save_error or "The answer could not be saved.")
+            return {"turn_id": out.turn_id, "conversation_id": start.conversation_id, "answer": out.answer,
+                    "version": out.version_id, "finish_reason": out.finish_reason}
+
+        gr.api(ask, api_name="ask", concurrency_limit=1, concurrency_id=GENERATE_CONCURRENCY_ID)
+
+        @user_safe
+        def feedback(turn_id: str, thumbs: str = "", reasons: list[str] | None = None, comment: str = "",
+                     correction: str = "") -> dict:
+            """Record feedback on turn `turn_id`: thumbs "up", "down" or ""; reasons from
+            loop/reasons.py; an optional comment and corrected answer. Returns {feedback_id, turn_id,
+            thumbs, reasons, notes} only once the event is durable; the latest event per turn counts."""
+            try:
+                fid, clean = engine.writer.add_feedback_checked(str(turn_id or ""), thumbs or None, list(reasons or []),
+                                                                comment or None, correction or None, source="api")
+            except FeedbackError as exc:
+                raise gr.Error(f"Feedback not saved: {exc}") from None
+            except KeyError as exc:
+                raise gr.Error(f"Feedback not saved: {str(exc).strip(chr(34))}") from None
+            except (WriteFailed, WriteTimeout, WriterClosed) as exc:
+                raise gr.Error(f"Feedback not saved: {exc}") from None
+            return {"feedback_id": fid, "turn_id": turn_id, "thumbs": clean.thumbs, "reasons": clean.reasons,
+                    "notes": clean.notes}
+
+        gr.api(feedback, api_name="feedback", concurrency_limit=FEEDBACK_CONCURRENCY, concurrency_id="feedback")
 
         # -- page load: header, and the conversation this browser had before a reload ------------
 

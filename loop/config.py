@@ -83,7 +83,11 @@ class AppConfig:
     # "<home>-mirror" (so wiping LOOP_HOME does not wipe the mirror); "off" disables it.
     mirror_dir: str = ""
     # Hugging Face dataset repo to mirror to instead (e.g. "org/chat-feedback-log"); "" = off.
+    # It must be private (it is created private; a public one is refused: it would hold raw chats).
     mirror_hf_repo: str = ""
+    # Least seconds between two commits to that repo (the Hub allows 128 commits per repo and
+    # hour); every segment of a flush goes in one commit, and the shutdown flush is never held.
+    mirror_hub_commit_interval_s: float = 300.0
     # Seconds between mirror flushes while the app runs.
     mirror_interval_s: float = 30.0
 
@@ -101,6 +105,8 @@ class AppConfig:
             problems.append(f"app.max_message_chars must be >= 1, got {self.max_message_chars}")
         if self.mirror_interval_s <= 0:
             problems.append(f"app.mirror_interval_s must be > 0, got {self.mirror_interval_s}")
+        if self.mirror_hub_commit_interval_s < 0:
+            problems.append(f"app.mirror_hub_commit_interval_s must be >= 0, got {self.mirror_hub_commit_interval_s}")
         return problems
 
 
@@ -146,8 +152,9 @@ class RegistryConfig:
     hf_space_repo: str = ""
     # Path of the pointer file inside the Space repo (the Space reads it at start-up).
     hf_space_pointer: str = "model_pointer.json"
-    # Create the model repo private when it does not exist yet.
-    hf_private: bool = False
+    # Create the model repo and the Space private. While true, publishing to an existing repo or
+    # Space that is public is refused before anything is uploaded; set false to publish openly.
+    hf_private: bool = True
 
     def validate(self) -> list[str]:
         problems = []
@@ -172,11 +179,16 @@ class CycleConfig:
     min_new_examples: int = 8
     # Seconds after which a cycle lock whose owner is gone is considered stale.
     lock_stale_s: float = 6 * 3600.0
+    # An unfinished cycle is abandoned once one of its stages has failed (or been killed) this many
+    # times: a stage that keeps failing must not block the loop for good (docs/loop.md).
+    max_stage_attempts: int = 3
 
     def validate(self) -> list[str]:
         problems = []
         if self.min_new_examples < 1:
             problems.append(f"cycle.min_new_examples must be >= 1, got {self.min_new_examples}")
+        if self.max_stage_attempts < 1:
+            problems.append(f"cycle.max_stage_attempts must be >= 1, got {self.max_stage_attempts}")
         if self.lock_stale_s <= 0:
             problems.append(f"cycle.lock_stale_s must be > 0, got {self.lock_stale_s}")
         return problems

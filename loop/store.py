@@ -8,7 +8,14 @@ The database file is 0600 and its directory 0700 (``loop.paths.private_dir``). T
 brought up to date on open by ``loop.migrations``, which is safe against a crash mid-migration
 and against several processes opening a fresh home at once.
 
+Batched writes (the app's group-commit writer, replays) go through :meth:`Store.insert`: rows
+(``NewConversation``, ``NewTurn``, ``NewFeedback``) in one transaction, with the same SQL and the
+same rules as ``log_turn`` and ``add_feedback``.
+
 ``python -m loop.store export`` prints every turn with its feedback as JSON lines.
+``python -m loop.store forget TURN_ID... [--conversation ID] [--client ID]`` deletes turns from
+the store and from everywhere else they went (``loop.forget``); the store's part is
+``forget_scope``, ``delete_turns`` and ``vacuum``.
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ import os
 import sqlite3
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +58,128 @@ def _row(row: sqlite3.Row | None) -> dict[str, Any] | None:
         if col in out and out[col] is not None:
             out[col] = json.loads(out[col])
     return out
+
+
+@dataclass(frozen=True)
+class NewConversation:
+    """A conversation row for :meth:`Store.insert`."""
+
+    id: str
+    created_at: str
+    client: str | None = None
+
+
+@dataclass(frozen=True)
+class NewTurn:
+    """A turn row for :meth:`Store.insert`; ``position`` None means "next in its conversation".
+
+    A conversation that does not exist yet is created with the turn (same rule as ``log_turn``).
+    """
+
+    id: str
+    conversation_id: str
+    messages: list[dict[str, str]]
+    answer: str
+    created_at: str
+    position: int | None = None
+    model_version: str | None = None
+    gguf_sha256: str | None = None
+    sampling: dict[str, Any] = field(default_factory=dict)
+    latency_s: float | None = None
+    ttft_s: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    logprob_mean: float | None = None
+    logprob_min: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.messages, list) or not all(
+            isinstance(m, dict) and "role" in m and "content" in m for m in self.messages
+        ):
+            raise ValueError("messages must be a list of {'role', 'content'} dicts")
+
+
+@dataclass(frozen=True)
+class NewFeedback:
+    """A feedback event for :meth:`Store.insert`, already cleaned (``NewFeedback.clean``)."""
+
+    id: str
+    turn_id: str
+    thumbs: str | None
+    reasons: list[str]
+    comment: str | None
+    correction: str | None
+    source: str
+    created_at: str
+
+    @classmethod
+    def clean(cls, turn_id: str, thumbs: str | None = None, reasons: list[str] | None = None,
+              comment: str | None = None, correction: str | None = None, source: str = "app",
+              ) -> tuple["NewFeedback", CleanFeedback]:
+        """Validate and clean (``loop.feedback``; FeedbackError when malformed) into a new event."""
+        clean = clean_feedback(thumbs, reasons, comment, correction)
+        row = cls(new_id(), turn_id, clean.thumbs, clean.reasons, clean.comment, clean.correction, source, utcnow())
+        return row, clean
+
+
+NewRow = NewConversation | NewTurn | NewFeedback
+ROW_TYPES: dict[str, type] = {"conversation": NewConversation, "turn": NewTurn, "feedback": NewFeedback}
+
+
+def row_to_json(row: NewRow) -> dict[str, Any]:
+    """``{"kind": ..., **fields}``: the form a row takes in a JSON-lines file (``row_from_json``)."""
+    kind = next(k for k, t in ROW_TYPES.items() if isinstance(row, t))
+    return {"kind": kind, **asdict(row)}
+
+
+def row_from_json(data: dict[str, Any]) -> NewRow:
+    data = dict(data)
+    kind = data.pop("kind", None)
+    if kind not in ROW_TYPES:
+        raise ValueError(f"unknown row kind {kind!r}")
+    return ROW_TYPES[kind](**data)
+
+
+def _insert_conversation(db: sqlite3.Connection, row: NewConversation, or_ignore: bool) -> None:
+    verb = "INSERT OR IGNORE" if or_ignore else "INSERT"
+    db.execute(f"{verb} INTO conversations (id, created_at, client) VALUES (?, ?, ?)", (row.id, row.created_at, row.client))
+
+
+def _insert_turn(db: sqlite3.Connection, row: NewTurn, or_ignore: bool) -> None:
+    if or_ignore and db.execute("SELECT 1 FROM turns WHERE id = ?", (row.id,)).fetchone() is not None:
+        return
+    if db.execute("SELECT 1 FROM conversations WHERE id = ?", (row.conversation_id,)).fetchone() is None:
+        db.execute("INSERT INTO conversations (id, created_at) VALUES (?, ?)", (row.conversation_id, utcnow()))
+    position = row.position
+    if position is None:
+        position = db.execute(
+            "SELECT COALESCE(MAX(position) + 1, 0) FROM turns WHERE conversation_id = ?", (row.conversation_id,)
+        ).fetchone()[0]
+    db.execute(
+        """INSERT INTO turns (id, conversation_id, position, messages, answer, model_version, gguf_sha256,
+               sampling, latency_s, ttft_s, prompt_tokens, completion_tokens, logprob_mean, logprob_min, created_at)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+        (
+            row.id, row.conversation_id, position, json.dumps(row.messages, ensure_ascii=False), row.answer,
+            row.model_version, row.gguf_sha256, json.dumps(row.sampling or {}, sort_keys=True), row.latency_s,
+            row.ttft_s, row.prompt_tokens, row.completion_tokens, row.logprob_mean, row.logprob_min, row.created_at,
+        ),
+    )
+
+
+def _insert_feedback(db: sqlite3.Connection, row: NewFeedback, or_ignore: bool) -> None:
+    if db.execute("SELECT 1 FROM turns WHERE id = ?", (row.turn_id,)).fetchone() is None:
+        raise KeyError(f"no turn with id {row.turn_id!r}")
+    verb = "INSERT OR IGNORE" if or_ignore else "INSERT"
+    db.execute(
+        f"""{verb} INTO feedback (id, turn_id, thumbs, reasons, comment, correction, source, created_at)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+        (row.id, row.turn_id, row.thumbs, json.dumps(row.reasons), row.comment, row.correction, row.source,
+         row.created_at),
+    )
+
+
+_INSERTERS = {NewConversation: _insert_conversation, NewTurn: _insert_turn, NewFeedback: _insert_feedback}
 
 
 class Store:
@@ -95,6 +225,55 @@ class Store:
             db.execute("ROLLBACK")
             raise
 
+    def _transaction(self, work) -> None:
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            work(db)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:  # a failed COMMIT may already have rolled back
+                db.execute("ROLLBACK")
+            raise
+
+    def insert(self, rows: Sequence[NewRow], *, if_exists: str = "error") -> list[KeyError | None]:
+        """Insert conversations, turns and feedback events in order, in ONE transaction (one fsync).
+
+        Returns one entry per row: None when it was inserted, or the ``KeyError`` of a feedback
+        event whose turn does not exist; that event alone is undone (a SAVEPOINT) and the rest
+        commit. Anything else (disk full, I/O error, a constraint on a turn) rolls the whole
+        transaction back and is raised: nothing of ``rows`` is then committed.
+
+        ``if_exists="ignore"`` skips rows whose id is already stored, so replaying rows that may
+        have been committed already is idempotent.
+        """
+        if if_exists not in ("error", "ignore"):
+            raise ValueError(f"if_exists must be 'error' or 'ignore', got {if_exists!r}")
+        or_ignore = if_exists == "ignore"
+        results: list[KeyError | None] = []
+
+        def work(db: sqlite3.Connection) -> None:
+            for i, row in enumerate(rows):
+                insert = _INSERTERS.get(type(row))
+                if insert is None:
+                    raise TypeError(f"cannot insert a {type(row).__name__}")
+                if not isinstance(row, NewFeedback):
+                    insert(db, row, or_ignore)
+                    results.append(None)
+                    continue
+                db.execute(f"SAVEPOINT row{i}")
+                try:
+                    insert(db, row, or_ignore)
+                except KeyError as exc:  # an unknown turn: this event alone is refused
+                    db.execute(f"ROLLBACK TO row{i}")
+                    results.append(exc)
+                else:
+                    results.append(None)
+                db.execute(f"RELEASE row{i}")
+
+        self._transaction(work)
+        return results
+
     def close(self) -> None:
         db = getattr(self._local, "db", None)
         if db is not None:
@@ -128,33 +307,15 @@ class Store:
         created_at: str | None = None,
     ) -> str:
         """Record one model answer and the exact messages it saw; returns the turn id."""
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
-            raise ValueError("messages must be a list of {'role', 'content'} dicts")
-        tid = turn_id or new_id()
-        db = self._conn()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            if db.execute("SELECT 1 FROM conversations WHERE id = ?", (conversation_id,)).fetchone() is None:
-                db.execute("INSERT INTO conversations (id, created_at) VALUES (?, ?)", (conversation_id, utcnow()))
-            if position is None:
-                position = db.execute(
-                    "SELECT COALESCE(MAX(position) + 1, 0) FROM turns WHERE conversation_id = ?", (conversation_id,)
-                ).fetchone()[0]
-            db.execute(
-                """INSERT INTO turns (id, conversation_id, position, messages, answer, model_version, gguf_sha256,
-                       sampling, latency_s, ttft_s, prompt_tokens, completion_tokens, logprob_mean, logprob_min, created_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                (
-                    tid, conversation_id, position, json.dumps(messages, ensure_ascii=False), answer,
-                    model_version, gguf_sha256, json.dumps(sampling or {}, sort_keys=True), latency_s, ttft_s,
-                    prompt_tokens, completion_tokens, logprob_mean, logprob_min, created_at or utcnow(),
-                ),
-            )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        return tid
+        row = NewTurn(
+            id=turn_id or new_id(), conversation_id=conversation_id, messages=messages, answer=answer,
+            created_at=created_at or utcnow(), position=position, model_version=model_version,
+            gguf_sha256=gguf_sha256, sampling=sampling or {}, latency_s=latency_s, ttft_s=ttft_s,
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, logprob_mean=logprob_mean,
+            logprob_min=logprob_min,
+        )
+        self._transaction(lambda db: _insert_turn(db, row, False))
+        return row.id
 
     def get_turn(self, turn_id: str) -> dict[str, Any] | None:
         turn = _row(self._conn().execute("SELECT * FROM turns WHERE id = ?", (turn_id,)).fetchone())
@@ -213,23 +374,9 @@ class Store:
         source: str = "app",
     ) -> tuple[str, CleanFeedback]:
         """Like add_feedback, also returning the cleaned event (its notes say what was cleaned)."""
-        clean = clean_feedback(thumbs, reasons, comment, correction)
-        fid = new_id()
-        db = self._conn()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            if db.execute("SELECT 1 FROM turns WHERE id = ?", (turn_id,)).fetchone() is None:
-                raise KeyError(f"no turn with id {turn_id!r}")
-            db.execute(
-                """INSERT INTO feedback (id, turn_id, thumbs, reasons, comment, correction, source, created_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
-                (fid, turn_id, clean.thumbs, json.dumps(clean.reasons), clean.comment, clean.correction, source, utcnow()),
-            )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        return fid, clean
+        row, clean = NewFeedback.clean(turn_id, thumbs, reasons, comment, correction, source)
+        self._transaction(lambda db: _insert_feedback(db, row, False))
+        return row.id, clean
 
     def feedback_events(self, turn_id: str) -> list[dict[str, Any]]:
         rows = self._conn().execute("SELECT * FROM feedback WHERE turn_id = ? ORDER BY rowid", (turn_id,)).fetchall()
@@ -338,6 +485,112 @@ class Store:
     def arena_votes(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self._conn().execute("SELECT * FROM arena_votes ORDER BY rowid").fetchall()]
 
+    # -- forgetting (loop/forget.py) ------------------------------------------------------------
+
+    def forget_scope(self, turn_ids: Sequence[str] = (), conversation_ids: Sequence[str] = (),
+                     clients: Sequence[str] = ()) -> dict[str, Any]:
+        """What forgetting these ids takes, read in one transaction; changes nothing.
+
+        Returns ``{"turns": [...], "conversations": [...], "later_turns": [...], "unknown": [...]}``.
+        A turn's text is part of the ``messages`` of every later turn of its conversation (the model
+        saw the whole conversation), so each named turn brings those later turns with it
+        (``later_turns``). A conversation brings all its turns; a client all its conversations.
+        ``unknown`` lists the ids (as given) the store does not hold.
+        """
+        db = self._conn()
+        turns: set[str] = set()
+        convs: set[str] = set()
+        unknown: list[str] = []
+        db.execute("BEGIN")
+        try:
+            for client in clients:
+                rows = db.execute("SELECT id FROM conversations WHERE client = ?", (client,)).fetchall()
+                if not rows:
+                    unknown.append(f"client:{client}")
+                convs |= {r[0] for r in rows}
+            for cid in conversation_ids:
+                if db.execute("SELECT 1 FROM conversations WHERE id = ?", (cid,)).fetchone() is None:
+                    unknown.append(f"conversation:{cid}")
+                else:
+                    convs.add(cid)
+            for cid in convs:
+                turns |= {r[0] for r in db.execute("SELECT id FROM turns WHERE conversation_id = ?", (cid,))}
+            later: set[str] = set()
+            turns_given = list(dict.fromkeys(turn_ids))
+            for tid in turns_given:
+                row = db.execute("SELECT conversation_id, position FROM turns WHERE id = ?", (tid,)).fetchone()
+                if row is None:
+                    unknown.append(tid)
+                    continue
+                turns.add(tid)
+                later |= {r[0] for r in db.execute(
+                    "SELECT id FROM turns WHERE conversation_id = ? AND position > ?", (row[0], row[1]))}
+        finally:
+            db.execute("COMMIT")
+        later -= turns
+        later -= set(turns_given)
+        return {"turns": sorted(turns | later), "conversations": sorted(convs), "later_turns": sorted(later),
+                "unknown": unknown}
+
+    def forget_texts(self, turn_ids: Sequence[str]) -> list[str]:
+        """The texts these turns added: their answers, the messages no earlier turn of the conversation
+        had already, and their feedback's comments and corrections (``loop.forget`` scans for them)."""
+        db = self._conn()
+        out: list[str] = []
+        for tid in turn_ids:
+            turn = self.get_turn(tid)
+            if turn is None:
+                continue
+            prev = db.execute("SELECT messages FROM turns WHERE conversation_id = ? AND position < ? "
+                              "ORDER BY position DESC LIMIT 1", (turn["conversation_id"], turn["position"])).fetchone()
+            seen = {m.get("content") for m in json.loads(prev[0])} if prev else set()
+            out += [m["content"] for m in turn["messages"] if m.get("content") and m["content"] not in seen]
+            out.append(turn["answer"])
+            for fb in self.feedback_events(tid):
+                out += [t for t in (fb.get("comment"), fb.get("correction")) if t]
+        return [t for t in dict.fromkeys(out) if t]
+
+    def delete_turns(self, turn_ids: Sequence[str], conversation_ids: Sequence[str] = ()) -> dict[str, int]:
+        """Delete turns with their feedback and outbox rows, and the conversations named or left empty,
+        in one transaction. ``secure_delete`` overwrites the freed content; ``vacuum`` then rebuilds
+        the file so no page of it is left anywhere."""
+        counts = {"turns": 0, "feedback": 0, "sync_state": 0, "conversations": 0}
+        ids = list(dict.fromkeys(turn_ids))
+
+        def work(db: sqlite3.Connection) -> None:
+            touched: set[str] = set(conversation_ids)
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                touched |= {r[0] for r in db.execute(f"SELECT conversation_id FROM turns WHERE id IN ({marks})", chunk)}
+                counts["feedback"] += db.execute(f"DELETE FROM feedback WHERE turn_id IN ({marks})", chunk).rowcount
+                counts["sync_state"] += db.execute(f"DELETE FROM sync_state WHERE turn_id IN ({marks})", chunk).rowcount
+                counts["turns"] += db.execute(f"DELETE FROM turns WHERE id IN ({marks})", chunk).rowcount
+            for cid in touched:
+                if db.execute("SELECT 1 FROM turns WHERE conversation_id = ? LIMIT 1", (cid,)).fetchone() is None:
+                    counts["conversations"] += db.execute("DELETE FROM conversations WHERE id = ?", (cid,)).rowcount
+
+        self._conn().execute("PRAGMA secure_delete=ON")  # a pragma cannot change inside a transaction
+        self._transaction(work)
+        return counts
+
+    def vacuum(self) -> dict[str, Any]:
+        """Rebuild the database file (VACUUM) and fold the WAL into it, truncating the WAL to zero bytes.
+
+        ``checkpoint_busy`` is true when another connection's open read kept the WAL from being
+        truncated (the app mid-request); run it again when it is."""
+        db = self._conn()
+        db.execute("VACUUM")
+        busy, log_frames, done = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        wal = self.path.with_name(self.path.name + "-wal")
+        return {"checkpoint_busy": bool(busy), "wal_bytes": wal.stat().st_size if wal.exists() else 0}
+
+    def max_rowids(self) -> dict[str, int]:
+        """The highest rowid of each mirrored table (0 when empty): the mirror's watermarks never exceed it."""
+        db = self._conn()
+        return {t: db.execute(f"SELECT COALESCE(MAX(rowid), 0) FROM {t}").fetchone()[0]
+                for t in ("conversations", "turns", "feedback", "arena_votes")}
+
     # -- export --------------------------------------------------------------------------------
 
     def export_records(self) -> Iterator[dict[str, Any]]:
@@ -352,7 +605,25 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("export", help="print every turn with its feedback as JSON lines")
     sub.add_parser("stats", help="print counts")
+    p = sub.add_parser("forget", help="delete turns everywhere: store, mirror, Argilla, snapshots, cycles, reports",
+                       description="Forget turns everywhere and print a receipt (loop/forget.py says where and how).")
+    p.add_argument("turn_ids", nargs="*", metavar="TURN_ID")
+    p.add_argument("--conversation", action="append", default=[], metavar="ID", help="every turn of a conversation")
+    p.add_argument("--client", action="append", default=[], metavar="ID", help="every conversation of a client")
+    p.add_argument("--config", help="TOML config file (default: $LOOP_CONFIG or $LOOP_HOME/config.toml)")
+    p.add_argument("--json", action="store_true", help="print the receipt as JSON")
     args = parser.parse_args(argv)
+    if args.command == "forget":
+        from loop.config import load_config
+        from loop.forget import ForgetError, forget, receipt_text
+
+        try:
+            receipt = forget(load_config(args.config), args.turn_ids, args.conversation, args.client)
+        except ForgetError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(json.dumps(receipt.as_dict(), indent=2) if args.json else receipt_text(receipt))
+        return 0 if receipt.complete else 1
     store = Store.open()
     if args.command == "export":
         for record in store.export_records():
