@@ -28,6 +28,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
@@ -185,7 +186,13 @@ def plan(store, target: str, config: AnnotationConfig, now: dt.datetime, report:
     state = store.sync_state(target)
     must: list[_Job] = []  # outbox items and updates: always sent
     new: dict[str, _Job] = {}
+    from loop.forgotten import forgotten_ids
+
+    # A forgotten turn brought back into the store by any route (a restored backup) is never sent again.
+    forgotten = forgotten_ids(Path(store.path).parent) if getattr(store, "path", None) else set()
     for turn in store.iter_turns():
+        if turn["id"] in forgotten:
+            continue
         report.considered += 1
         tid = turn["id"]
         h = source_hash(turn, config)

@@ -6,7 +6,9 @@ arena votes) to a durable target and, on start, imports whatever the target hold
 
 Append-only: each flush writes the rows added since the last flush (a rowid watermark per table)
 as new segment files (JSON lines, at most ``segment_max_rows`` rows each); an existing segment is
-never rewritten. Segment names start with a ULID, so sorting them by name replays them in the
+never rewritten, except by ``Mirror.forget`` (``python -m loop.store forget``), which rewrites the
+segments holding a forgotten turn (on the Hub: one commit, then the repo's history squashed), and
+restore leaves out the rows of every turn in the forget ledger (``loop.forgotten``). Segment names start with a ULID, so sorting them by name replays them in the
 order they were written. Restore is idempotent (insert, or do nothing when the id is there), so
 replaying a segment twice, or into a store that already holds some of its rows, changes nothing.
 
@@ -126,6 +128,26 @@ class LocalDirTarget:
     def write_segments(self, segments: list[tuple[str, bytes]]) -> None:
         for name, data in segments:
             self.write_segment(name, data)
+
+    def rewrite_segments(self, changes: dict[str, bytes | None]) -> None:
+        """Replace segments' bytes (None: delete the segment). Only ``forget`` rewrites a segment."""
+        for name, data in changes.items():
+            final = self.dir / name
+            if data is None:
+                final.unlink(missing_ok=True)
+                continue
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=self.dir)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        if changes and self.dir.is_dir():
+            dirfd = os.open(self.dir, os.O_RDONLY)
+            try:
+                os.fsync(dirfd)
+            finally:
+                os.close(dirfd)
 
     def write_segment(self, name: str, data: bytes) -> None:
         # The segments hold raw chats: the folder is the owner's alone, like the home.
@@ -282,6 +304,27 @@ class HubDatasetTarget:
 
         self._call("create_commit", commit)
 
+    def rewrite_segments(self, changes: dict[str, bytes | None]) -> None:
+        """One commit replacing (or deleting, for None) segments, then the repo's history squashed
+        to that one state: a Hub repo keeps every old commit's files, and a forgotten turn must not
+        stay readable at an older revision. Only ``forget`` rewrites a segment."""
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+        if not changes:
+            return
+        self._ensure_private_repo(recheck=True)
+
+        def commit() -> Any:
+            ops = [CommitOperationDelete(path_in_repo=f"{SEGMENT_DIR}/{name}") if data is None else
+                   CommitOperationAdd(path_in_repo=f"{SEGMENT_DIR}/{name}", path_or_fileobj=data)
+                   for name, data in changes.items()]
+            return self.api.create_commit(self.repo_id, operations=ops, repo_type="dataset",
+                                          commit_message=f"forget: rewrite {len(ops)} segment(s)")
+
+        self._call("create_commit", commit)
+        self._call("super_squash_history", lambda: self.api.super_squash_history(
+            repo_id=self.repo_id, repo_type="dataset", commit_message="mirror (history squashed by forget)"))
+
 
 # -- the mirror ------------------------------------------------------------------------------------
 
@@ -315,6 +358,7 @@ class RestoreResult:
     skipped_lines: int = 0  # unparseable lines (a torn write elsewhere)
     skipped_rows: list[SkippedRow] = field(default_factory=list)  # rows that could not be restored, and why
     failed_segments: dict[str, str] = field(default_factory=dict)  # segment -> why it could not be read
+    forgotten: int = 0  # rows of forgotten turns (loop.forgotten) left out on purpose
 
     @property
     def complete(self) -> bool:
@@ -394,6 +438,9 @@ class Mirror:
         db = self.store._conn()
         cols = {t: _columns(db, t) for t in TABLES}
         had_state = self.state_path.is_file()
+        from loop.forgotten import forgotten_ids
+
+        forgotten = forgotten_ids(self.state_path.parent)
         with self._lock:
             # Children whose parent is not in the store yet: tried again after every segment.
             orphans: list[tuple[str, str, dict[str, Any]]] = []
@@ -404,6 +451,10 @@ class Mirror:
                     result.failed_segments[name] = f"{type(exc).__name__}: {exc}"
                     continue
                 rows = self._parse_segment(name, data, result)
+                if forgotten:  # a segment a failed forget could not rewrite must not bring a turn back
+                    kept = [(t, r) for t, r in rows if not _mentions(t, r, forgotten, set())]
+                    result.forgotten += len(rows) - len(kept)
+                    rows = kept
                 db.execute("BEGIN IMMEDIATE")
                 try:
                     for table, row in rows:
@@ -550,6 +601,44 @@ class Mirror:
                 self._mirrored_ids[table].clear()  # below the watermark now; no need to remember
             return FlushResult([name for name, _ in segments], counts)
 
+    def forget(self, turn_ids: set[str], conversation_ids: set[str]) -> dict[str, Any]:
+        """Rewrite every segment holding a row of these turns (the turn, its feedback) or of these
+        conversations, in one write to the target; a segment left with no rows is deleted. Then
+        lower the watermarks to the store's highest rowids: SQLite hands a deleted highest rowid out
+        again, and a new row at or below the watermark would never be mirrored.
+
+        Returns ``{"target", "segments_rewritten", "segments_deleted", "rows_removed"}``."""
+        with self._lock:
+            changes: dict[str, bytes | None] = {}
+            removed = 0
+            for name in self.target.list_segments():
+                data = self.target.read_segment(name)
+                kept, dropped = [], 0
+                for line in data.decode("utf-8").splitlines():
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        kept.append(line)
+                        continue
+                    if (isinstance(rec, dict) and isinstance(rec.get("row"), dict)
+                            and _mentions(rec.get("table"), rec["row"], turn_ids, conversation_ids)):
+                        dropped += 1
+                        continue
+                    kept.append(line)
+                if not dropped:
+                    continue
+                removed += dropped
+                rows = [line for line in kept if '"table": "_segment"' not in line and line.strip()]
+                changes[name] = ("\n".join(kept) + "\n").encode("utf-8") if rows else None
+            self.target.rewrite_segments(changes)
+            state = self._load_state()
+            highest = self.store.max_rowids()
+            if self.state_path.is_file():
+                self._save_state({t: min(state[t], highest.get(t, 0)) for t in TABLES})
+        return {"target": self.target.describe(),
+                "segments_rewritten": sorted(n for n, d in changes.items() if d is not None),
+                "segments_deleted": sorted(n for n, d in changes.items() if d is None), "rows_removed": removed}
+
     def _segments(self, lines: list[tuple[str, str]]) -> list[tuple[str, bytes]]:
         """Split rows (parents first) into segments named ``<ULID>-<n>.jsonl``: one ULID per flush
         and a running number, so the names sort in the order the rows must be replayed."""
@@ -593,6 +682,17 @@ class Mirror:
             self._thread.join(timeout=30)
             self._thread = None
         return self._safe_flush(force=True)
+
+
+def _mentions(table: Any, row: dict[str, Any], turn_ids: set[str], conversation_ids: set[str]) -> bool:
+    """Whether a mirrored row belongs to a forgotten turn or conversation."""
+    if table == "turns":
+        return row.get("id") in turn_ids or row.get("conversation_id") in conversation_ids
+    if table == "feedback":
+        return row.get("turn_id") in turn_ids
+    if table == "conversations":
+        return row.get("id") in conversation_ids
+    return False
 
 
 def target_from_config(config: Any, api: Any | None = None) -> Target | None:

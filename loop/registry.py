@@ -3,7 +3,8 @@
 Layout under ``$LOOP_HOME/registry``::
 
     versions/<id>/model.gguf      the served file (its sha256 is in version.json)
-    versions/<id>/version.json    parent, base model, variant, snapshot hash, metrics, verification
+    versions/<id>/version.json    parent, base model, variant, snapshot hash, metrics, verification,
+                                  tainted (trained on text forgotten since: when, why, which turns)
     versions/<id>/README.md       the model card (when the exporter wrote one)
     current.json                  {"version", "previous", "since", "reason"}: the one truth
     history.jsonl                 append-only: every promotion and rollback, when, why, by what
@@ -123,6 +124,9 @@ class Version:
     hf_dir: str | None = None  # merged Hugging Face weights: the next cycle trains from these
     pinned: bool = False
     note: str = ""
+    # Trained (directly, or through a parent's weights) on text that was forgotten since: one entry
+    # per forget, {"at", "reason", "turn_ids"} (ids only). Empty: nothing known against it.
+    tainted: list[dict[str, Any]] = field(default_factory=list)
     path: str = ""  # the version directory (filled on load, not stored)
 
     @property
@@ -302,6 +306,13 @@ class Registry:
 
     def pin(self, vid: str, pinned: bool = True) -> Version:
         return self.update(vid, pinned=pinned)
+
+    def taint(self, vid: str, reason: str, turn_ids: list[str], at: str | None = None) -> Version:
+        """Mark ``vid`` as trained on forgotten text (``python -m loop.store forget``); appends one entry."""
+        with self._lock():
+            version = self.get(vid)
+            entry = {"at": at or utcnow(), "reason": reason, "turn_ids": sorted(turn_ids)}
+            return self.update(vid, tainted=[*version.tainted, entry])
 
     # -- the current pointer -------------------------------------------------------------------
 

@@ -7,6 +7,7 @@
     pin ID / unpin ID    pinned versions are never pruned
     prune                apply the retention rule (registry.keep_versions)
     history              every promotion and rollback: when, what, why
+    lineage ID           parent chain, snapshot, the reviewed records that trained it, the held-out ids
 
 Tables are for people; ``--json`` prints the same data for machines.
 
@@ -77,6 +78,8 @@ def marks(version: Version, pointer: dict[str, Any] | None) -> list[str]:
         out.append("previous")
     if version.pinned:
         out.append("pinned")
+    if version.tainted:
+        out.append("tainted")
     return out
 
 
@@ -105,13 +108,13 @@ def list_rows(registry: Registry) -> list[dict[str, Any]]:
 
 
 def list_table(rows: list[dict[str, Any]]) -> str:
-    symbols = {"current": "*", "previous": "<", "pinned": "P"}
+    symbols = {"current": "*", "previous": "<", "pinned": "P", "tainted": "T"}
     view = [dict(r, mark="".join(symbols[m] for m in r["marks"]), size=human_size(r["size_bytes"]),
                  created=r["created_at"].replace("T", " ")[:19]) for r in rows]
     table = format_table(view, [("mark", ""), ("id", "ID"), ("created", "CREATED (UTC)"), ("parent", "PARENT"),
                                 ("quantization", "QUANT"), ("size", "SIZE"), ("heldout_loss", "HELD-OUT"),
                                 ("regression_loss", "REGRESSION"), ("verification", "VERIFIED")])
-    return table + "\n\n* current   < previous   P pinned"
+    return table + "\n\n* current   < previous   P pinned   T tainted (trained on forgotten text)"
 
 
 def show_text(version: Version, pointer: dict[str, Any] | None) -> str:
@@ -122,6 +125,8 @@ def show_text(version: Version, pointer: dict[str, Any] | None) -> str:
         value = human_size(data[key]) + f" ({data[key]} bytes)" if key == "size_bytes" else data[key]
         lines.append(f"{key:<14} {fmt(value)}")
     lines.append(f"{'path':<14} {version.gguf_path}")
+    for entry in version.tainted:
+        lines.append(f"{'tainted':<14} {entry.get('at')}: {entry.get('reason')}")
     for section in ("variant", "snapshot_counts", "metrics", "verification"):
         block = data.get(section) or {}
         lines.append(f"{section}:" + ("" if block else " -"))
@@ -223,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m loop.versions",
                                      description="Look at, compare, roll back, pin and prune model versions.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[2:10]))
+                                     epilog="\n".join(__doc__.splitlines()[2:11]))
     parser.add_argument("--config", help="TOML file (default: $LOOP_CONFIG or $LOOP_HOME/config.toml)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("list", help="every version")
@@ -250,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("history", help="promotions and rollbacks")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("lineage", help="the parent chain and the reviewed records that trained a version")
+    p.add_argument("id")
     p.add_argument("--json", action="store_true")
     return parser
 
@@ -309,6 +317,14 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 verb = "would remove" if args.dry_run else "removed"
                 print(f"{verb}: {', '.join(removed)}" if removed else "nothing to prune")
+        elif args.command == "lineage":
+            from loop.lineage import lineage, lineage_text
+
+            data = lineage(registry, args.id, home=config.home)
+            if args.json:
+                emit(data)
+            else:
+                print(lineage_text(data))
         elif args.command == "history":
             entries = registry.history()
             if args.json:

@@ -17,6 +17,7 @@ written against it works against ``HfApi``:
   assert that append-only code never does it;
 * commits per repo are limited per rolling hour (the Hub's limit is 128; ``commits_per_hour``),
   answered with 429 and the seconds until a slot frees up;
+* ``super_squash_history`` leaves one commit holding the current files (older revisions are gone);
 * ``fail(method, status, times=..., retry_after=...)`` scripts failures (a 429 storm, a 503).
 
 The clock is injectable so that rate-limit tests need no real waiting.
@@ -236,6 +237,13 @@ class FakeHubApi:
         adds = {"/".join(filter(None, [base, p.relative_to(root).as_posix()])): p.read_bytes()
                 for p in sorted(root.rglob("*")) if p.is_file()}
         return self._commit(repo, adds, [], call.get("commit_message") or "Upload folder using huggingface_hub")
+
+    def super_squash_history(self, *args, **kwargs) -> None:
+        """The branch's history becomes one commit holding the current files: older revisions are gone."""
+        call = self._enter("super_squash_history", args, kwargs)
+        repo = self._repo(call["repo_id"], call.get("repo_type"))
+        oid = hashlib.sha1(f"squash:{len(self.commits)}:{sorted(repo.files)}".encode()).hexdigest()
+        repo.history = [(oid, dict(repo.files))]
 
     def hf_hub_download(self, *args, **kwargs) -> str:
         call = self._enter("hf_hub_download", args, kwargs)
