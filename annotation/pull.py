@@ -17,6 +17,15 @@ Several reviewers (task distribution ``min_submitted``):
 Responses are read from the REST listing (through the SDK's HTTP client) because it carries each
 response's ``updated_at``, which "latest correction wins" needs and the SDK's objects drop.
 
+Preference signals (``preference_signals``), written beside the examples for DPO/KTO (trainer/preference.py):
+
+- a **pair** for every accepted record whose reviewer correction really differs from the logged answer
+  (after ``judge_split.normalise``): chosen = the correction, rejected = the model's logged answer;
+- a **label** of the logged answer: once the record resolves, the reviewers' median quality decides
+  (>= ``min_quality`` desirable, <= ``UNDESIRABLE_MAX_QUALITY`` undesirable, in between none), whatever
+  the user's thumb said; until then (no or too few submitted reviews) the user's thumb decides
+  (up desirable, down undesirable). A discarded record never labels nor pairs.
+
 ``python -m annotation.pull [--json]`` writes a snapshot with the loop's config.
 """
 
@@ -35,6 +44,7 @@ from typing import Any
 from tqdm import tqdm
 
 from annotation.config import AnnotationConfig, as_annotation_config
+from annotation.judge_split import normalise
 from annotation.schema import CURRENT, SchemaMismatchError, find_dataset, read_version
 from annotation.snapshot import Snapshot, latest_snapshot, load_snapshot, write_snapshot
 
@@ -87,8 +97,53 @@ def resolve(record: dict[str, Any], *, min_submitted: int = 1, min_quality: int 
     else:
         return Resolution(rid, "rejected", quality=quality, conflict=conflict, submitted=len(submitted))
     conversation = [{"role": m["role"], "content": m["content"]} for m in fields.get("conversation") or []]
-    example = {"id": rid, "messages": conversation + [{"role": "assistant", "content": final}]}
+    example = {"id": rid, "messages": conversation + [{"role": "assistant", "content": final}],
+               "provenance": {"record_id": str(record.get("id")), "turn_id": rid, "objective": "sft",
+                              "reviewers": sorted({str(r.get("user_id")) for r in submitted}),
+                              "corrected_by": corrections[-1][1] if source == "correction" else None,
+                              "quality": quality, "source": source}}
     return Resolution(rid, "accepted", example, quality, source, conflict, len(submitted))
+
+
+# A reviewer's quality at or below this marks the logged answer undesirable (the guidelines: 2 = wrong or
+# unhelpful in an important way, 1 = harmful); 3 ("usable but flawed") labels nothing.
+UNDESIRABLE_MAX_QUALITY = 2
+# What build_record writes in place of an empty answer: not text the model produced, so never a signal.
+_EMPTY_ANSWER = "(empty answer)"
+
+
+def preference_signals(record: dict[str, Any], resolution: Resolution, *,
+                       min_quality: int = 4) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(pair, label) of one record for preference training; either is None where the record gives none.
+
+    pair: {"id", "prompt", "chosen", "rejected"}; label: {"id", "prompt", "answer", "label", "by"} with
+    label "desirable"/"undesirable" and by "reviewer"/"user" (the module docstring has the rule).
+    """
+    if resolution.state == "discarded":
+        return None, None
+    fields = record.get("fields") or {}
+    answer = (fields.get("answer") or "").strip()
+    if not answer or answer == _EMPTY_ANSWER:
+        return None, None
+    prompt = [{"role": m["role"], "content": m["content"]} for m in fields.get("conversation") or []]
+    pair = None
+    if resolution.state == "accepted" and resolution.source == "correction":
+        chosen = resolution.example["messages"][-1]["content"]
+        if normalise(chosen) != normalise(answer):
+            pair = {"id": resolution.record_id, "prompt": prompt, "chosen": chosen, "rejected": answer}
+    label, by = None, None
+    if resolution.state in ("accepted", "rejected") and resolution.quality is not None:
+        by = "reviewer"
+        if resolution.quality >= min_quality:
+            label = "desirable"
+        elif resolution.quality <= UNDESIRABLE_MAX_QUALITY:
+            label = "undesirable"
+    else:
+        by = "user"
+        label = {"up": "desirable", "down": "undesirable"}.get((record.get("metadata") or {}).get("thumbs"))
+    labelled = {"id": resolution.record_id, "prompt": prompt, "answer": answer, "label": label, "by": by} \
+        if label else None
+    return pair, labelled
 
 
 def iter_records(client, dataset_id, *, batch_size: int = 500, progress: bool = True, total: int | None = None) -> Iterator[dict[str, Any]]:
@@ -138,16 +193,31 @@ def read_all(client, dataset_id, *, batch_size: int = 500, progress: bool = True
     return records
 
 
-def collect(client, config: AnnotationConfig, *, progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, int], dict[str, Any]]:
+def _usernames(client) -> dict[str, str]:
+    """User id -> user name, for provenance; empty when this key may not list users (an annotator's)."""
+    try:
+        resp = client.api.http_client.get("/api/v1/users")
+        resp.raise_for_status()
+        return {str(u["id"]): u["username"] for u in resp.json()["items"]}
+    except Exception:  # provenance keeps the ids, which is what identifies a reviewer
+        return {}
+
+
+def collect(client, config: AnnotationConfig, *, progress: bool = True,
+            preferences: dict[str, list] | None = None, skip_ids: set[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, int], dict[str, Any]]:
     """Resolve every record of the dataset (and of older schema datasets still present).
 
     Returns (examples, counts, source). A record id seen in a newer dataset wins over an older one.
+    ``preferences``, when given, receives the records' ``preference_signals`` under "pairs" and "labels".
+    Records whose id is in ``skip_ids`` (forgotten turns, ``loop.forgotten``) are left out and counted
+    under "forgotten". Each example's ``provenance`` names its dataset and its reviewers' user names.
     """
     counts = {k: 0 for k in ("records", "submitted", "pending", "discarded", "rejected", "conflicts",
                              "examples", "from_corrections", "from_answers")}
     examples: list[dict[str, Any]] = []
     seen: set[str] = set()
     datasets = []
+    usernames = _usernames(client)
     for name in CURRENT.lineage(config.dataset):  # newest first
         dataset = find_dataset(client, config, name)
         if dataset is None:
@@ -162,7 +232,18 @@ def collect(client, config: AnnotationConfig, *, progress: bool = True) -> tuple
             if rid in seen:
                 continue
             seen.add(rid)
+            if skip_ids and rid in skip_ids:
+                counts["forgotten"] = counts.get("forgotten", 0) + 1
+                continue
             res = resolve(records[rid], min_submitted=config.min_submitted, min_quality=config.min_quality)
+            if res.example is not None:
+                prov = res.example["provenance"]
+                prov["dataset"] = name
+                prov["reviewer_names"] = [usernames.get(u) for u in prov["reviewers"]]
+            if preferences is not None:
+                pair, label = preference_signals(records[rid], res, min_quality=config.min_quality)
+                preferences.setdefault("pairs", []).extend([pair] if pair else [])
+                preferences.setdefault("labels", []).extend([label] if label else [])
             counts["records"] += 1
             counts["conflicts"] += int(res.conflict)
             if res.state in ("pending", "discarded"):
@@ -233,10 +314,15 @@ def pull_snapshot(config: Any = None, *, client=None, previous: Snapshot | str |
         prev = previous
     else:
         prev = load_snapshot(previous)
-    examples, counts, source = collect(client, cfg, progress=progress)
+    preferences: dict[str, list] = {"pairs": [], "labels": []}
+    from loop.forgotten import forgotten_ids
+
+    examples, counts, source = collect(client, cfg, progress=progress, preferences=preferences,
+                                       skip_ids=forgotten_ids(home))
     source["duration_s"] = round(time.monotonic() - started, 3)
     return write_snapshot(examples, counts, eval_percent=cfg.eval_percent, min_held_out=cfg.min_held_out,
-                          previous=prev, source=source, home=home)
+                          previous=prev, source=source, home=home, pairs=preferences["pairs"],
+                          labels=preferences["labels"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """Typed configuration for the trainer.
 
 `TrainConfig` configures one LoRA fine-tuning run (`trainer.train`); `VariantGrid` says which
-learning-rate x rank variants a cycle tries (`trainer.variants`). Defaults are chosen for the bundled
+learning-rate x rank x objective variants a cycle tries (`trainer.variants`). Defaults are chosen for the bundled
 SmolLM2-135M-Instruct on a CPU and a few dozen curated corrections; docs/trainer.md says why.
 """
 
@@ -21,6 +21,12 @@ DEFAULT_RANKS = (16, 64)
 CUDA_PRECISIONS = ("qlora", "bf16")
 # Learning-rate schedules accepted by TrainConfig.lr_scheduler (names understood by transformers).
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+# Training objectives (trainer/preference.py): supervised fine-tuning on the curated examples; DPO on
+# correction pairs; KTO on thumbs/quality labels; "sft+X" = SFT first, then X continuing the SFT adapter
+# with the SFT weights as the reference model.
+OBJECTIVES = ("sft", "dpo", "kto", "sft+dpo", "sft+kto")
+# The default objective axis: SFT alone until a preference objective measures better (docs/trainer.md).
+DEFAULT_OBJECTIVES = ("sft",)
 
 
 @dataclass
@@ -103,6 +109,12 @@ class TrainConfig:
     learning_rates: list[float] = field(default_factory=lambda: list(DEFAULT_LEARNING_RATES))
     # LoRA ranks of the variant grid.
     lora_ranks: list[int] = field(default_factory=lambda: list(DEFAULT_RANKS))
+    # What one run optimises (OBJECTIVES); the grid's `objectives` overrides it per variant.
+    objective: str = "sft"
+    # The variant grid's objective axis, next to learning_rates and lora_ranks.
+    objectives: list[str] = field(default_factory=lambda: list(DEFAULT_OBJECTIVES))
+    # DPO/KTO beta: how far the policy may move from the reference model (TRL's default 0.1).
+    preference_beta: float = 0.1
 
     @property
     def alpha(self) -> int:
@@ -169,12 +181,18 @@ class TrainConfig:
             p.append(f"trainer.neftune_noise_alpha must be a number >= 0, got {self.neftune_noise_alpha!r}")
         if not isinstance(self.inject_nan_at_step, int) or self.inject_nan_at_step < 0:
             p.append(f"trainer.inject_nan_at_step must be an integer >= 0, got {self.inject_nan_at_step!r}")
+        if self.objective not in OBJECTIVES:
+            p.append(f"trainer.objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if isinstance(self.preference_beta, bool) or not isinstance(self.preference_beta, (int, float)) \
+                or not (self.preference_beta > 0 and math.isfinite(self.preference_beta)):
+            p.append(f"trainer.preference_beta must be a number > 0, got {self.preference_beta!r}")
         p.extend(self.grid().validate())
         return p
 
     def grid(self) -> "VariantGrid":
         """The variant grid this config asks for."""
-        return VariantGrid(learning_rates=list(self.learning_rates or []), ranks=list(self.lora_ranks or []))
+        return VariantGrid(learning_rates=list(self.learning_rates or []), ranks=list(self.lora_ranks or []),
+                           objectives=list(self.objectives or []))
 
     # Fields that must be identical to resume a run from its checkpoints (see trainer/resume.py). Others
     # (save_steps, logging, regression_set, ...) may change between a killed run and its resumption.
@@ -184,24 +202,36 @@ class TrainConfig:
                      "neftune_noise_alpha")
 
     def resume_fields(self) -> dict:
-        """The values of RESUME_FIELDS, with lora_alpha resolved."""
+        """The values of RESUME_FIELDS, with lora_alpha resolved; a preference objective adds its own.
+
+        An SFT run's contract has no objective field, so run directories written before objectives existed
+        still resume."""
         values = {name: getattr(self, name) for name in self.RESUME_FIELDS}
         values["lora_alpha"] = self.alpha
+        if self.objective != "sft":
+            values.update(objective=self.objective, preference_beta=self.preference_beta)
         return values
 
 
 @dataclass
 class VariantGrid:
-    """The learning-rate x rank variants one cycle trains and compares on held-out loss."""
+    """The learning-rate x rank x objective variants one cycle trains and compares on held-out loss."""
 
     # Learning rates tried (see DEFAULT_LEARNING_RATES for why these).
     learning_rates: list[float] = field(default_factory=lambda: list(DEFAULT_LEARNING_RATES))
     # LoRA ranks tried (alpha = 2 * rank unless TrainConfig.lora_alpha is set).
     ranks: list[int] = field(default_factory=lambda: list(DEFAULT_RANKS))
+    # Objectives tried (OBJECTIVES; see DEFAULT_OBJECTIVES).
+    objectives: list[str] = field(default_factory=lambda: list(DEFAULT_OBJECTIVES))
+
+    def points(self) -> list[tuple[str, float, int, str]]:
+        """(name, learning_rate, rank, objective) for every grid point, in a stable order."""
+        return [(variant_name(lr, rank, objective), lr, rank, objective)
+                for objective in self.objectives for lr in self.learning_rates for rank in self.ranks]
 
     def variants(self) -> list[tuple[str, float, int]]:
-        """(name, learning_rate, rank) for every grid point, in a stable order."""
-        return [(variant_name(lr, rank), lr, rank) for lr in self.learning_rates for rank in self.ranks]
+        """(name, learning_rate, rank) for every grid point, in a stable order (points() adds the objective)."""
+        return [(name, lr, rank) for name, lr, rank, _ in self.points()]
 
     def validate(self) -> list[str]:
         """Every problem with this grid, all at once (empty list when valid)."""
@@ -216,15 +246,21 @@ class VariantGrid:
         for rank in self.ranks:
             if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
                 p.append(f"trainer.lora_ranks must be integers > 0, got {rank!r}")
+        if not self.objectives:
+            p.append("trainer.objectives must list at least one objective")
+        for objective in self.objectives:
+            if objective not in OBJECTIVES:
+                p.append(f"trainer.objectives must be among {OBJECTIVES}, got {objective!r}")
         names = [name for name, _, _ in self.variants()] if not p else []
         if len(set(names)) != len(names):
             p.append(f"trainer variant grid has duplicate points: {names}")
         return p
 
 
-def variant_name(learning_rate: float, rank: int) -> str:
-    """Directory name of one variant, e.g. 'lr0.001_r16' (six significant digits keep distinct rates apart)."""
-    return f"lr{learning_rate:g}_r{rank}"
+def variant_name(learning_rate: float, rank: int, objective: str = "sft") -> str:
+    """Directory name of one variant, e.g. 'lr0.001_r16', 'lr0.001_r16_sft+dpo' (six significant digits
+    keep distinct rates apart; SFT variants carry no suffix, so their names stay what they always were)."""
+    return f"lr{learning_rate:g}_r{rank}" + ("" if objective == "sft" else f"_{objective}")
 
 
 def config_field_names(cls) -> list[str]:

@@ -30,7 +30,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from trainer.base_model import base_identity, resolve_base
-from trainer.config import TrainConfig
+from trainer.config import OBJECTIVES, TrainConfig
 from trainer.data import (DataError, build_training_set, data_hash, load_examples, require_enough, split_eval,
                           tokenize_examples)
 from trainer.evaluate import eval_loss, regression_examples
@@ -65,6 +65,9 @@ def train(data: str | Path | list[dict], output_dir: str | Path, *, base: str | 
     started = time.time()
     config = config or TrainConfig()
     problems = config.validate()
+    if config.objective != "sft":
+        problems.append(f"train() runs SFT; objective {config.objective!r} runs through "
+                        "trainer.preference.train_objective")
     if problems:
         raise ConfigError("invalid training config:\n  - " + "\n  - ".join(problems))
     output_dir = Path(output_dir)
@@ -440,6 +443,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval", help="held-out examples (default: hold out eval_fraction of --data)")
     parser.add_argument("--replay", help="earlier curated examples to mix in at replay_ratio")
     parser.add_argument("--config-json", help="a JSON object of TrainConfig fields (flags below override it)")
+    parser.add_argument("--objective", choices=OBJECTIVES, help="train.objective (trainer/preference.py)")
+    parser.add_argument("--preference", help="directory with pairs.jsonl/labels.jsonl (+ eval_*), e.g. a snapshot")
     flags = {"--lr": ("learning_rate", float), "--rank": ("lora_rank", int), "--alpha": ("lora_alpha", int),
              "--max-steps": ("max_steps", int), "--epochs": ("epochs", float), "--save-steps": ("save_steps", int),
              "--max-length": ("max_length", int), "--batch-size": ("batch_size", int),
@@ -470,10 +475,17 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from trainer.preference import PreferenceSkipped, train_objective
+
     try:
         config = config_from_args(args)
-        metrics = train(args.data, args.output, base=args.base, eval_data=args.eval, replay=args.replay,
-                        config=config, force=args.force)
+        metrics = train_objective(args.data, args.output, base=args.base, eval_data=args.eval, replay=args.replay,
+                                  preference=args.preference, config=config, force=args.force)
+    except PreferenceSkipped as exc:
+        if not (Path(args.output) / METRICS_FILE).exists():  # never over an earlier run's report
+            _write_metrics(Path(args.output), {"status": "skipped", "reason": str(exc)})
+        print(f"skipped: {exc}", file=sys.stderr)
+        return 3
     except (ConfigError, DataError, ResumeMismatchError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,9 +1,11 @@
-"""A grid of learning-rate x rank variants, each its own resumable run, judged on held-out loss.
+"""A grid of learning-rate x rank x objective variants, each its own resumable run, judged on held-out loss.
 
 Variants run one after another in this process on a CPU or a single GPU; with several GPUs they run side
 by side, one `python -m trainer.train` process per GPU. Each variant's directory is an ordinary run
 directory (trainer/train.py), so a killed cycle resumes every unfinished variant and skips finished ones.
 A failed variant (NaN or exploding loss, or an error) is reported but never chosen by `best_variant`.
+A preference objective (trainer/preference.py) with nothing to learn from in the snapshot (no pairs, or
+labels of one class only) is reported as ``skipped`` with the reason, never run and never chosen.
 The grid's report is written to out_root/variants.json and out_root/variants.png.
 """
 
@@ -36,8 +38,9 @@ class VariantResult:
     lora_rank: int
     lora_alpha: int
     run_dir: Path
-    status: str  # "ok" or "failed"
+    status: str  # "ok", "failed" or "skipped" (the objective had no data; reason says why)
     reason: str | None = None
+    objective: str = "sft"
     eval_loss: float | None = None  # held-out loss on the answer tokens: what the best variant is chosen by
     regression_loss: float | None = None  # general-ability regression set: forgetting shows here
     eval_loss_start: float | None = None  # the same two losses of the starting weights, for comparison
@@ -46,6 +49,7 @@ class VariantResult:
     tokens_per_s: float | None = None
     wall_time_s: float | None = None
     peak_memory_mb: dict = field(default_factory=dict)
+    preference: dict = field(default_factory=dict)  # the preference measure (trainer/preference.py), if any
     metrics: dict = field(default_factory=dict)
 
     @property
@@ -57,12 +61,12 @@ class VariantResult:
     def from_metrics(cls, name: str, config: TrainConfig, run_dir: Path, metrics: dict) -> "VariantResult":
         return cls(name=name, learning_rate=config.learning_rate, lora_rank=config.lora_rank,
                    lora_alpha=config.alpha, run_dir=Path(run_dir), status=metrics.get("status", "failed"),
-                   reason=metrics.get("reason"), eval_loss=metrics.get("eval_loss"),
+                   reason=metrics.get("reason"), objective=config.objective, eval_loss=metrics.get("eval_loss"),
                    regression_loss=metrics.get("regression_loss"), eval_loss_start=metrics.get("eval_loss_start"),
                    regression_loss_start=metrics.get("regression_loss_start"),
                    train_loss_final=metrics.get("train_loss_final"), tokens_per_s=metrics.get("tokens_per_s"),
                    wall_time_s=metrics.get("wall_time_s"), peak_memory_mb=metrics.get("peak_memory_mb") or {},
-                   metrics=metrics)
+                   preference=metrics.get("preference") or {}, metrics=metrics)
 
     def to_dict(self, with_metrics: bool = True) -> dict:
         """JSON-ready: every field, plus adapter_dir (None when failed) and wall_s (= wall_time_s)."""
@@ -98,12 +102,14 @@ def best_variant(results: list[VariantResult], regression_tolerance: float | Non
 def run_variants(train_path: str | Path, eval_path: str | Path | None, base_dir: str | Path | None,
                  out_root: str | Path, grid: VariantGrid | TrainConfig | None = None,
                  config: TrainConfig | None = None, *, replay_path: str | Path | None = None,
-                 force: bool = False) -> list[VariantResult]:
+                 force: bool = False, preference_dir: str | Path | None = None) -> list[VariantResult]:
     """Train every grid variant into out_root/<variant name>/ and report them all (failed ones included).
 
-    `config` gives everything but the learning rate and rank, which come from `grid` (default: the grid in
-    `config`, i.e. config.learning_rates x config.lora_ranks). A TrainConfig passed in `grid`'s place is taken
-    as `config`. Bad input (too few examples, an invalid grid) raises before any variant starts.
+    `config` gives everything but the learning rate, rank and objective, which come from `grid` (default: the
+    grid in `config`, i.e. config.learning_rates x config.lora_ranks x config.objectives). A TrainConfig
+    passed in `grid`'s place is taken as `config`. `preference_dir`: the snapshot directory holding the
+    pairs and labels files (trainer/preference.py); without it every preference objective is skipped.
+    Bad input (too few examples, an invalid grid, malformed pairs/labels) raises before any variant starts.
     """
     if isinstance(grid, TrainConfig) and config is None:
         grid, config = None, grid
@@ -114,30 +120,49 @@ def run_variants(train_path: str | Path, eval_path: str | Path | None, base_dir:
         from trainer.train import ConfigError
 
         raise ConfigError("invalid variant grid:\n  - " + "\n  - ".join(problems))
+    from trainer.preference import PreferenceData, skip_reason
+
+    preference = PreferenceData.from_dir(preference_dir)
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
-    plan = [(name, replace(config, learning_rate=lr, lora_rank=rank)) for name, lr, rank in grid.variants()]
+    plan, skipped = [], {}
+    for name, lr, rank, objective in grid.points():
+        variant_config = replace(config, learning_rate=lr, lora_rank=rank, objective=objective)
+        reason = skip_reason(objective, preference)
+        if reason:
+            log.warning("variant %s skipped: %s", name, reason)
+            skipped[name] = VariantResult.from_metrics(name, variant_config, out_root / name,
+                                                       {"status": "skipped", "reason": reason})
+        else:
+            plan.append((name, variant_config))
 
     gpus = _gpu_count()
     if gpus > 1 and len(plan) > 1:
-        results = _run_on_gpus(plan, train_path, eval_path, base_dir, out_root, replay_path, force, gpus)
+        results = _run_on_gpus(plan, train_path, eval_path, base_dir, out_root, replay_path, force, gpus,
+                               preference_dir)
     else:
-        results = _run_here(plan, train_path, eval_path, base_dir, out_root, replay_path, force)
+        results = _run_here(plan, train_path, eval_path, base_dir, out_root, replay_path, force, preference)
+    by_name = {r.name: r for r in results} | skipped
+    results = [by_name[name] for name, *_ in grid.points()]
     write_report(results, out_root)
     return results
 
 
-def _run_here(plan, train_path, eval_path, base_dir, out_root: Path, replay_path, force) -> list[VariantResult]:
+def _run_here(plan, train_path, eval_path, base_dir, out_root: Path, replay_path, force,
+              preference=None) -> list[VariantResult]:
     from trainer.data import DataError
+    from trainer.preference import PreferenceSkipped, train_objective
     from trainer.resume import ResumeMismatchError
-    from trainer.train import ConfigError, train
+    from trainer.train import ConfigError
 
     results = []
     for name, variant_config in tqdm(plan, desc="variants", unit="variant"):
         run_dir = out_root / name
         try:
-            metrics = train(train_path, run_dir, base=base_dir, eval_data=eval_path, replay=replay_path,
-                            config=variant_config, force=force)
+            metrics = train_objective(train_path, run_dir, base=base_dir, eval_data=eval_path, replay=replay_path,
+                                      preference=preference, config=variant_config, force=force)
+        except PreferenceSkipped as exc:  # e.g. every pair's prompt longer than max_length
+            metrics = {"status": "skipped", "reason": str(exc)}
         except (DataError, ConfigError, ResumeMismatchError):
             raise  # bad input or a foreign out_root fails every variant alike: say so once
         except Exception as exc:  # noqa: BLE001 - one broken variant must not sink the others
@@ -149,7 +174,7 @@ def _run_here(plan, train_path, eval_path, base_dir, out_root: Path, replay_path
 
 
 def _run_on_gpus(plan, train_path, eval_path, base_dir, out_root: Path, replay_path, force,
-                 gpus: int) -> list[VariantResult]:
+                 gpus: int, preference_dir=None) -> list[VariantResult]:
     """One `python -m trainer.train` per GPU at a time, until every variant has run."""
     from trainer.base_model import resolve_base
 
@@ -162,15 +187,15 @@ def _run_on_gpus(plan, train_path, eval_path, base_dir, out_root: Path, replay_p
         for gpu in range(gpus):
             if gpu not in running and pending:
                 entry = pending.pop(0)
-                running[gpu] = (_spawn(entry, gpu, train_path, eval_path, base, out_root, replay_path, force),
-                                entry)
+                running[gpu] = (_spawn(entry, gpu, train_path, eval_path, base, out_root, replay_path, force,
+                                       preference_dir), entry)
         for gpu, (process, (name, variant_config)) in list(running.items()):
             if process.poll() is None:
                 continue
             del running[gpu]
             progress.update(1)
             metrics = _read_metrics(out_root / name) or {}
-            if process.returncode != 0 and metrics.get("status") != "failed":
+            if process.returncode != 0 and metrics.get("status") not in ("failed", "skipped"):
                 metrics.update(status="failed", reason=f"trainer process exited with {process.returncode} "
                                                        f"(log: {out_root / name / 'train.log'})")
             finished[name] = VariantResult.from_metrics(name, variant_config, out_root / name, metrics)
@@ -183,7 +208,8 @@ def _run_on_gpus(plan, train_path, eval_path, base_dir, out_root: Path, replay_p
     return [finished[name] for name, _ in plan]
 
 
-def _spawn(entry, gpu: int, train_path, eval_path, base: str, out_root: Path, replay_path, force):
+def _spawn(entry, gpu: int, train_path, eval_path, base: str, out_root: Path, replay_path, force,
+           preference_dir=None):
     name, variant_config = entry
     run_dir = out_root / name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -195,6 +221,8 @@ def _spawn(entry, gpu: int, train_path, eval_path, base: str, out_root: Path, re
         command += ["--eval", str(eval_path)]
     if replay_path:
         command += ["--replay", str(replay_path)]
+    if preference_dir:
+        command += ["--preference", str(preference_dir)]
     if force:
         command.append("--force")
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))

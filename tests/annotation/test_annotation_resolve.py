@@ -28,7 +28,9 @@ def _resp(user, status="submitted", quality=None, correction=None, at="2025-01-0
 def test_good_answer_trains_on_the_models_answer():
     res = resolve(_record(_resp("u1", quality=4, correction="Paris.")))  # pre-filled text left unchanged
     assert res.state == "accepted" and res.source == "answer"
-    assert res.example == {"id": "turn-1", "messages": CONV + [{"role": "assistant", "content": "Paris."}]}
+    example = {k: v for k, v in res.example.items() if k != "provenance"}
+    assert example == {"id": "turn-1", "messages": CONV + [{"role": "assistant", "content": "Paris."}]}
+    assert res.example["provenance"]["record_id"] == "uuid-1" and res.example["provenance"]["quality"] == 4
 
 
 def test_poor_answer_without_correction_does_not_train():

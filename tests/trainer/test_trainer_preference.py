@@ -1,0 +1,194 @@
+"""Preference objectives (trainer/preference.py) on the bundled SmolLM2-135M on the CPU, with the pinned TRL.
+
+One optimizer step per objective on tiny sets (max_length 64): what they write, that they resume by the
+same contract, that the NaN guard stops them, and that an objective without data is skipped, never run.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from test_trainer_train import FACTS, facts, small_config
+from trainer.config import OBJECTIVES, TrainConfig, VariantGrid
+from trainer.data import DataError, write_examples
+from trainer.preference import PreferenceData, PreferenceSkipped, skip_reason, train_objective
+
+WRONG = ["The mayor of Zorbland is Bob.", "The capital of Veloria is Paris.", "A glimmerfruit is red.",
+         "Kestra has two moons.", "Nobody invented it.", "Pizza.", "English.", "In 1999."]
+SYSTEM = {"role": "system", "content": "Be brief."}
+
+
+def pairs() -> list[dict]:
+    return [{"id": f"fact-{i}", "prompt": [SYSTEM, {"role": "user", "content": q}], "chosen": a,
+             "rejected": WRONG[i]} for i, (q, a) in enumerate(FACTS)]
+
+
+def labels(kinds=("desirable", "undesirable")) -> list[dict]:
+    rows = []
+    for i, (q, a) in enumerate(FACTS):
+        kind = kinds[i % len(kinds)]
+        rows.append({"id": f"fact-{i}", "prompt": [SYSTEM, {"role": "user", "content": q}],
+                     "answer": a if kind == "desirable" else WRONG[i], "label": kind, "by": "user"})
+    return rows
+
+
+def write_preference(directory: Path, pair_rows=None, label_rows=None, eval_pairs=None) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("pairs.jsonl", pair_rows), ("labels.jsonl", label_rows), ("eval_pairs.jsonl", eval_pairs)):
+        (directory / name).write_text("".join(json.dumps(r) + "\n" for r in rows or []))
+    return directory
+
+
+def test_trl_is_pinned_and_kto_is_in_its_stable_api():
+    pinned = next(line.split("==")[1].strip() for line in Path("constraints.txt").read_text().splitlines()
+                  if line.lower().startswith("trl=="))
+    assert importlib.metadata.version("trl") == pinned
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer  # noqa: F401 - stable, not trl.experimental
+
+    assert KTOTrainer.__module__ == "trl.trainer.kto_trainer"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["sft", "dpo", "kto"])
+def test_each_objective_trains_one_step_on_cpu_and_reports_the_same_measures(objective, base_hf_dir, tmp_path):
+    data = tmp_path / "train.jsonl"
+    write_examples(data, facts())
+    held_out = tmp_path / "eval.jsonl"
+    write_examples(held_out, facts()[:2])
+    preference = write_preference(tmp_path / "snap", pairs()[2:], labels()[2:], eval_pairs=pairs()[:2])
+    config = small_config(tmp_path, objective=objective, max_steps=1, batch_size=2, save_steps=1,
+                          select_best_epoch=False)
+    out = tmp_path / "run"
+    metrics = train_objective(data, out, base=base_hf_dir, eval_data=held_out, preference=preference, config=config)
+
+    assert metrics["status"] == "ok", metrics.get("reason")
+    assert metrics["objective"] == objective and metrics["steps"] == 1
+    assert (out / "adapter" / "adapter_config.json").is_file() and not (out / "adapter" / "ref").exists()
+    assert (out / "checkpoint-1").is_dir()
+    for name in ("eval_loss", "eval_loss_start", "regression_loss", "regression_loss_start", "train_loss_final"):
+        assert isinstance(metrics[name], float), name  # the gate's measures, for every objective
+    measure = metrics["preference"]
+    assert measure["pairs_split"] == "eval" and measure["pairs"] == 2
+    for name in ("rejected_logprob", "rejected_logprob_start", "margin", "margin_start", "desirable_logprob"):
+        assert isinstance(measure[name], float), name
+    assert json.loads((out / "metrics.json").read_text())["preference"] == measure
+    if objective != "sft":
+        contract = json.loads((out / "training_progress.json").read_text())
+        assert contract["config"]["objective"] == objective
+        # the same command again finds the finished run by its contract and does not train again
+        again = train_objective(data, out, base=base_hf_dir, eval_data=held_out, preference=preference,
+                                config=config)
+        assert again == json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_sft_then_dpo_continues_the_sft_adapter_with_the_sft_weights_as_reference(base_hf_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    data = tmp_path / "train.jsonl"
+    write_examples(data, facts())
+    preference = write_preference(tmp_path / "snap", pairs())
+    config = small_config(tmp_path, objective="sft+dpo", max_steps=2, batch_size=2, select_best_epoch=False)
+    out = tmp_path / "run"
+    metrics = train_objective(data, out, base=base_hf_dir, preference=preference, config=config)
+
+    assert metrics["status"] == "ok", metrics.get("reason")
+    assert metrics["stages"]["sft"]["status"] == "ok" and (out / "sft" / "adapter").is_dir()
+    sft = load_file(str(out / "sft" / "adapter" / "adapter_model.safetensors"))
+    dpo = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert sft.keys() == dpo.keys()
+    # DPO moved the SFT adapter; at the first DPO step policy = reference (the SFT weights): loss ln 2
+    assert any(not sft[k].equal(dpo[k]) for k in sft)
+    assert metrics["train_loss_curve"][0][1] == pytest.approx(0.6931, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_nan_guard_stops_a_preference_run_as_diverged(base_hf_dir, tmp_path):
+    data = tmp_path / "train.jsonl"
+    write_examples(data, facts())
+    preference = write_preference(tmp_path / "snap", pairs())
+    config = small_config(tmp_path, objective="dpo", max_steps=3, batch_size=2, inject_nan_at_step=2,
+                          select_best_epoch=False)
+    metrics = train_objective(data, tmp_path / "run", base=base_hf_dir, preference=preference, config=config)
+    assert metrics["status"] == "failed" and metrics["failure"] == "diverged"
+    assert "step 2" in metrics["reason"] and not (tmp_path / "run" / "adapter").exists()
+
+
+def test_no_pairs_or_one_class_of_labels_is_a_stated_skip():
+    assert "no preference pairs" in skip_reason("sft+dpo", PreferenceData(labels=labels()))
+    assert "no labelled answers" in skip_reason("kto", PreferenceData(pairs=pairs()))
+    assert "only desirable labels" in skip_reason("kto", PreferenceData(labels=labels(("desirable",))))
+    assert skip_reason("sft", PreferenceData()) is None
+    assert skip_reason("dpo", PreferenceData(pairs=pairs())) is None
+    assert skip_reason("sft+kto", PreferenceData(labels=labels())) is None
+    with pytest.raises(PreferenceSkipped, match="no preference pairs"):
+        train_objective(facts(), "unused", preference=PreferenceData(), config=TrainConfig(objective="dpo"))
+
+
+def test_malformed_pairs_file_is_refused_naming_the_line(tmp_path):
+    write_preference(tmp_path, pairs()[:1] + [{"id": "x", "prompt": [], "chosen": "a", "rejected": "b"}])
+    with pytest.raises(DataError, match=r"pairs.jsonl:2: 'prompt' must be"):
+        PreferenceData.from_dir(tmp_path)
+
+
+@pytest.mark.slow
+def test_grid_skips_objectives_without_data_and_never_chooses_them(base_hf_dir, tmp_path):
+    from trainer.variants import REPORT_FILE, best_variant, run_variants
+
+    train_path, eval_path = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    write_examples(train_path, facts())
+    write_examples(eval_path, facts()[:2])
+    snapshot = write_preference(tmp_path / "snap", [], labels(("undesirable",)))  # no pairs, one class
+    grid = VariantGrid(learning_rates=[1e-3], ranks=[8], objectives=["sft", "sft+dpo", "kto"])
+    config = small_config(tmp_path, max_steps=2, batch_size=2, select_best_epoch=False)
+    results = run_variants(train_path, eval_path, base_hf_dir, tmp_path / "variants", grid, config,
+                           preference_dir=snapshot)
+
+    by_name = {r.name: r for r in results}
+    assert list(by_name) == ["lr0.001_r8", "lr0.001_r8_sft+dpo", "lr0.001_r8_kto"]
+    assert by_name["lr0.001_r8"].status == "ok"
+    assert by_name["lr0.001_r8_sft+dpo"].status == "skipped"
+    assert "no preference pairs" in by_name["lr0.001_r8_sft+dpo"].reason
+    assert by_name["lr0.001_r8_kto"].status == "skipped" and "only undesirable" in by_name["lr0.001_r8_kto"].reason
+    assert best_variant(results).name == "lr0.001_r8"
+    report = json.loads((tmp_path / "variants" / REPORT_FILE).read_text())
+    assert [(v["name"], v["status"], v["objective"]) for v in report["variants"]] == [
+        ("lr0.001_r8", "ok", "sft"), ("lr0.001_r8_sft+dpo", "skipped", "sft+dpo"), ("lr0.001_r8_kto", "skipped", "kto")]
+
+
+def test_objective_is_a_grid_axis_and_sft_names_stay_as_they_were():
+    grid = VariantGrid(learning_rates=[1e-3], ranks=[16], objectives=["sft", "sft+dpo", "kto"])
+    assert [name for name, _, _ in grid.variants()] == ["lr0.001_r16", "lr0.001_r16_sft+dpo", "lr0.001_r16_kto"]
+    assert [p[3] for p in grid.points()] == ["sft", "sft+dpo", "kto"]
+    assert TrainConfig().objectives == ["sft"] and TrainConfig().grid().objectives == ["sft"]
+    assert any("orpo" in p for p in TrainConfig(objectives=["orpo"]).validate())
+    assert any("trainer.objective " in p for p in TrainConfig(objective="ppo").validate())
+    # an SFT run's resume contract is what it was before objectives existed; a preference run's names it
+    assert "objective" not in TrainConfig().resume_fields()
+    assert TrainConfig(objective="kto").resume_fields()["objective"] == "kto"
+    assert set(OBJECTIVES) == {"sft", "dpo", "kto", "sft+dpo", "sft+kto"}
+
+
+def test_command_line_objective_flag(tmp_path):
+    from trainer.train import _parser, config_from_args
+
+    args = _parser().parse_args(["--data", "d", "--output", "o", "--objective", "kto", "--preference", "snap"])
+    assert config_from_args(args).objective == "kto" and args.preference == "snap"
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--data", "d", "--output", "o", "--objective", "ppo"])
+
+
+def test_command_line_skip_exits_3_with_the_reason_and_writes_it(tmp_path, capsys):
+    from trainer.train import main
+
+    data = tmp_path / "train.jsonl"
+    write_examples(data, facts())
+    code = main(["--data", str(data), "--output", str(tmp_path / "run"), "--objective", "dpo",
+                 "--preference", str(write_preference(tmp_path / "snap", [], labels()))])
+    assert code == 3 and re.search("skipped: no preference pairs", capsys.readouterr().err)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "skipped"
