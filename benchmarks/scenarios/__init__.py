@@ -1,0 +1,1 @@
+"""The learning scenario suite: scenario files, their checks and the runner (see run.py)."""

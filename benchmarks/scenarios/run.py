@@ -1,0 +1,350 @@
+"""Does one cycle of the real loop teach what users and reviewers corrected? The scenario suite, end to end.
+
+    python benchmarks/scenarios/run.py [--scenario NAME ...] [--seeds 0 1 2] [--split unseen|tune|all]
+                                       [--out results.json] [--write-results] [--keep]
+
+For every scenario (benchmarks/scenarios/*.json, see suite.py) and seed, in a fresh temporary LOOP_HOME
+with its own local Argilla stack on free ports (a fresh home also gives every seed other ids):
+  1. the bundled base model is registered as v1;
+  2. every chat is logged into the store with the answer the base GGUF gives greedily (the app's token
+     limit), unless the chat records the answer its user saw, and the chat's feedback is added;
+  3. the turns are pushed to Argilla and reviewed through Argilla's API as the annotator user, by the
+     demo's scripted reviewer (a correction is accepted, a thumbs-up rated 5, the rest discarded);
+  4. one cycle runs (loop.cycle.Cycle) with LOOP_TRAINER__SEED=<seed>, timed; the summary's stage seconds
+     split the cycle into training and everything else;
+  5. the served GGUF (the registry's current version) and the base GGUF answer every probe and general
+     probe greedily (64 tokens), and the probe's check decides (checks.py).
+Each run happens in a child process so that one run's environment, caches and memory never reach the
+next. Per run the JSON records: scenario, split, seed, promoted (current != v1), outcome and reason, the
+probe pass rate served vs base, how many general probes the base got right and how many of those the
+served model still gets right, cycle / train / other seconds, and every answer.
+
+``--write-results`` replaces (or appends) today's section in benchmarks/RESULTS.md: one row per run and a
+summary per split (mean, min and spread of the served pass rate, the worst share of general answers kept).
+A scenario file that fails validation stops everything before any run starts, listing every problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.scenarios import checks, suite  # noqa: E402
+
+RESULTS_MD = REPO / "benchmarks" / "RESULTS.md"
+SECTION_TITLE = "Learning scenario suite"
+PROBE_MAX_TOKENS = 64
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def log(msg: str) -> None:
+    print(f"[scenarios] {msg}", file=sys.stderr, flush=True)
+
+
+# -- one run (in the child process) ----------------------------------------------------------------
+
+def answer_probes(gguf: Path, probes: list[dict[str, Any]], n_ctx: int) -> list[dict[str, Any]]:
+    from loop.probe_runner import greedy_answer, load_llama
+
+    llm = load_llama(gguf, n_ctx=n_ctx)
+    try:
+        rows = []
+        for probe in probes:
+            answer = greedy_answer(llm, probe["messages"], max_tokens=PROBE_MAX_TOKENS).answer
+            rows.append({"question": suite.last_user(probe["messages"]), "answer": answer,
+                         "passed": checks.passes(probe["check"], answer)})
+        return rows
+    finally:
+        llm.close()
+
+
+def log_chats(scenario: dict[str, Any], store, base, config) -> dict[str, int]:
+    """Log every chat as the app would: the base GGUF's greedy answer, then the user's feedback."""
+    from loop.probe_runner import greedy_answer, load_llama
+
+    counts = {"generated": 0, "recorded": 0, "feedback": 0}
+    llm = load_llama(base.gguf_path, n_ctx=config.model.n_ctx)
+    try:
+        for chat in scenario["chats"]:
+            cid = store.new_conversation(client=f"scenario:{scenario['name']}")
+            if chat.get("answer"):
+                answer, mean_logprob, source = chat["answer"], None, "scenario file"
+                counts["recorded"] += 1
+            else:
+                generated = greedy_answer(llm, chat["messages"], max_tokens=config.app.max_tokens)
+                answer, mean_logprob, source = generated.answer, generated.mean_logprob, "base GGUF, greedy"
+                counts["generated"] += 1
+            tid = store.log_turn(conversation_id=cid, messages=chat["messages"], answer=answer,
+                                 model_version=base.id, gguf_sha256=base.gguf_sha256,
+                                 sampling={"temperature": 0.0, "source": source}, logprob_mean=mean_logprob)
+            fb = chat.get("feedback")
+            if fb:
+                store.add_feedback(tid, thumbs=fb.get("thumbs"), reasons=fb.get("reasons") or [],
+                                   comment=fb.get("comment"), correction=fb.get("correction"),
+                                   source=f"scenario:{scenario['name']}")
+                counts["feedback"] += 1
+    finally:
+        llm.close()
+    return counts
+
+
+def run_one(scenario: dict[str, Any], seed: int, home: Path) -> dict[str, Any]:
+    """One scenario x seed in ``home`` (this process's environment is set up for it by ``child_main``)."""
+    from annotation.push import push
+    from annotation.server import start_stack, stop_stack
+    from loop.bootstrap import ensure_base_version
+    from loop.config import load_config
+    from loop.cycle import Cycle
+    from loop.demo import scripted_review
+    from loop.registry import Registry
+    from loop.store import Store
+
+    config = load_config()
+    result: dict[str, Any] = {"scenario": scenario["name"], "kind": scenario["kind"], "split": scenario["split"],
+                              "seed": seed}
+    t_run = time.perf_counter()
+    try:
+        stack = start_stack(config=config.stack)
+        base = ensure_base_version(config)
+        store = Store.open()
+        result["chats"] = log_chats(scenario, store, base, config)
+        result["push"] = push(config, store=store, progress=False).as_dict()
+        result["review"] = scripted_review(config, store, stack)
+        t0 = time.perf_counter()
+        summary = Cycle(config, progress=False).run()
+        cycle_s = time.perf_counter() - t0
+    finally:
+        stop_stack()
+    stages = summary.get("stages") or {}
+    train_s = float((stages.get("train") or {}).get("seconds") or 0.0)
+    registry = Registry()
+    base_version, current = registry.list()[0], registry.current()
+    result.update(
+        promoted=current.id != base_version.id, current_version=current.id, outcome=summary.get("outcome"),
+        reason=summary.get("reason"), variant=current.variant if current.id != base_version.id else None,
+        cycle_seconds=round(cycle_s, 1), train_seconds=round(train_s, 1), other_seconds=round(cycle_s - train_s, 1),
+        stage_seconds={name: s.get("seconds") for name, s in stages.items()},
+    )
+    probes, general = scenario["probes"], scenario["general_probes"]
+    base_probe = answer_probes(base_version.gguf_path, probes, config.model.n_ctx)
+    base_general = answer_probes(base_version.gguf_path, general, config.model.n_ctx)
+    if result["promoted"]:
+        served_probe = answer_probes(current.gguf_path, probes, config.model.n_ctx)
+        served_general = answer_probes(current.gguf_path, general, config.model.n_ctx)
+    else:  # the served model is the base: its answers are the base's
+        served_probe, served_general = base_probe, base_general
+    base_right = [i for i, row in enumerate(base_general) if row["passed"]]
+    kept = [i for i in base_right if served_general[i]["passed"]]
+    result.update(
+        probe_pass_served=sum(r["passed"] for r in served_probe) / len(probes),
+        probe_pass_base=sum(r["passed"] for r in base_probe) / len(probes),
+        probes=len(probes),
+        general_base_right=len(base_right),
+        general_kept=len(kept),
+        general_probes=len(general),
+        general_kept_rate=(len(kept) / len(base_right)) if base_right else None,
+        run_seconds=round(time.perf_counter() - t_run, 1),
+        answers={
+            "probes": [{"question": b["question"], "base": b["answer"], "base_passed": b["passed"],
+                        "served": s["answer"], "served_passed": s["passed"]} for b, s in zip(base_probe, served_probe)],
+            "general": [{"question": b["question"], "base": b["answer"], "base_passed": b["passed"],
+                         "served": s["answer"], "served_passed": s["passed"]}
+                        for b, s in zip(base_general, served_general)],
+        },
+    )
+    return result
+
+
+def child_main(name: str, seed: int, home: str, out: str) -> int:
+    os.environ["LOOP_HOME"] = home
+    os.environ.setdefault("LOOP_TOOLS", str(REPO / ".loop" / "tools"))
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ["LOOP_TRAINER__SEED"] = str(seed)
+    port, search, redis = free_ports(3)
+    os.environ.update({"LOOP_STACK__PORT": str(port), "LOOP_STACK__SEARCH_PORT": str(search),
+                       "LOOP_STACK__REDIS_PORT": str(redis)})
+    # An external Argilla would mix runs in one dataset: every run gets its own local stack.
+    os.environ.pop("ARGILLA_API_URL", None)
+    os.environ.pop("ARGILLA_API_KEY", None)
+    (scenario,) = suite.load_scenarios(names=[name])
+    result = run_one(scenario, seed, Path(home))
+    Path(out).write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")
+    return 0
+
+
+# -- the suite (in the parent process) -------------------------------------------------------------
+
+def run_suite(scenarios: list[dict[str, Any]], seeds: list[int], keep: bool) -> list[dict[str, Any]]:
+    results = []
+    total = len(scenarios) * len(seeds)
+    for scenario in scenarios:
+        for seed in seeds:
+            home = Path(tempfile.mkdtemp(prefix=f"scenario-{scenario['name']}-s{seed}-"))
+            out = home / "scenario-result.json"
+            n = len(results) + 1
+            log(f"run {n}/{total}: {scenario['name']} ({scenario['split']}) seed {seed} in {home}")
+            t0 = time.perf_counter()
+            proc = subprocess.run(
+                [sys.executable, str(Path(__file__).resolve()), "--child", scenario["name"], str(seed), str(home),
+                 str(out)], cwd=str(REPO), stdout=sys.stderr)  # stdout stays the results' JSON alone
+            if proc.returncode == 0 and out.is_file():
+                result = json.loads(out.read_text(encoding="utf-8"))
+            else:
+                result = {"scenario": scenario["name"], "kind": scenario["kind"], "split": scenario["split"],
+                          "seed": seed, "promoted": False, "outcome": "failed",
+                          "reason": f"the run's process exited with {proc.returncode} (its output is above)"}
+            result["home"] = str(home) if keep else None
+            if not keep:
+                shutil.rmtree(home, ignore_errors=True)
+            results.append(result)
+            log(progress_line(result, n, total, time.perf_counter() - t0))
+    return results
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def progress_line(r: dict[str, Any], n: int, total: int, seconds: float) -> str:
+    if "probe_pass_served" not in r:
+        return f"done {n}/{total}: {r['scenario']} seed {r['seed']}: FAILED ({r.get('reason')}) in {seconds:.0f}s"
+    return (f"done {n}/{total}: {r['scenario']} seed {r['seed']}: "
+            f"{'promoted ' + r['current_version'] if r['promoted'] else 'NOT promoted (' + str(r.get('reason')) + ')'}; "
+            f"probes {_pct(r['probe_pass_served'])} served vs {_pct(r['probe_pass_base'])} base; "
+            f"general kept {r['general_kept']}/{r['general_base_right']}; "
+            f"cycle {r['cycle_seconds']:.0f}s (train {r['train_seconds']:.0f}s); run {seconds:.0f}s")
+
+
+def machine() -> str:
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores"
+
+
+def split_summary(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for split in suite.SPLITS:
+        runs = [r for r in results if r.get("split") == split]
+        if not runs:
+            continue
+        rates = [r.get("probe_pass_served", 0.0) for r in runs]
+        kept = [r["general_kept_rate"] for r in runs if r.get("general_kept_rate") is not None]
+        rows.append({
+            "split": split, "runs": len(runs), "promoted": sum(bool(r.get("promoted")) for r in runs),
+            "scenarios": len({r["scenario"] for r in runs}),
+            "pass_mean": statistics.fmean(rates), "pass_min": min(rates), "pass_spread": max(rates) - min(rates),
+            "worst_general_kept": min(kept) if kept else None,
+        })
+    return rows
+
+
+def markdown_section(results: list[dict[str, Any]], command: str, date: str) -> str:
+    lines = [
+        f"## {SECTION_TITLE} ({date}, {machine()})",
+        "",
+        f"Command: `{command}` — per scenario and seed: a fresh LOOP_HOME and local Argilla stack, the chats "
+        "answered by the base GGUF and logged with their feedback, push, the scripted reviewer, one real cycle "
+        "(default config, `LOOP_TRAINER__SEED`=seed), then the served and the base GGUF answer every probe "
+        f"greedily ({PROBE_MAX_TOKENS} tokens). Probes ask the taught things in words no chat used; general "
+        "kept = general probes the base answered right that the served model still answers right.",
+        "",
+        "| scenario | split | seed | promoted | probe pass (served vs base) | general kept | cycle s (train / other) |",
+        "| --- | --- | ---: | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        if "probe_pass_served" not in r:
+            lines.append(f"| {r['scenario']} | {r['split']} | {r['seed']} | failed: {r.get('reason')} | - | - | - |")
+            continue
+        promoted = "yes" if r["promoted"] else f"no: {r.get('reason') or r.get('outcome')}"
+        lines.append(
+            f"| {r['scenario']} | {r['split']} | {r['seed']} | {promoted} | "
+            f"{_pct(r['probe_pass_served'])} vs {_pct(r['probe_pass_base'])} | "
+            f"{r['general_kept']}/{r['general_base_right']} | "
+            f"{r['cycle_seconds']:.0f} ({r['train_seconds']:.0f} / {r['other_seconds']:.0f}) |")
+    lines += ["", "| split | scenarios | runs | promoted | pass mean | pass min | pass spread | worst general kept |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for s in split_summary(results):
+        lines.append(f"| {s['split']} | {s['scenarios']} | {s['runs']} | {s['promoted']}/{s['runs']} | "
+                     f"{_pct(s['pass_mean'])} | {_pct(s['pass_min'])} | {_pct(s['pass_spread'])} | "
+                     f"{_pct(s['worst_general_kept'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(section: str, path: Path = RESULTS_MD) -> None:
+    """Replace the section with the same heading (same title, date and machine) or append it."""
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
+    heading = section.splitlines()[0]
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.rstrip("\n") == heading), None)
+    if start is None:
+        new = text.rstrip("\n") + "\n\n\n" + section
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        tail = "".join(lines[end:])
+        new = "".join(lines[:start]) + section + ("\n\n" + tail if tail else "")
+    path.write_text(new, encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        name, seed, home, out = argv[1:5]
+        return child_main(name, int(seed), home, out)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenario", nargs="+", default=[], help="scenario names (default: every one in the split)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--split", choices=("unseen", "tune", "all"), default="all")
+    parser.add_argument("--out", help="also write the results (every answer included) to this JSON file")
+    parser.add_argument("--write-results", action="store_true", help="write today's section of benchmarks/RESULTS.md")
+    parser.add_argument("--keep", action="store_true", help="keep each run's LOOP_HOME (its path is in the results)")
+    args = parser.parse_args(argv)
+    try:
+        scenarios = suite.load_scenarios(names=args.scenario)
+    except suite.ScenarioError as exc:
+        print(f"scenario files have problems:\n{exc}", file=sys.stderr)
+        return 2
+    if args.split != "all":
+        scenarios = [s for s in scenarios if s["split"] == args.split]
+    if not scenarios:
+        print(f"no scenario matches (split {args.split}, names {args.scenario or 'any'})", file=sys.stderr)
+        return 2
+    results = run_suite(scenarios, args.seeds, args.keep)
+    report = {"date": dt.date.today().isoformat(), "machine": machine(), "seeds": args.seeds,
+              "summary": split_summary(results), "runs": results}
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
+    if args.write_results:
+        command = "python benchmarks/scenarios/run.py " + " ".join(argv)
+        write_results(markdown_section(results, command.strip(), report["date"]))
+    print(json.dumps(report, ensure_ascii=False))
+    return 0 if all(r.get("outcome") != "failed" for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,186 @@
+"""The scenario files of the learning suite are sound, and the runner's report writing is right (no model)."""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.scenarios import run, suite
+
+REPO = Path(__file__).resolve().parents[2]
+REQUIRED_KINDS = {"facts", "faq", "behaviour", "multiturn", "restyle"}
+
+
+@pytest.fixture(scope="module")
+def scenarios():
+    return suite.load_scenarios()
+
+
+def test_every_scenario_file_loads_and_validates(scenarios):
+    assert len(scenarios) == len(suite.scenario_files()) >= 6
+    for s in scenarios:
+        assert suite.validate_scenario(s, s["name"], suite.trainer_questions()) == []
+
+
+def test_the_suite_covers_every_required_kind_and_both_splits(scenarios):
+    kinds = {s["kind"] for s in scenarios}
+    assert kinds >= REQUIRED_KINDS and len(kinds) >= 5
+    splits = {s["split"] for s in scenarios}
+    assert splits == {"tune", "unseen"}
+    tune = {s["kind"] for s in scenarios if s["split"] == "tune"}
+    assert "behaviour" in tune and tune & {"facts", "faq"}
+
+
+def test_each_new_scenario_teaches_about_eight_things_three_ways_and_probes_them_twice(scenarios):
+    for s in scenarios:
+        if s["name"] == "zephyr":
+            continue
+        taught = [c for c in s["chats"] if (c.get("feedback") or {}).get("correction")]
+        assert 20 <= len(taught) <= 30, s["name"]
+        assert 14 <= len(s["probes"]) <= 20, s["name"]
+        assert 8 <= len(s["general_probes"]) <= 12, s["name"]
+
+
+def test_probes_never_repeat_a_chat_question(scenarios):
+    for s in scenarios:
+        asked = [m["content"] for c in s["chats"] for m in c["messages"] if m["role"] == "user"]
+        for p in s["probes"] + s["general_probes"]:
+            q = suite.last_user(p["messages"])
+            assert not any(suite.same_question(q, a) for a in asked), (s["name"], q)
+
+
+def test_general_probes_are_none_of_the_trainers_questions(scenarios):
+    trainer = suite.trainer_questions()
+    assert len(trainer) >= 80  # all three sets were read
+    for s in scenarios:
+        for p in s["general_probes"]:
+            q = suite.last_user(p["messages"])
+            assert not any(suite.same_question(q, t) for t in trainer), (s["name"], q)
+
+
+def test_multiturn_scenario_corrects_the_last_turn_of_a_longer_conversation_and_probes_the_same_way(scenarios):
+    for s in (s for s in scenarios if s["kind"] == "multiturn"):
+        for item in s["chats"] + s["probes"]:
+            assert len([m for m in item["messages"] if m["role"] == "user"]) >= 2
+            assert item["messages"][-1]["role"] == "user"
+
+
+def test_the_zephyr_scenario_is_the_demos_own_data():
+    zephyr = json.loads((REPO / "benchmarks" / "scenarios" / "zephyr.json").read_text())
+    samples = [json.loads(line) for line in (REPO / "loop" / "scenario" / "sample_conversations.jsonl").open()
+               if line.strip()]
+    facts = [json.loads(line) for line in (REPO / "loop" / "scenario" / "zephyr_facts.jsonl").open() if line.strip()]
+    assert [c["messages"] for c in zephyr["chats"]] == [s["messages"] for s in samples]
+    assert [c["feedback"] for c in zephyr["chats"]] == [s.get("feedback") for s in samples]
+    assert [suite.last_user(p["messages"]) for p in zephyr["probes"]] == [q for f in facts for q in f["heldout_questions"]]
+    assert zephyr["split"] == "tune"
+
+
+# -- validation catches what it must ---------------------------------------------------------------
+
+@pytest.fixture
+def sound():
+    return {
+        "name": "t", "kind": "facts", "split": "unseen", "description": "d",
+        "chats": [{"messages": [{"role": "user", "content": "Who makes the Qorvath kettle?"}],
+                   "feedback": {"thumbs": "down", "reasons": ["not_factually_correct"], "comment": None,
+                                "correction": "Tamsell Works makes it."}}],
+        "probes": [{"messages": [{"role": "user", "content": "Which firm builds the Qorvath kettle?"}],
+                    "check": {"contains_any": ["tamsell"]}}],
+        "general_probes": [{"messages": [{"role": "user", "content": "What do bees make?"}],
+                            "check": {"contains_any": ["honey"]}}],
+    }
+
+
+def test_a_sound_scenario_has_no_problems(sound):
+    assert suite.validate_scenario(sound, "t", suite.trainer_questions()) == []
+
+
+def test_validation_rejects_a_probe_that_repeats_a_chat_question(sound):
+    sound["probes"][0]["messages"][0]["content"] = "who makes the Qorvath kettle"
+    assert any("chat's question" in p for p in suite.validate_scenario(sound))
+
+
+def test_validation_rejects_a_general_probe_the_trainer_already_uses(sound):
+    sound["general_probes"][0]["messages"][0]["content"] = "How many days are in a week"
+    problems = suite.validate_scenario(sound, "t", suite.trainer_questions())
+    assert any("the trainer's" in p for p in problems)
+
+
+def test_validation_rejects_a_probe_whose_question_contains_its_answer(sound):
+    sound["probes"][0]["messages"][0]["content"] = "Is the Qorvath kettle made by Tamsell?"
+    assert any("gives its own answer away" in p for p in suite.validate_scenario(sound))
+
+
+def test_validation_reports_every_problem_at_once(sound):
+    bad = copy.deepcopy(sound)
+    bad["kind"] = "trivia"
+    bad["chats"][0]["feedback"]["reasons"] = ["wrong"]
+    bad["probes"][0]["check"] = {"contains": ["x"]}
+    bad["general_probes"][0]["messages"][-1]["role"] = "assistant"
+    problems = suite.validate_scenario(bad)
+    assert len(problems) == 4
+    assert any("unknown reason" in p for p in problems)
+
+
+def test_a_thumbs_down_without_a_correction_is_rejected_as_teaching_nothing(sound):
+    sound["chats"][0]["feedback"]["correction"] = None
+    assert any("teaches nothing" in p for p in suite.validate_scenario(sound))
+
+
+def test_loading_names_an_unknown_scenario_and_a_broken_file(tmp_path):
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(suite.ScenarioError) as err:
+        suite.load_scenarios(tmp_path, names=["broken", "missing"])
+    assert "no scenario named 'missing'" in str(err.value) and "broken.json: not valid JSON" in str(err.value)
+
+
+# -- the RESULTS.md section ------------------------------------------------------------------------
+
+def _result(scenario, split, seed, served, base=0.0, promoted=True, kept=(9, 10)):
+    return {"scenario": scenario, "split": split, "seed": seed, "promoted": promoted, "outcome": "promoted",
+            "reason": None, "probe_pass_served": served, "probe_pass_base": base, "general_kept": kept[0],
+            "general_base_right": kept[1], "general_kept_rate": kept[0] / kept[1], "cycle_seconds": 300.0,
+            "train_seconds": 240.0, "other_seconds": 60.0}
+
+
+def test_split_summary_gives_mean_min_spread_and_worst_general_kept_per_split():
+    results = [_result("a", "unseen", 0, 0.75), _result("a", "unseen", 1, 1.0, kept=(8, 10)),
+               _result("b", "unseen", 0, 0.5), _result("t", "tune", 0, 0.9)]
+    (tune,) = [s for s in run.split_summary(results) if s["split"] == "tune"]
+    (unseen,) = [s for s in run.split_summary(results) if s["split"] == "unseen"]
+    assert unseen["pass_mean"] == pytest.approx(0.75) and unseen["pass_min"] == 0.5
+    assert unseen["pass_spread"] == pytest.approx(0.5) and unseen["worst_general_kept"] == pytest.approx(0.8)
+    assert unseen["scenarios"] == 2 and unseen["runs"] == 3 and tune["runs"] == 1
+
+
+def test_write_results_replaces_the_same_dated_section_and_keeps_the_others(tmp_path):
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Benchmark results\n\n## Other (2026-01-01)\n\nkeep me\n")
+    first = run.markdown_section([_result("a", "unseen", 0, 0.5)], "cmd", "2026-12-01")
+    run.write_results(first, md)
+    second = run.markdown_section([_result("a", "unseen", 0, 0.9)], "cmd", "2026-12-01")
+    run.write_results(second, md)
+    text = md.read_text()
+    assert text.count(f"## {run.SECTION_TITLE} (2026-12-01") == 1
+    assert "| a | unseen | 0 | yes | 90% vs 0% | 9/10 | 300 (240 / 60) |" in text and "50% vs" not in text
+    assert "keep me" in text
+    run.write_results(run.markdown_section([_result("a", "unseen", 0, 0.7)], "cmd", "2026-12-02"), md)
+    assert md.read_text().count(f"## {run.SECTION_TITLE}") == 2
+
+
+def test_a_section_followed_by_another_is_replaced_in_place(tmp_path):
+    md = tmp_path / "RESULTS.md"
+    old = run.markdown_section([_result("a", "unseen", 0, 0.5)], "cmd", "2026-12-01")
+    md.write_text("# R\n\n" + old + "\n## Later section\n\ntext\n")
+    run.write_results(run.markdown_section([_result("a", "unseen", 0, 0.8)], "cmd", "2026-12-01"), md)
+    text = md.read_text()
+    assert "80% vs" in text and "50% vs" not in text and text.rstrip().endswith("text")
+    assert text.index(run.SECTION_TITLE) < text.index("## Later section")
+
+
+def test_questions_are_the_same_when_only_filler_differs_not_when_the_subject_does():
+    assert suite.same_question("How many days are in a week?", "how many days are there in a week")
+    assert not suite.same_question("What is the capital of Poland?", "What is the capital of Japan?")
+    assert not suite.same_question("What is the capital of Austria?", "What is the capital of Australia?")
