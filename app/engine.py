@@ -22,6 +22,14 @@ it; the old model is closed when its last stream ends. If the new version cannot
 engine keeps answering with the model it has (and says so), or, with none, reports the model as
 unavailable while the app stays up; it retries when the pointer or the file changes.
 
+Canary (``[rollout] canary_share``, docs/rollout.md): while the registry's ``canary.json`` names a
+version, it is loaded beside the current one and answers the new conversations that
+``loop.registry.canary_arm`` assigns to it (a hash of the conversation id), for the whole
+conversation; a conversation begun on the current version stays there. Such a new conversation's
+id is taken before the model is chosen, since the id decides. A canary that cannot be loaded (its
+GGUF missing or changed) is rolled back in the registry with the reason logged, and its
+conversations are answered by the current version.
+
 Turns: the "done" event carries a turn id only once the turn is durable (``app.writer``), so
 feedback on it can never meet "no turn", even after a crash. Shutdown (``close``) refuses new
 chats, stops every running stream and logs each one's partial answer (finish_reason "shutdown"),
@@ -45,7 +53,7 @@ from app.policy import clean_message, clean_system_prompt, dropped_notice, fit_h
 from app.writer import StoreWriter, WriteFailed, WriterClosed, WriteTimeout
 from loop import paths
 from loop.config import Config, load_config
-from loop.registry import Registry, RegistryError, sha256_file
+from loop.registry import Registry, RegistryError, canary_arm, sha256_file
 from loop.store import Store
 
 log = logging.getLogger(__name__)
@@ -152,6 +160,9 @@ class Engine:
         self._target: str | None = None
         self._pointer_error: str | None = None
         self._failed: tuple[str, Any] | None = None  # (version id, file signature) that failed to load
+        self._canary: Served | None = None
+        self._canary_sig: Any = "unread"
+        self._canary_pointer: dict[str, Any] | None = None
         self.load_error: str | None = None
         self._stops: dict[str, threading.Event] = {}
         self._inflight_by_id: dict[int, _InFlight] = {}
@@ -215,6 +226,7 @@ class Engine:
             self.mirror.stop()
         with self._swap_lock:
             served, self._served = self._served, None
+            self._retire_canary()
         if served is not None and served.users == 0:
             served.model.close()
 
@@ -281,12 +293,65 @@ class Engine:
                     f"answering with {served.version_id} meanwhile."]
         return []
 
-    def _acquire(self) -> tuple[Served, list[str]]:
+    def _retire_canary(self) -> None:
+        canary, self._canary = self._canary, None
+        if canary is not None:
+            canary.retired = True
+            if canary.users == 0:
+                canary.model.close()
+
+    def _refresh_canary(self) -> dict[str, Any] | None:
+        """Follow ``canary.json`` (one ``os.stat`` when unchanged); the pointer while a loaded canary
+        can answer, else None. Called under ``_swap_lock`` after ``_refresh``."""
+        sig = _stat_signature(self.registry.canary_file)
+        if sig != self._canary_sig:
+            self._canary_sig = sig
+            try:
+                self._canary_pointer = self.registry.canary_pointer()
+            except (RegistryError, OSError) as exc:  # damaged: everyone gets the current version
+                log.error("the canary pointer cannot be read (%s); the current version answers everyone", exc)
+                self._canary_pointer = None
+        pointer = self._canary_pointer
+        if pointer is None or pointer["version"] == self._target:
+            self._retire_canary()
+            return None
+        if self._canary is not None and self._canary.version_id == pointer["version"]:
+            return pointer
+        self._retire_canary()
+        try:
+            self._canary = self._load_version(pointer["version"])
+        except (ModelLoadError, RegistryError) as exc:
+            reason = f"the canary cannot be served: {exc}"
+            log.error("rolling back canary %s: %s", pointer["version"], reason)
+            self._canary_pointer = None  # not retried per request; a new canary.json is read again
+            try:
+                self.registry.end_canary("rolled_back", reason=reason, expected=pointer["version"])
+            except RegistryError as end_exc:
+                log.error("could not roll back canary %s: %s", pointer["version"], end_exc)
+            return None
+        log.info("canary %s loaded (%s of new conversations)", pointer["version"], pointer.get("share"))
+        return pointer
+
+    def _to_canary(self, conversation_id: str | None, new: bool, pointer: dict[str, Any]) -> bool:
+        """A new conversation in the canary's share, or one whose last turn the canary wrote."""
+        if not conversation_id or not canary_arm(conversation_id, pointer):
+            return False
+        if new:
+            return True
+        row = self.store._conn().execute(
+            "SELECT model_version FROM turns WHERE conversation_id = ? ORDER BY position DESC LIMIT 1",
+            (conversation_id,)).fetchone()
+        return row is not None and row[0] == pointer["version"]
+
+    def _acquire(self, conversation_id: str | None = None, new: bool = False) -> tuple[Served, list[str]]:
         with self._swap_lock:
             if self._closing:
                 raise ModelUnavailable("The app is shutting down; please try again in a moment.")
             notices = self._refresh()
             served = self._served
+            pointer = self._refresh_canary() if served is not None else None
+            if pointer is not None and self._to_canary(conversation_id, new, pointer):
+                served = self._canary
             if served is None:
                 raise ModelUnavailable(f"The model is unavailable: {self.load_error or 'not loaded'}. "
                                        "The app keeps running; it will answer once a loadable version is current.")
@@ -303,6 +368,7 @@ class Engine:
         """What the app shows in its header: the serving version, or why there is none."""
         with self._swap_lock:
             notices = self._refresh()
+            canary = self._refresh_canary() if self._served is not None else None
             served, current = self._served, self._target
         health = self.writer.health()
         if health["fallback_rows"]:
@@ -312,6 +378,7 @@ class Engine:
             "version": served.version_id if served else None,
             "gguf_sha256": served.gguf_sha256 if served else None,
             "current": current,
+            "canary": canary["version"] if canary else None,
             "error": self.load_error,
             "notices": notices,
         }
@@ -373,7 +440,10 @@ class Engine:
         message = clean_message(user_message, self.config.app.max_message_chars)
         system_prompt = clean_system_prompt(system_prompt, self.config.app.max_message_chars)
         sampling = dataclasses.replace(sampling or self.default_sampling())
-        served, notices = self._acquire()
+        new = not conversation_id
+        if new and _stat_signature(self.registry.canary_file) is not None:
+            conversation_id = self.writer.new_conversation(client="app")  # its id picks the version
+        served, notices = self._acquire(conversation_id, new)
         if stop is None:
             stop = threading.Event()  # close() must be able to stop this stream too
         stop.clear()  # a Stop pressed after the previous answer ended must not cut this one

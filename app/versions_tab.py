@@ -19,6 +19,11 @@ Votes are limited: one vote per pair of versions per browser session (Gradio's s
 that has voted on every pair is told so instead of being asked again. The limit is kept in memory
 (``MAX_TRACKED_SESSIONS`` sessions, oldest forgotten first); a restart resets it.
 
+The canary plot (``canary_figure``) shows the live canary's thumbs-down rate beside the current
+version's, cumulative since the canary started, each with its 95% credible interval (the numbers
+``python -m loop.versions canary`` prints and the cycle decides on: ``loop.rollout``); with no
+canary running it shows the last one's outcome.
+
 Models are loaded through ``loop.probe_runner.LlamaCache`` (a few kept loaded, keyed by version id
 and sha256) and every generation holds the process-wide generation lock, so the tab never runs two
 llama.cpp generations at once next to the chat.
@@ -86,6 +91,44 @@ def metrics_figure(versions: list[Version], ratings: dict[str, dict[str, Any]] |
     return fig
 
 
+def canary_figure(data: dict[str, Any], points: list[dict[str, Any]]) -> Any:
+    """Thumbs-down rate of canary and current over time (cumulative), with 95% interval bands."""
+    import datetime as dt
+
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 3.0), layout="constrained")
+    ax = fig.add_subplot()
+    if not data.get("canary"):
+        last = data.get("last")
+        text = (f"no canary running; last: {last.get('version')} {last.get('action')} ({last.get('at')})"
+                if last else "no canary running")
+        ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, wrap=True)
+        ax.set_axis_off()
+        return fig
+    verdict = data["verdict"]
+    drawn = False
+    for arm, colour in (("canary", "tab:orange"), ("current", "tab:blue")):
+        vid = verdict[arm]["version"]
+        rows = [p for p in points if p["version"] == vid]
+        if not rows:
+            continue
+        xs = [dt.datetime.fromisoformat(p["at"]) for p in rows]
+        ax.plot(xs, [p["rate"] for p in rows], "o-", color=colour, ms=3,
+                label=f"{arm} {vid} ({rows[-1]['rated']} rated)")
+        ax.fill_between(xs, [p["low"] for p in rows], [p["high"] for p in rows], color=colour, alpha=0.2)
+        drawn = True
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("thumbs-down rate")
+    ax.set_title(f"canary {data['canary']}: {verdict['decision']}", fontsize=9)
+    if drawn:
+        ax.legend(loc="upper left", fontsize=8)
+        fig.autofmt_xdate()
+    else:
+        ax.text(0.5, 0.5, "no rated turns yet", ha="center", va="center", transform=ax.transAxes)
+    return fig
+
+
 class VersionsTab:
     """The tab's logic, separate from its widgets so it can be driven directly (tests, scripts)."""
 
@@ -122,6 +165,23 @@ class VersionsTab:
 
     def figure(self) -> Any:
         return metrics_figure(self.ctx.registry.list(), self.ratings(), self.current_id())
+
+    def canary_data(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The canary's status (``loop.rollout.status``) and its rate timeline; a damaged pointer
+        shows as no canary (the CLI names the damage)."""
+        from loop import rollout
+
+        try:
+            data = rollout.status(self.ctx.registry, self.ctx.store, self.ctx.config.rollout)
+        except RegistryError:
+            return {"canary": None, "last": None}, []
+        if not data.get("canary"):
+            return data, []
+        rows = rollout.rated_turns(self.ctx.store, data["canary"], data["current"] or "", data["since"])
+        return data, rollout.timeline(rows, data["canary"], data["current"] or "")
+
+    def canary_plot(self) -> Any:
+        return canary_figure(*self.canary_data())
 
     def _messages(self, prompt: str) -> list[dict[str, str]]:
         system = self.ctx.config.app.system_prompt
@@ -227,6 +287,7 @@ def build_versions_tab(ctx: Any, *, label: str = "Versions") -> VersionsTab:
     with gr.Tab(label) as tab:
         gr.Markdown("Compare the model versions the loop has produced. The one marked * is serving the chat.")
         plot = gr.Plot(value=figure, label="Metrics across versions")
+        canary_plot = gr.Plot(value=logic.canary_plot(), label="Canary: thumbs-down rate (95% intervals)")
         refresh_btn = gr.Button("Refresh", size="sm")
         with gr.Accordion("Side by side", open=True):
             with gr.Row():
@@ -261,6 +322,8 @@ def build_versions_tab(ctx: Any, *, label: str = "Versions") -> VersionsTab:
 
     tab.select(user_safe(logic.refresh), None, outputs, api_visibility="private")
     refresh_btn.click(user_safe(logic.refresh), None, outputs, api_name="versions_refresh")
+    tab.select(user_safe(logic.canary_plot), None, [canary_plot], api_visibility="private")
+    refresh_btn.click(user_safe(logic.canary_plot), None, [canary_plot], api_visibility="private")
     sbs_btn.click(user_safe(logic.side_by_side), [sbs_prompt, pick_a, pick_b, arena_state], [sbs_a, sbs_b],
                   concurrency_id="generate", api_name="versions_side_by_side")
     arena_btn.click(user_safe(arena_ask), [arena_prompt], [arena_state, arena_a, arena_b, vote, arena_msg],
@@ -268,6 +331,6 @@ def build_versions_tab(ctx: Any, *, label: str = "Versions") -> VersionsTab:
     vote_btn.click(user_safe(arena_vote), [vote, arena_state], [arena_state, arena_msg, vote, board],
                    api_name="versions_arena_vote", api_visibility="undocumented")
     logic.tab = tab
-    logic.components = {"plot": plot, "pick_a": pick_a, "pick_b": pick_b, "board": board, "vote": vote,
+    logic.components = {"plot": plot, "canary_plot": canary_plot, "pick_a": pick_a, "pick_b": pick_b, "board": board, "vote": vote,
                         "arena_a": arena_a, "arena_b": arena_b}
     return logic

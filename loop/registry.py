@@ -7,6 +7,9 @@ Layout under ``$LOOP_HOME/registry``::
                                   tainted (trained on text forgotten since: when, why, which turns)
     versions/<id>/README.md       the model card (when the exporter wrote one)
     current.json                  {"version", "previous", "since", "reason"}: the one truth
+    canary.json                   {"version", "baseline", "since", "share", "reason"}: the version
+                                  a share of new conversations gets while users judge it (absent: none)
+    canary.jsonl                  append-only: every canary started and ended, when, why, the numbers
     history.jsonl                 append-only: every promotion and rollback, when, why, by what
     pruned.jsonl                  ids removed by retention (never handed out again)
     .lock                         flock serialising writers (cycle, CLI, app) across processes
@@ -21,6 +24,11 @@ after the pointer; a pointer newer than the history is reconciled before the nex
 Version ids match ``VERSION_ID`` (``v1``, ``v2``, ...) and nothing else: every method that takes an
 id checks it with ``check_version_id`` before it touches a path, so ``v2/``, ``./v2``, ``../x`` or an
 absolute path is refused (``InvalidVersionIdError``) instead of being stored in ``current.json``.
+The canary pointer is written like ``current.json`` and is changed only by ``start_canary`` and
+``end_canary`` (which promotes through ``promote``, so the history shows the promotion).
+``canary_arm`` is the one routing rule: a conversation goes to the canary when a hash of its id
+and the canary's id falls below the share, so it stays there for the whole conversation.
+
 A registry file that cannot be read (a damaged ``current.json`` or ``version.json``) raises
 ``RegistryCorruptError`` naming the file and the repair; both are ``RegistryError``s, so every
 caller that handles registry errors handles these. ``rollback(to=ID)`` replaces a damaged pointer
@@ -164,6 +172,8 @@ class Registry:
         self.current_file = self.root / "current.json"
         self.history_file = self.root / "history.jsonl"
         self.pruned_file = self.root / "pruned.jsonl"
+        self.canary_file = self.root / "canary.json"
+        self.canary_log_file = self.root / "canary.jsonl"
         self.lock_file = self.root / ".lock"
         self._thread_lock = threading.RLock()
         self._lock_depth = 0
@@ -406,18 +416,22 @@ class Registry:
             if owner_dead(p.name):
                 p.unlink(missing_ok=True)
 
+    def _check_servable(self, vid: str, force: bool = False) -> Version:
+        version = self.get(vid)
+        if not force and version.verification and not version.verification.get("passed", False):
+            # Checked here, not only in promote(): a rollback must not serve a file the gate refused.
+            raise RegistryError(f"version {vid} failed verification and cannot be served: "
+                                f"{'; '.join(version.verification.get('reasons', [])) or 'no reason recorded'}")
+        if not version.gguf_path.is_file():
+            raise RegistryError(f"version {vid} has no GGUF file at {version.gguf_path}")
+        if sha256_file(version.gguf_path) != version.gguf_sha256:
+            raise RegistryError(f"version {vid}: GGUF sha256 does not match version.json (file changed on disk)")
+        return version
+
     def _set_current(self, vid: str, *, action: str, reason: str, decision: dict[str, Any] | None,
                      force: bool = False, replace_damaged: bool = False) -> dict[str, Any]:
         with self._lock():
-            version = self.get(vid)
-            if not force and version.verification and not version.verification.get("passed", False):
-                # Checked here, not only in promote(): a rollback must not serve a file the gate refused.
-                raise RegistryError(f"version {vid} failed verification and cannot be served: "
-                                    f"{'; '.join(version.verification.get('reasons', [])) or 'no reason recorded'}")
-            if not version.gguf_path.is_file():
-                raise RegistryError(f"version {vid} has no GGUF file at {version.gguf_path}")
-            if sha256_file(version.gguf_path) != version.gguf_sha256:
-                raise RegistryError(f"version {vid}: GGUF sha256 does not match version.json (file changed on disk)")
+            self._check_servable(vid, force)
             if replace_damaged:
                 self._remove_leftovers()
                 previous = None
@@ -461,6 +475,106 @@ class Registry:
                 raise RegistryError(f"{target} is already current")
             return self._set_current(target, action="rollback", reason=reason, decision={}, force=force)
 
+    # -- the canary pointer --------------------------------------------------------------------
+
+    def canary_pointer(self) -> dict[str, Any] | None:
+        """The parsed ``canary.json``; None when no canary runs. A damaged file raises
+        RegistryCorruptError (repair: delete it, which ends the canary)."""
+        try:
+            raw = self.canary_file.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise RegistryCorruptError(f"{self.canary_file} cannot be read: {exc}") from exc
+        try:
+            data = json.loads(raw)
+            if not isinstance(data, dict):
+                raise ValueError(f"a JSON {type(data).__name__}, not an object")
+            check_version_id(data.get("version"))
+            share = data.get("share")
+            if not isinstance(share, (int, float)) or not 0 <= share < 1:
+                raise ValueError(f"share {share!r} is not in [0, 1)")
+            dt.datetime.fromisoformat(str(data.get("since")))
+        except ValueError as exc:
+            raise RegistryCorruptError(f"{self.canary_file} is damaged ({exc}); delete it to end the canary "
+                                       "(the current version then serves every conversation)") from exc
+        return data
+
+    def canary_id(self) -> str | None:
+        pointer = self.canary_pointer()
+        return pointer["version"] if pointer else None
+
+    def canary_log(self) -> list[dict[str, Any]]:
+        if not self.canary_log_file.is_file():
+            return []
+        out = []
+        for line in self.canary_log_file.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a torn last line: the pointer is the truth
+        return out
+
+    def _append_canary_log(self, entry: dict[str, Any]) -> None:
+        with open(self.canary_log_file, "a") as f:
+            f.write(json.dumps(entry, sort_keys=True, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def start_canary(self, vid: str, *, share: float, reason: str, decision: dict[str, Any] | None = None,
+                     force: bool = False) -> dict[str, Any]:
+        """Serve ``vid`` to ``share`` of new conversations beside the current version.
+
+        Checked like a promotion (verification passed, GGUF present and unchanged). Starting the
+        canary that already runs returns its pointer (a resumed cycle starts nothing twice);
+        another canary while one runs, or the current version as canary, is refused."""
+        if not 0 < share < 1:
+            raise RegistryError(f"a canary share must be in (0, 1), got {share}")
+        with self._lock():
+            running = self.canary_pointer()
+            if running is not None:
+                if running["version"] == vid:
+                    return running
+                raise RegistryError(f"canary {running['version']} is still running: end it before starting {vid}")
+            self._check_servable(vid, force)
+            current = self.current_id()
+            if current == vid:
+                raise RegistryError(f"{vid} is already current: it cannot be a canary")
+            # Microseconds, like the store's turn times: a turn a moment before the start is not counted.
+            since = dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")
+            pointer = {"version": vid, "baseline": current, "since": since, "share": float(share),
+                       "reason": reason}
+            atomic_write_text(self.canary_file, json.dumps(pointer, sort_keys=True))
+            self._append_canary_log({"at": pointer["since"], "action": "start", "version": vid, "baseline": current,
+                                     "share": float(share), "reason": reason, "decision": decision or {}})
+            return pointer
+
+    def end_canary(self, outcome: str, *, reason: str, decision: dict[str, Any] | None = None,
+                   expected: str | None = None) -> dict[str, Any]:
+        """End the running canary: ``promoted`` (made current through ``promote``) or ``rolled_back``
+        (the current version serves everyone again). ``expected``: refuse if another canary runs.
+
+        Crash safety: the promotion comes first and the pointer goes after it, so a crash between
+        leaves a canary that is current, which the next check ends (``loop.rollout.check_canary``)."""
+        if outcome not in ("promoted", "rolled_back"):
+            raise RegistryError(f"a canary ends promoted or rolled_back, not {outcome!r}")
+        with self._lock():
+            pointer = self.canary_pointer()
+            if pointer is None:
+                raise RegistryError("no canary is running")
+            vid = pointer["version"]
+            if expected is not None and vid != expected:
+                raise RegistryError(f"the running canary is {vid}, not {expected}")
+            if outcome == "promoted" and self.current_id() != vid:
+                self.promote(vid, reason=reason, decision={"canary": decision or {}})
+            self.canary_file.unlink()
+            _fsync_path(self.root)
+            entry = {"at": utcnow(), "action": outcome, "version": vid, "baseline": pointer.get("baseline"),
+                     "since": pointer.get("since"), "share": pointer.get("share"), "reason": reason,
+                     "decision": decision or {}}
+            self._append_canary_log(entry)
+            return entry
+
     # -- retention -------------------------------------------------------------------------------
 
     def prune(self, keep: int = 5, *, dry_run: bool = False) -> list[str]:
@@ -471,6 +585,9 @@ class Registry:
             pointer = self.pointer() or {}
             # Compared as resolved directories, not strings: no spelling of an id can unprotect it.
             protected = {(self.versions_dir / pointer[k]).resolve() for k in ("version", "previous") if pointer.get(k)}
+            canary = self.canary_id()
+            if canary:  # users are judging it: it is served, even if not current
+                protected.add((self.versions_dir / canary).resolve())
             candidates = [v for v in self.list() if Path(v.path).resolve() not in protected and not v.pinned]
             doomed = candidates[: max(0, len(candidates) - keep)]
             if dry_run:
@@ -500,3 +617,15 @@ class Registry:
             if is_version_id(vid):
                 out.append(vid)
         return out
+
+
+def canary_arm(conversation_id: str, pointer: dict[str, Any] | None) -> bool:
+    """Whether ``conversation_id`` belongs to the canary described by ``pointer`` (``canary.json``).
+
+    A hash of the canary's id and the conversation id, read as a number in [0, 1), below the share:
+    the same conversation always gets the same answer while that canary runs, and each canary
+    draws its own share of conversations (not always the same users)."""
+    if not pointer or not conversation_id:
+        return False
+    digest = hashlib.sha256(f"{pointer['version']}:{conversation_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < float(pointer.get("share") or 0.0)

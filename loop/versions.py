@@ -8,6 +8,7 @@
     prune                apply the retention rule (registry.keep_versions)
     history              every promotion and rollback: when, what, why
     lineage ID           parent chain, snapshot, the reviewed records that trained it, the held-out ids
+    canary               the live canary: share, since, deadline, thumbs-down rates with 95% intervals, verdict
 
 Tables are for people; ``--json`` prints the same data for machines.
 
@@ -69,11 +70,13 @@ def verification_label(version: Version) -> str:
     return "passed" if ver["passed"] else "FAILED"
 
 
-def marks(version: Version, pointer: dict[str, Any] | None) -> list[str]:
+def marks(version: Version, pointer: dict[str, Any] | None, canary: str | None = None) -> list[str]:
     pointer = pointer or {}
     out = []
     if version.id == pointer.get("version"):
         out.append("current")
+    if canary and version.id == canary:
+        out.append("canary")
     if version.id == pointer.get("previous"):
         out.append("previous")
     if version.pinned:
@@ -89,11 +92,15 @@ def list_rows(registry: Registry) -> list[dict[str, Any]]:
         pointer = registry.pointer()
     except RegistryCorruptError:  # list what is there: it is what a repair needs (`problems` names the damage)
         pointer = None
+    try:
+        canary = registry.canary_id()
+    except RegistryCorruptError:
+        canary = None
     rows = []
     for v in registry.list():
         rows.append({
             "id": v.id,
-            "marks": marks(v, pointer),
+            "marks": marks(v, pointer, canary),
             "created_at": v.created_at,
             "parent": v.parent,
             "base_model": v.base_model,
@@ -108,13 +115,14 @@ def list_rows(registry: Registry) -> list[dict[str, Any]]:
 
 
 def list_table(rows: list[dict[str, Any]]) -> str:
-    symbols = {"current": "*", "previous": "<", "pinned": "P", "tainted": "T"}
+    symbols = {"current": "*", "canary": "C", "previous": "<", "pinned": "P", "tainted": "T"}
     view = [dict(r, mark="".join(symbols[m] for m in r["marks"]), size=human_size(r["size_bytes"]),
                  created=r["created_at"].replace("T", " ")[:19]) for r in rows]
     table = format_table(view, [("mark", ""), ("id", "ID"), ("created", "CREATED (UTC)"), ("parent", "PARENT"),
                                 ("quantization", "QUANT"), ("size", "SIZE"), ("heldout_loss", "HELD-OUT"),
                                 ("regression_loss", "REGRESSION"), ("verification", "VERIFIED")])
-    return table + "\n\n* current   < previous   P pinned   T tainted (trained on forgotten text)"
+    return table + ("\n\n* current   C canary (serves a share of new conversations)   < previous   P pinned   "
+                    "T tainted (trained on forgotten text)")
 
 
 def show_text(version: Version, pointer: dict[str, Any] | None) -> str:
@@ -210,6 +218,32 @@ def compare_text(result: dict[str, Any], width: int | None = None) -> str:
     return "\n".join(out)
 
 
+def canary_text(data: dict[str, Any]) -> str:
+    """``versions canary`` for people: what runs, the two arms' rates with intervals, the verdict."""
+    if data.get("canary") is None:
+        last = data.get("last")
+        if not last:
+            return "no canary is running ([rollout] canary_share = 0 promotes at once)"
+        return (f"no canary is running; the last one, {last.get('version')}, was {last.get('action')} at "
+                f"{last.get('at')}: {last.get('reason')}")
+    verdict = data["verdict"]
+    lines = [f"canary {data['canary']} beside current {data['current']}: {data['share']:.0%} of new conversations "
+             f"since {data['since']}, deadline {data['deadline']}", ""]
+    rows = []
+    for arm in ("canary", "current"):
+        a = verdict[arm]
+        lo, hi = a["interval"]
+        rows.append({"arm": arm, "version": a["version"], "rated": a["rated"], "down": a["down"],
+                     "rate": f"{a['rate']:.3f}" if a["rate"] is not None else "-", "ci": f"[{lo:.3f}, {hi:.3f}]"})
+    lines.append(format_table(rows, [("arm", "ARM"), ("version", "VERSION"), ("rated", "RATED"), ("down", "DOWN"),
+                                     ("rate", "THUMBS-DOWN RATE"), ("ci", "95% INTERVAL")]))
+    lines += ["", f"P(canary worse) = {fmt(verdict['p_worse'], 3)}   "
+                  f"P(canary no worse than current + {data['margin']}) = {fmt(verdict['p_ok'], 3)}",
+              f"verdict now: {verdict['decision']} ({verdict['reason']})",
+              f"(decides after {data['min_rated_turns']} rated turns per arm; the cycle acts on it: docs/rollout.md)"]
+    return "\n".join(lines)
+
+
 def history_table(entries: list[dict[str, Any]]) -> str:
     rows = []
     for e in entries:
@@ -228,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m loop.versions",
                                      description="Look at, compare, roll back, pin and prune model versions.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[2:11]))
+                                     epilog="\n".join(__doc__.splitlines()[2:12]))
     parser.add_argument("--config", help="TOML file (default: $LOOP_CONFIG or $LOOP_HOME/config.toml)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("list", help="every version")
@@ -259,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lineage", help="the parent chain and the reviewed records that trained a version")
     p.add_argument("id")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("canary", help="the live canary: thumbs-down rates with intervals, and the verdict")
+    p.add_argument("--json", action="store_true")
     return parser
 
 
@@ -286,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "show":
             version = registry.get(args.id)
             if args.json:
-                emit(dict(version.to_json(), path=version.path, marks=marks(version, registry.pointer())))
+                emit(dict(version.to_json(), path=version.path,
+                          marks=marks(version, registry.pointer(), registry.canary_id())))
             else:
                 print(show_text(version, registry.pointer()))
         elif args.command == "compare":
@@ -325,6 +362,16 @@ def main(argv: list[str] | None = None) -> int:
                 emit(data)
             else:
                 print(lineage_text(data))
+        elif args.command == "canary":
+            from loop import rollout
+            from loop.store import Store
+
+            data = rollout.status(registry, Store.open(config.home), config.rollout)
+            data.pop("pointer", None)
+            if args.json:
+                emit(data)
+            else:
+                print(canary_text(data))
         elif args.command == "history":
             entries = registry.history()
             if args.json:
