@@ -86,7 +86,7 @@ def test_no_variant_is_chosen_by_its_place_in_the_grid(monkeypatch):
     # Every variant forgot more than the gate allows: no candidate, and the reason names each one.
     monkeypatch.setattr(trainer.variants, "run_variants", lambda *a, **k: [
         _variant("first", 0.5, 1.2), _variant("second", None, 1.0)])
-    monkeypatch.setattr("loop.cycle_stages._current_hf_dir", lambda self: Path("/nonexistent"))
+    monkeypatch.setattr("loop.cycle_stages._current_hf_dir", lambda self, vid=None: Path("/nonexistent"))
     with pytest.raises(StopCycle) as stop:
         cycle.stage_train(state, False)
     assert stop.value.outcome == "no_candidate"
@@ -97,3 +97,32 @@ def test_no_variant_is_chosen_by_its_place_in_the_grid(monkeypatch):
     monkeypatch.setattr(trainer.variants, "run_variants", lambda *a, **k: [
         _variant("first", 0.9, 1.0), _variant("forgetful", 0.1, 1.5), _variant("last", 0.4, 1.01)])
     assert cycle.stage_train(state, False)["best"] == "last"
+
+
+def _general(answer="SHIPPED ANSWER"):
+    return [{"id": "general-01", "messages": [{"role": "user", "content": "What is the capital of France?"},
+                                              {"role": "assistant", "content": answer}]}]
+
+
+def test_without_a_servable_starting_version_the_shipped_replay_answers_stay():
+    from types import SimpleNamespace
+
+    from loop.cycle_stages import _answered_by
+
+    out, note = _answered_by(None, _general())
+    assert out == _general() and note.startswith("shipped")
+    out, _ = _answered_by(SimpleNamespace(id="v9", gguf_path=Path("/nonexistent.gguf")), _general())
+    assert out == _general()
+
+
+@pytest.mark.slow
+def test_general_replay_is_answered_by_the_starting_version_itself(bundled_gguf):
+    from types import SimpleNamespace
+
+    from loop.cycle_stages import _answered_by
+    from loop.probe_runner import greedy_answer, load_llama
+
+    out, note = _answered_by(SimpleNamespace(id="v1", gguf_path=Path(bundled_gguf)), _general())
+    own = greedy_answer(load_llama(bundled_gguf, n_ctx=1024), _general()[0]["messages"][:1], max_tokens=96).answer
+    assert out[0]["messages"][-1] == {"role": "assistant", "content": own.strip()}
+    assert out[0]["messages"][:-1] == _general()[0]["messages"][:-1] and note == "self (v1, 1 of 1 answered)"
