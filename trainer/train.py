@@ -89,7 +89,8 @@ def train(data: str | Path | list[dict], output_dir: str | Path, *, base: str | 
     with state.main_process_first():  # one process converts the bundled GGUF, the others then reuse it
         base_path = resolve_base(base)
     progress = TrainingProgress(config=config.resume_fields(), data_hash=data_hash(train_examples),
-                                eval_hash=data_hash(held_out), base=base_identity(base_path))
+                                eval_hash=data_hash(held_out), base=base_identity(base_path),
+                                world_size=state.num_processes)
     may_resume = check_or_start(output_dir, progress, force, write=state.is_main_process)
     state.wait_for_everyone()
 
@@ -211,7 +212,7 @@ def build_trainer(base_path: str, tokenizer, train_rows: list, eval_rows: list, 
         dataloader_num_workers=0,
     )
     if cuda:
-        _apply_cuda_fast(sft_kwargs, model, config)
+        _apply_cuda_fast(sft_kwargs, model, config, train_rows)
     guard_class, injector_class = _callbacks()
     callbacks = [guard_class(config.loss_explode_factor, getattr(model.config, "vocab_size", None))]
     if config.inject_nan_at_step:
@@ -311,13 +312,13 @@ def _load_model(base_path: str, config: TrainConfig, cuda: bool):
     return AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.bfloat16, device_map=device_map)
 
 
-def _apply_cuda_fast(sft_kwargs: dict, model, config: TrainConfig) -> None:
+def _apply_cuda_fast(sft_kwargs: dict, model, config: TrainConfig, train_rows: list) -> None:
     """The GPU fast path (padding-free batches, fused kernels) lives in trainer/cuda_fast.py when present."""
     try:
         from trainer import cuda_fast
     except ImportError:
         return
-    cuda_fast.apply(sft_kwargs, model, config)
+    cuda_fast.apply(sft_kwargs, model, config, train_rows=train_rows)
 
 
 def _report(trainer, guard, tokenizer, result, config: TrainConfig, output_dir: Path, base_path: str,

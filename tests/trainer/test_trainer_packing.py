@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from skips import import_or_skip  # noqa: E402
+
+torch = import_or_skip("torch")
+transformers = import_or_skip("transformers")
 
 from trainer import cuda_fast  # noqa: E402
 
@@ -91,7 +93,7 @@ def test_negative_control_leaking_attention_is_detected():
 @torch.no_grad()
 def test_padded_and_padding_free_batches_give_the_same_loss():
     """TRL's own collator, padded (SDPA, the baseline) and padding-free (the fast path): same loss."""
-    trl = pytest.importorskip("trl")
+    trl = import_or_skip("trl")
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     seqs = examples()
@@ -128,7 +130,7 @@ def test_padded_batches_still_use_their_mask():
 
 def test_fused_lora_matches_peft(monkeypatch):
     """The fused LoRA function: PEFT's outputs and LoRA gradients (bf16, so bf16 tolerances)."""
-    peft = pytest.importorskip("peft")
+    peft = import_or_skip("peft")
 
     def run(fused: bool):
         model = tiny_llama("sdpa").to(torch.bfloat16).train()
