@@ -219,7 +219,7 @@ def _train_preference(stage: str, preference: PreferenceData, output_dir: Path, 
         base_path = resolve_base(base)
     identity = dict(base_identity(base_path), start_adapter=_fingerprint(start_adapter))
     progress = TrainingProgress(config=config.resume_fields(), data_hash=_rows_hash(rows),
-                                eval_hash=data_hash(held_out), base=identity)
+                                eval_hash=data_hash(held_out), base=identity, world_size=state.num_processes)
     may_resume = check_or_start(output_dir, progress, force, write=state.is_main_process)
     state.wait_for_everyone()
     finished = _finished_metrics(output_dir) if may_resume else None

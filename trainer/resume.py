@@ -41,6 +41,8 @@ class TrainingProgress:
     eval_hash: str  # the same for the held-out examples (they decide which variant wins)
     base: dict  # trainer.base_model.base_identity of the starting weights
     version: int = CONTRACT_VERSION
+    # Processes training together: the effective batch, and so the data order and the steps, depend on it.
+    world_size: int = 1
 
     def save(self, run_dir: Path) -> None:
         path = Path(run_dir) / PROGRESS_FILE
@@ -74,6 +76,9 @@ class TrainingProgress:
             diffs.append("training data: the examples (or their order/replay mix) differ from the stored run's")
         if self.eval_hash != other.eval_hash:
             diffs.append("eval data: the held-out examples differ from the stored run's")
+        if self.world_size != other.world_size:
+            diffs.append(f"processes: stored {self.world_size}, now {other.world_size} (the effective batch and "
+                         "the data order depend on it)")
         if self.base != other.base:
             diffs.append(f"base model: stored {self.base.get('base')!r}, now {other.base.get('base')!r}"
                          + (" (same path, different files)" if self.base.get("base") == other.base.get("base") else ""))

@@ -166,3 +166,30 @@ def test_resume_contract_mismatch_is_an_error_unless_forced(tmp_path):
     (foreign / "checkpoint-3").mkdir(parents=True)  # checkpoints without a contract cannot be trusted
     with pytest.raises(ResumeMismatchError, match=PROGRESS_FILE):
         check_or_start(foreign, first, force=False)
+
+
+def test_resuming_with_another_number_of_processes_is_a_mismatch(tmp_path):
+    run = tmp_path / "run"
+    base = {"base": "/models/a", "fingerprint": "x"}
+    one = TrainingProgress(config=TrainConfig().resume_fields(), data_hash="d", eval_hash="e", base=base)
+    assert check_or_start(run, one, force=False) is False
+    (run / "checkpoint-2").mkdir()
+    two = TrainingProgress(config=TrainConfig().resume_fields(), data_hash="d", eval_hash="e", base=base,
+                           world_size=2)
+    with pytest.raises(ResumeMismatchError, match="processes: stored 1, now 2"):
+        check_or_start(run, two, force=False)
+
+
+def test_base_weights_changed_in_place_with_the_same_size_change_the_fingerprint(tmp_path):
+    from trainer.base_model import base_identity
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    weights = base / "model.safetensors"
+    weights.write_bytes(bytes(1 << 20))
+    before = base_identity(str(base))["fingerprint"]
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] = 1  # retrained values, same shape and size
+    weights.write_bytes(bytes(data))
+    assert base_identity(str(base))["fingerprint"] != before
