@@ -195,6 +195,45 @@ class CycleConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """Canary rollout: a candidate that passed the gate first serves a share of new conversations,
+    and the users' thumbs decide whether it stays (loop/rollout.py, docs/rollout.md)."""
+
+    # Share of new conversations the canary answers; 0 = no canary: a candidate that passed the
+    # gate becomes current at once (all or nothing).
+    canary_share: float = 0.0
+    # Rated turns (a thumb up or down) each arm needs before anything is decided.
+    min_rated_turns: int = 30
+    # Roll back when P(canary's thumbs-down rate > current's) exceeds this.
+    rollback_threshold: float = 0.95
+    # Promote when P(canary's rate < current's + margin) exceeds this.
+    promote_threshold: float = 0.95
+    # How much worse (absolute thumbs-down rate) a canary may be and still count as no worse.
+    margin: float = 0.05
+    # Hours after which an undecided canary gets on_deadline.
+    deadline_hours: float = 72.0
+    # What an undecided canary gets at the deadline: "rollback" (keep the current version) or "promote".
+    on_deadline: str = "rollback"
+
+    def validate(self) -> list[str]:
+        problems = []
+        if not (0.0 <= self.canary_share < 1.0):
+            problems.append(f"rollout.canary_share must be in [0, 1), got {self.canary_share}")
+        if self.min_rated_turns < 1:
+            problems.append(f"rollout.min_rated_turns must be >= 1, got {self.min_rated_turns}")
+        for name in ("rollback_threshold", "promote_threshold"):
+            if not (0.5 <= getattr(self, name) < 1.0):
+                problems.append(f"rollout.{name} must be in [0.5, 1), got {getattr(self, name)}")
+        if not (0.0 <= self.margin < 1.0):
+            problems.append(f"rollout.margin must be in [0, 1), got {self.margin}")
+        if self.deadline_hours <= 0:
+            problems.append(f"rollout.deadline_hours must be > 0, got {self.deadline_hours}")
+        if self.on_deadline not in ("rollback", "promote"):
+            problems.append(f"rollout.on_deadline must be 'rollback' or 'promote', got {self.on_deadline!r}")
+        return problems
+
+
+@dataclass
 class ScheduleConfig:
     """The daemon (APScheduler)."""
 
@@ -235,6 +274,7 @@ _LOCAL_SECTIONS: dict[str, type] = {
     "registry": RegistryConfig,
     "cycle": CycleConfig,
     "schedule": ScheduleConfig,
+    "rollout": RolloutConfig,
 }
 
 

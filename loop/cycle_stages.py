@@ -30,6 +30,26 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     tmp.replace(path)
 
 
+# -- canary ------------------------------------------------------------------------------------------
+
+def stage_canary(self, state: CycleState, force: bool) -> dict[str, Any]:
+    """Settle the live canary, if any (``loop.rollout``): promote it (then publish it), roll it back,
+    or leave it running, in which case ``decide`` stops the cycle before anything trains. First in
+    the cycle and run again on every resume, so a bad canary is rolled back even while Argilla is down."""
+    from loop.rollout import check_canary
+
+    out = check_canary(self.registry, self.store, self.config.rollout, log_fn=self.log)
+    if out.get("action") == "promoted":
+        from loop.publish import PublishError, publish
+
+        try:
+            out["published"] = publish(self.registry.get(out["canary"]), self.config, registry=self.registry)
+        except PublishError as exc:  # the promotion stands; `python -m loop.publish` retries the upload
+            out["publish_error"] = str(exc)
+            self.log(f"canary {out['canary']} promoted but not published: {exc}")
+    return {k: v for k, v in out.items() if k != "pointer"}
+
+
 # -- push / pull -----------------------------------------------------------------------------------
 
 def stage_push(self, state: CycleState, force: bool) -> dict[str, Any]:
@@ -71,12 +91,27 @@ def _version_snapshot_dir(self, version) -> Path | None:
     return d if d.is_dir() else None
 
 
+def _untainted_basis(self, version):
+    """``version``, or its newest ancestor not trained on forgotten text (``loop.forget``): a tainted
+    version's weights hold what was forgotten, so nothing trains on from them."""
+    while version is not None and version.tainted and version.parent:
+        version = self.registry.get(version.parent)
+    return version
+
+
 def stage_decide(self, state: CycleState, force: bool) -> dict[str, Any]:
+    canary = self.registry.canary_pointer()
+    if canary is not None:  # holds with --force too: a candidate is judged against what users settled on
+        raise _stop("canary_pending", f"canary {canary['version']} (since {canary['since']}) is still being judged "
+                    "by users: no new candidate trains until it is promoted or rolled back "
+                    "(python -m loop.versions canary)", {"canary": canary["version"]})
     pulled = state.result("pull")
     current = self.registry.current()
+    basis = _untainted_basis(self, current)
+    retrain = basis is not current  # the current version is tainted: retrain without the forgotten text
     train = _read_jsonl(Path(pulled["train_path"]))
     held_out = _read_jsonl(Path(pulled["eval_path"]))
-    trained_before = _snapshot_ids(_version_snapshot_dir(self, current))
+    trained_before = _snapshot_ids(_version_snapshot_dir(self, basis))
     new = [ex for ex in train if ex["id"] not in trained_before]
     replay_pool = [ex for ex in train if ex["id"] in trained_before]
     new_total = len(new) + len([ex for ex in held_out if ex["id"] not in trained_before])
@@ -89,6 +124,7 @@ def stage_decide(self, state: CycleState, force: bool) -> dict[str, Any]:
         "replay_pool": len(replay_pool),
         "min_new_examples": self.config.cycle.min_new_examples,
         "forced": force,
+        "trained_from": basis.id if basis else None,
         "judge": {**(pulled.get("judge") or {}), "held_out_examples": len(held_out),
                   "min_held_out": self.config.annotation.min_held_out},
     }
@@ -104,6 +140,9 @@ def stage_decide(self, state: CycleState, force: bool) -> dict[str, Any]:
                     f"{len(held_out)} held-out example(s), fewer than annotation.min_held_out = "
                     f"{self.config.annotation.min_held_out}: a cycle is not trained when nothing can judge it"
                     + (f" ({notes})" if notes else ""), result)
+    if retrain:
+        force = True  # the nothing-new stops below do not hold: what the current version learnt must go
+        result["retrain"] = f"{current.id} is tainted (trained on forgotten text): trained again from {basis.id}"
     if pulled.get("hash") and current is not None and current.snapshot_hash == pulled["hash"] and not force:
         raise _stop("nothing_new", f"the snapshot {pulled['hash'][:12]} is the one {current.id} was trained on", result)
     if new_total < self.config.cycle.min_new_examples and not force:
@@ -122,6 +161,8 @@ def stage_decide(self, state: CycleState, force: bool) -> dict[str, Any]:
     # Replay: earlier corrections (so they are not forgotten) plus general-ability examples (so the
     # strong update a few dozen corrections need does not cost what the model already knew).
     general = load_general_replay(trainer_cfg)
+    if general and trainer_cfg.general_replay_answers == "self":
+        general, result["general_replay_answers"] = _answered_by(basis, general)
     pool = (replay_pool if new else []) + general
     mixed = build_training_set(new or train, pool, trainer_cfg.replay_ratio, trainer_cfg.seed)
     result["replayed_general"] = sum(1 for ex in mixed if str(ex.get("id", "")).startswith("general-"))
@@ -137,6 +178,24 @@ def stage_decide(self, state: CycleState, force: bool) -> dict[str, Any]:
     return result
 
 
+def _answered_by(version, examples: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+    """``examples`` with each answer replaced by ``version``'s own greedy answer (served GGUF, as users see it).
+
+    Replaying what the model already says keeps it saying that; replaying someone else's phrasing of the
+    same knowledge moves the model too, and that movement is where forgetting starts (docs/judging.md)."""
+    if version is None or not Path(version.gguf_path).is_file():
+        return examples, "shipped (no servable starting version to answer them)"
+    from loop.probe_runner import greedy_answer, load_llama
+
+    llm = load_llama(version.gguf_path, n_ctx=1024)
+    out = []
+    for ex in examples:
+        answer = greedy_answer(llm, ex["messages"][:-1], max_tokens=96).answer.strip()
+        if answer:
+            out.append({**ex, "messages": ex["messages"][:-1] + [{"role": "assistant", "content": answer}]})
+    return out, f"self ({version.id}, {len(out)} of {len(examples)} answered)"
+
+
 def _stop(outcome: str, reason: str, result: dict[str, Any]) -> StopCycle:
     stop = StopCycle(outcome, reason)
     stop.result = result
@@ -145,20 +204,34 @@ def _stop(outcome: str, reason: str, result: dict[str, Any]) -> StopCycle:
 
 # -- train and gate ------------------------------------------------------------------------------------
 
-def _current_hf_dir(self) -> Path:
-    current = self.registry.current()
+def _current_hf_dir(self, vid: str | None = None) -> Path:
+    """The weights the next version trains from: the current version's merged weights (or ``vid``'s:
+    decide's ``trained_from``, the newest untainted ancestor).
+
+    A version with no parent is a base model as shipped, whose weights are the bundled base's. A
+    trained version whose merged weights are gone stops the cycle, never falls back to the base:
+    a candidate trained from the base and gated against the base's losses labelled as the current
+    version's would be promoted on numbers that describe another model."""
+    current = self.registry.get(vid) if vid else self.registry.current()
     if current is not None and current.hf_dir and Path(current.hf_dir).is_dir():
         return Path(current.hf_dir)
-    from loop.bootstrap import ensure_hf_base
+    if current is None or current.parent is None:
+        from loop.bootstrap import ensure_hf_base
 
-    return Path(ensure_hf_base(self.config))
+        return Path(ensure_hf_base(self.config))
+    where = f"{current.hf_dir} is gone" if current.hf_dir else "none were recorded"
+    raise StopCycle(
+        "missing_weights",
+        f"the current version {current.id} has no merged weights to train from ({where}); training from the "
+        f"base model instead would gate the base's losses as {current.id}'s. Restore that directory, or roll "
+        "back to a version whose weights exist (python -m loop.versions rollback --to ID)")
 
 
 def stage_train(self, state: CycleState, force: bool) -> dict[str, Any]:
     from trainer.variants import best_variant, run_variants
 
     decided = state.result("decide")
-    base_dir = _current_hf_dir(self)
+    base_dir = _current_hf_dir(self, state.result("decide").get("trained_from"))
     results = run_variants(
         Path(decided["train_path"]),
         Path(decided["eval_path"]) if decided.get("eval_path") else None,
@@ -166,6 +239,8 @@ def stage_train(self, state: CycleState, force: bool) -> dict[str, Any]:
         state.dir / "variants",
         # The trainer keeps the best epoch the gate would accept: one regression tolerance for both.
         replace(self.config.trainer, regression_tolerance=self.config.gate.regression_tolerance),
+        # The snapshot's pairs and labels, for the preference objectives of the grid (trainer/preference.py).
+        preference_dir=Path(state.result("pull")["path"]),
     )
     rows = [r.to_dict() for r in results]
     ok = [r for r in results if r.status == "ok"]
@@ -287,15 +362,26 @@ def stage_gate(self, state: CycleState, force: bool) -> dict[str, Any]:
 
 
 def stage_promote(self, state: CycleState, force: bool) -> dict[str, Any]:
+    """Register the candidate once, promote it once, prune; publishing is the next stage.
+
+    The registry is the record (``loop.cycle_state``): the version is found by this cycle's id, and
+    a history line that ever made it current means it is never promoted again, so a resume after a
+    kill right after ``promote()`` followed by a rollback leaves the rollback standing. With an
+    arena criterion pending (``GateDecision.pending``), the registered version waits, not current,
+    until ``loop.gate.arena_verdict`` settles it."""
+    from loop.cycle_state import moved_away_from, own_version, promotion_of
+    from loop.registry import RegistryError
+
     exported = state.result("export")
     gated = state.result("gate")
     pulled = state.result("pull")
-    # Idempotent: a version registered by this cycle before a crash is reused, never registered twice.
-    version = next((v for v in self.registry.list() if v.variant.get("cycle") == state.id), None)
-    parent = state.result("decide").get("current_version")
+    # The version whose weights it was trained from (not a tainted current one: loop.forget).
+    parent = state.result("decide").get("trained_from") or state.result("decide").get("current_version")
+    version = own_version(self.registry, state.id)
+    registered_now = version is None
     if version is None:
         export = exported["export"]
-        card = Path(export.get("card_path") or "")
+        card = Path(export["card_path"]) if export.get("card_path") else None
         version = self.registry.register(
             export["gguf_path"],
             base_model=self.config.model.name,
@@ -308,28 +394,89 @@ def stage_promote(self, state: CycleState, force: bool) -> dict[str, Any]:
             metrics={**gated["candidate"], "current_at_gate": gated["current"]},
             verification=exported["verification"],
             hf_dir=export.get("merged_dir"),
-            extra_files=[p for p in (card, card.with_name("card.json")) if p.name and p.is_file()],
+            extra_files=[p for p in ((card, card.with_name("card.json")) if card else ()) if p.is_file()],
             link=True,
         )
+    out: dict[str, Any] = {"version": version.id, "parent": parent, "registered_now": registered_now}
+    decision = dict(gated["decision"])
+    made_current = promotion_of(self.registry, version.id) or (state.data.get("promotion") or {}).get("history")
     promoted_now = False
-    if self.registry.current_id() != version.id:
-        self.registry.promote(version.id, reason=f"cycle {state.id}: gate passed", decision=gated["decision"])
+    if made_current is None:
+        if "arena" in (decision.get("pending") or []):
+            decision = _settle_arena(self, version.id, parent, decision, out)
+        if self.config.rollout.canary_share > 0:
+            return _start_canary(self, state, version.id, decision, out)
+        self.registry.promote(version.id, reason=f"cycle {state.id}: gate passed", decision=decision)
         promoted_now = True
-    published = None
-    try:
-        from loop.publish import publish
-
-        published = publish(self.registry.get(version.id), self.config)
-    except ImportError:
-        published = None
-    from loop.registry import RegistryError
-
+        made_current = promotion_of(self.registry, version.id)
+    # Durable before publishing: the report and a resumed run read the promotion from here too.
+    state.data["promotion"] = {"version": version.id, "history": made_current}
+    state.save()
+    moved = moved_away_from(self.registry, version.id)
     try:
         pruned = self.registry.prune(self.config.registry.keep_versions)
     except (OSError, RegistryError) as exc:
         pruned = [f"prune failed: {exc}"]
-    return {"version": version.id, "parent": parent, "promoted": True, "promoted_now": promoted_now,
-            "published": published, "pruned": pruned}
+    out.update(promoted=True, promoted_now=promoted_now, promoted_at=(made_current or {}).get("at"),
+               current=self.registry.current_id(), pruned=pruned)
+    if moved is not None:
+        out["moved_away"] = {k: moved.get(k) for k in ("action", "at", "to", "reason")}
+        self.log(f"{version.id} was promoted and then {moved.get('action')} to {moved.get('to')}: not promoted again")
+    return out
+
+
+def _start_canary(self, state: CycleState, vid: str, decision: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
+    """The gate passed with ``[rollout] canary_share`` set: ``vid`` becomes the canary, once (a
+    canary that already ended, rolled back, is never started again by a resumed cycle)."""
+    ended = next((e for e in self.registry.canary_log() if e.get("version") == vid and e.get("action") != "start"), None)
+    if ended is None:
+        pointer = self.registry.start_canary(vid, share=self.config.rollout.canary_share,
+                                             reason=f"cycle {state.id}: gate passed", decision=decision)
+        out["canary_since"] = pointer["since"]
+    else:
+        out["canary_ended"] = {k: ended.get(k) for k in ("action", "at", "reason")}
+    out.update(promoted=False, canary=vid, share=self.config.rollout.canary_share, current=self.registry.current_id())
+    return out
+
+
+def _settle_arena(self, vid: str, current_id: str | None, decision: dict[str, Any],
+                  out: dict[str, Any]) -> dict[str, Any]:
+    """The arena rule for the registered candidate: the decision to promote with, or WaitCycle/StopCycle."""
+    from loop.arena import ratings
+    from loop.cycle_state import WaitCycle
+    from loop.gate import arena_verdict
+
+    table = ratings(self.store.arena_votes(), versions=[v for v in (vid, current_id) if v])
+    verdict, reason, numbers = arena_verdict(vid, current_id, table, self.config.gate)
+    out["arena"] = {"verdict": verdict, "reason": reason, **numbers}
+    if verdict == "wait":
+        raise WaitCycle("pending_arena", f"{vid} passed the loss gate and is registered, not current, until the "
+                        f"arena settles it: {reason}", dict(out))
+    if verdict == "refuse":
+        raise _stop("arena_refused", f"{vid} passed the loss gate but not the arena: {reason}", dict(out))
+    return {**decision, "pending": [], "reasons": list(decision.get("reasons") or []) + [reason],
+            "numbers": {**(decision.get("numbers") or {}), **numbers}}
+
+
+def stage_publish(self, state: CycleState, force: bool) -> dict[str, Any]:
+    """Publish the version this cycle promoted, while it is still current.
+
+    A ``PublishError`` fails this stage only: the next run retries the upload and never repeats
+    the promotion. A version moved away from since (a rollback) is not published: the publish
+    target would serve what people took out of service."""
+    from loop.publish import publish
+
+    vid = state.result("promote").get("version")
+    current = self.registry.current_id()
+    if not vid:
+        return {"version": None, "published": None, "skipped": "this cycle promoted nothing"}
+    if state.result("promote").get("canary"):
+        return {"version": vid, "published": None,
+                "skipped": f"{vid} is a canary: it is published when the canary is promoted"}
+    if current != vid:
+        return {"version": vid, "published": None,
+                "skipped": f"{vid} is no longer current ({current} is): a version taken out of service is not published"}
+    return {"version": vid, "published": publish(self.registry.get(vid), self.config, registry=self.registry)}
 
 
 # -- report -------------------------------------------------------------------------------------------------

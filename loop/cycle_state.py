@@ -1,4 +1,9 @@
-"""The persisted state of one cycle, and the signal a stage uses to end the cycle early."""
+"""The persisted state of one cycle, the signals a stage uses to end or pause it, and what the
+registry says this cycle did (the version it registered, the promotion that made it current).
+
+The registry is the truth about promotion, not ``state.json``: a process killed between
+``Registry.promote`` and the next state save has promoted, and its history line says so.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,17 @@ class StopCycle(Exception):
     def __init__(self, outcome: str, reason: str):
         self.outcome = outcome
         self.reason = reason
+        super().__init__(reason)
+
+
+class WaitCycle(Exception):
+    """A stage cannot finish yet and is not failing (a candidate waiting for arena games): the cycle
+    stays unfinished, the stage is retried by the next run, and nothing counts as a failure."""
+
+    def __init__(self, outcome: str, reason: str, result: dict[str, Any] | None = None):
+        self.outcome = outcome
+        self.reason = reason
+        self.result = result or {}
         super().__init__(reason)
 
 
@@ -61,9 +77,40 @@ class CycleState:
     def result(self, name: str) -> dict[str, Any]:
         return self.stage(name).get("result", {})
 
+    def failures(self, name: str) -> int:
+        return int((self.data.get("failures") or {}).get(name, 0))
+
+    def note_failure(self, name: str, why: str) -> int:
+        """Count one failed or interrupted attempt of a stage (persisted by the next save)."""
+        failures = self.data.setdefault("failures", {})
+        failures[name] = int(failures.get(name, 0)) + 1
+        self.data.setdefault("failure_log", []).append({"stage": name, "at": _now(), "why": why[:2000]})
+        return failures[name]
+
     def save(self) -> None:
         atomic_write_text(self.path, json.dumps(self.data, indent=2, sort_keys=True, default=str))
 
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def own_version(registry, cycle_id: str):
+    """The version this cycle registered (``variant.cycle``), or None: found in the registry, so a
+    cycle killed between ``register`` and its next state save still finds it."""
+    return next((v for v in registry.list() if (v.variant or {}).get("cycle") == cycle_id), None)
+
+
+def promotion_of(registry, vid: str) -> dict[str, Any] | None:
+    """The first history line that made ``vid`` current (a promotion, its recovered line, or a person
+    pointing ``current`` at it by hand), else None: once there is one, no cycle promotes ``vid`` again."""
+    registry.reconcile()  # a pointer written just before a kill gets its history line first
+    return next((h for h in registry.history() if h.get("to") == vid), None)
+
+
+def moved_away_from(registry, vid: str) -> dict[str, Any] | None:
+    """The latest history line that made another version current while ``vid`` was (a rollback, or
+    another promotion), when ``vid`` is not current now; else None."""
+    if registry.current_id() == vid:
+        return None
+    return next((h for h in reversed(registry.history()) if h.get("from") == vid), None)

@@ -9,6 +9,15 @@ All of these must hold (each failure is one reason in the decision):
   5. optionally (``gate.use_arena``): the candidate has at least ``gate.arena_min_games`` arena games
      and a rating not below the current version's.
 
+The arena rule and registration: a candidate has no arena games before it is registered (the
+arena only pits registered versions), so the cycle's gate cannot apply rule 5 to a fresh
+candidate. ``decide`` given a candidate without a ``version`` therefore judges rules 1-4 and puts
+``"arena"`` in ``GateDecision.pending``: the cycle registers the candidate and holds it, not
+current, as *pending arena* (``arena_verdict`` with its id): promoted once it has
+``arena_min_games`` games and a rating not below the current version's, refused once it has the
+games and a lower rating, and waiting in between. ``decide`` given the candidate's id applies
+rule 5 at once (too few games is then a refusal).
+
 Metric names (in ``Version.metrics`` and in the dicts given to ``decide``):
   ``heldout_loss`` (aliases ``held_out_loss``, ``eval_loss``), ``regression_loss``, ``heldout_hash``;
   candidate extras: ``status``, ``verification`` ({"passed": bool, "reasons": [...]}) or
@@ -30,13 +39,17 @@ class GateDecision:
     promote: bool
     reasons: list[str] = field(default_factory=list)
     numbers: dict[str, Any] = field(default_factory=dict)
+    # Criteria that can only be judged after registration (``"arena"``): ``promote`` then means
+    # "passes everything judged so far", and the cycle holds the version until these are settled.
+    pending: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def summary(self) -> str:
         """A few lines for people: the verdict, then why."""
-        head = "PROMOTE" if self.promote else "KEEP CURRENT"
+        head = ("PROMOTE" + (f" once {', '.join(self.pending)} is settled" if self.pending else "")
+                if self.promote else "KEEP CURRENT")
         return "\n".join([head] + [f"  - {r}" for r in self.reasons])
 
 
@@ -160,23 +173,46 @@ def decide(
                             f"beyond the tolerance +{gate.regression_tolerance:.1%}")
 
     # 5. arena (optional)
+    pending: list[str] = []
     if gate.use_arena:
         cand_id = candidate_id or candidate_metrics.get("version")
         cur_id = current_id or current_metrics.get("version")
-        min_games = getattr(gate, "arena_min_games", 0)
-        if arena is None or not cand_id or not cur_id:
-            refusals.append("arena criterion is on but no ratings (or version ids) were given")
+        if not cand_id:
+            # Not registered yet, so it cannot have played: judged after registration (see above).
+            pending.append("arena")
+            numbers.update(arena_min_games=getattr(gate, "arena_min_games", 0))
+            passes.append(f"arena: judged once the candidate is registered (it needs "
+                          f"{getattr(gate, 'arena_min_games', 0)} games and a rating not below the current version's)")
         else:
-            cand_a = arena.get(cand_id) or {"rating": None, "games": 0}
-            cur_a = arena.get(cur_id) or {"rating": None, "games": 0}
-            numbers.update(candidate_rating=cand_a["rating"], current_rating=cur_a["rating"],
-                           candidate_games=cand_a["games"], arena_min_games=min_games)
-            if cand_a["games"] < min_games:
-                refusals.append(f"arena: {cand_id} has {cand_a['games']} games, needs {min_games}")
-            elif cand_a["rating"] is None or (cur_a["rating"] is not None and cand_a["rating"] < cur_a["rating"]):
-                refusals.append(f"arena: {cand_id} rated {cand_a['rating']} below {cur_id} at {cur_a['rating']}")
-            else:
-                passes.append(f"arena: {cand_id} rated {cand_a['rating']} vs {cur_id} at {cur_a['rating']}")
+            verdict, reason, arena_numbers = arena_verdict(cand_id, cur_id, arena, gate)
+            numbers.update(arena_numbers)
+            (passes if verdict == "pass" else refusals).append(reason)
 
     promote = not refusals
-    return GateDecision(promote=promote, reasons=passes if promote else refusals + passes, numbers=numbers)
+    return GateDecision(promote=promote, reasons=passes if promote else refusals + passes, numbers=numbers,
+                        pending=pending if promote else [])
+
+
+def arena_verdict(
+    candidate_id: str | None,
+    current_id: str | None,
+    arena: Mapping[str, Mapping[str, Any]] | None,
+    gate: Any,
+) -> tuple[str, str, dict[str, Any]]:
+    """Rule 5 for a registered candidate: ``("pass" | "wait" | "refuse", reason, numbers)``.
+
+    "wait": fewer than ``gate.arena_min_games`` games (more votes can still settle it);
+    "refuse": enough games and a rating below the current version's, or nothing to compare with.
+    """
+    min_games = getattr(gate, "arena_min_games", 0)
+    if arena is None or not candidate_id or not current_id:
+        return "refuse", "arena criterion is on but no ratings (or version ids) were given", {}
+    cand_a = arena.get(candidate_id) or {"rating": None, "games": 0}
+    cur_a = arena.get(current_id) or {"rating": None, "games": 0}
+    numbers = {"candidate_rating": cand_a["rating"], "current_rating": cur_a["rating"],
+               "candidate_games": cand_a["games"], "arena_min_games": min_games}
+    if cand_a["games"] < min_games:
+        return "wait", f"arena: {candidate_id} has {cand_a['games']} games, needs {min_games}", numbers
+    if cand_a["rating"] is None or (cur_a["rating"] is not None and cand_a["rating"] < cur_a["rating"]):
+        return "refuse", f"arena: {candidate_id} rated {cand_a['rating']} below {current_id} at {cur_a['rating']}", numbers
+    return "pass", f"arena: {candidate_id} rated {cand_a['rating']} vs {current_id} at {cur_a['rating']}", numbers

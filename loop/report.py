@@ -1,5 +1,9 @@
 """The cycle report: JSON for machines, markdown with plots for people, under $LOOP_HOME/reports.
 
+An abandoned cycle (loop/cycle.py's failure policy) gets a section saying which rule gave it up,
+at which stage, and every failed or interrupted attempt; the JSON carries the same under
+``abandoned``, ``failures`` and ``failure_log``.
+
 Plots: the variants' training-loss curves (where people would rather look than read) and the
 held-out / regression loss of every registered version (the lineage at a glance).
 """
@@ -81,11 +85,33 @@ def write_report(cycle, state) -> dict[str, Any]:
         lines.append(f"  \n**Why:** {state.data['reason']}")
     lines += ["", f"Current version after the cycle: **{data['current_version']}**", "", "## Stages", "",
               "| stage | status | seconds | note |", "|---|---|---:|---|"]
+    failures = state.data.get("failures") or {}
     for name, s in state.data["stages"].items():
         if name == "report":
             continue
         note = s.get("reason") or s.get("error") or ""
+        if failures.get(name):
+            note = f"{note} (failed or interrupted {failures[name]}×)".strip()
         lines.append(f"| {name} | {s.get('status')} | {_fmt(s.get('seconds'))} | {note} |")
+    abandoned = state.data.get("abandoned")
+    if abandoned:
+        lines += ["", "## Abandoned (failure policy)", "",
+                  f"Given up at stage **{abandoned.get('stage')}**: {abandoned.get('reason')}", "",
+                  f"The policy: a cycle is abandoned once one stage has failed or been interrupted "
+                  f"`cycle.max_stage_attempts` = {abandoned.get('max_stage_attempts')} times, or when the current "
+                  "version changed under it before it promoted. The next run starts a new cycle."]
+        log = state.data.get("failure_log") or []
+        if log:
+            lines += ["", "| stage | when | what happened |", "|---|---|---|"]
+            lines += [f"| {f.get('stage')} | {f.get('at')} | {str(f.get('why')).replace('|', '/')[:300]} |" for f in log]
+    promoted = state.result("promote")
+    if promoted.get("moved_away"):
+        m = promoted["moved_away"]
+        lines += ["", f"{promoted.get('version')} was promoted, then {m.get('action')} to {m.get('to')} "
+                  f"at {m.get('at')} ({m.get('reason')}); it was not promoted again."]
+    published = state.result("publish")
+    if published.get("skipped"):
+        lines += ["", f"Not published: {published['skipped']}"]
     if data["timings"]["overhead_share"] is not None:
         lines.append(f"\nEverything but training took {100 * data['timings']['overhead_share']:.1f}% of the cycle.")
     push = state.result("push")

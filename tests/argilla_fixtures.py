@@ -16,7 +16,9 @@ LOOP_HOME and on free ports, and yields an `annotation.server.StackInfo`:
 The stack is shared: give datasets unique names (e.g. with uuid4) and delete what you create if it matters.
 It is stopped after the session. ARGILLA_API_URL/ARGILLA_API_KEY are ignored here: tests always use the local stack.
 The only reason it skips is a missing argilla-server virtualenv ($LOOP_TOOLS/argilla-venv, made by
-`python -m annotation.install`); any other failure to start is a test error with the failing part's log tail.
+`python -m annotation.install`), and under CI (``CI`` set, see tests/skips.py) even that FAILS: CI's setup
+installs the stack, so a missing one is a broken setup, not a reason to report green. Any other failure to
+start is a test error with the failing part's log tail.
 
 `new_stack_config(**overrides)` (a fixture returning a factory) gives a StackConfig on fresh free ports using the
 installed virtualenv, for tests that run a stack of their own; `stack_home` is an empty LOOP_HOME for such a stack
@@ -38,6 +40,7 @@ import pytest
 from annotation.config import StackConfig
 from annotation.install import is_installed
 from annotation.server import start_stack, stop_stack
+from skips import skip_or_fail
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Captured before any test changes LOOP_HOME: the venv is a setup-time tool shared by every test home.
@@ -60,9 +63,10 @@ def free_ports(n: int) -> list[int]:
 
 
 def stack_config(**overrides) -> StackConfig:
-    """A StackConfig on free ports using the installed argilla venv; skips the test when it is not installed."""
+    """A StackConfig on free ports using the installed argilla venv; skips the test when it is not installed
+    (fails it under CI)."""
     if not is_installed(ARGILLA_VENV):
-        pytest.skip(f"argilla-server virtualenv not installed at {ARGILLA_VENV}; run `python -m annotation.install`")
+        skip_or_fail(f"argilla-server virtualenv not installed at {ARGILLA_VENV}; run `python -m annotation.install`")
     port, search_port, redis_port = free_ports(3)
     fields = dict(port=port, search_port=search_port, redis_port=redis_port, venv_dir=ARGILLA_VENV,
                   startup_timeout_s=180.0)  # generous: CI's 2 cores may be busy with other tests

@@ -20,7 +20,9 @@ from annotation.config import StackConfig
 from annotation.server import PARTS, StackError, _Layout, _proc_stat, stack_status, start_stack, stop_stack
 from loop.config import ConfigError, load_config
 
-rg = pytest.importorskip("argilla")
+from skips import import_or_skip  # noqa: E402
+
+rg = import_or_skip("argilla")
 
 
 def _bystander() -> subprocess.Popen:

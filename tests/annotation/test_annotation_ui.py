@@ -15,8 +15,10 @@ import pytest
 
 pytestmark = pytest.mark.slow  # a real browser against the real server (see the `slow` marker in pyproject.toml)
 
-rg = pytest.importorskip("argilla")
-sync_api = pytest.importorskip("playwright.sync_api")
+from skips import import_or_skip  # noqa: E402
+
+rg = import_or_skip("argilla")
+sync_api = import_or_skip("playwright.sync_api")
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]

@@ -35,7 +35,9 @@ def _sign_in(page, url: str, username: str, password: str) -> None:
 
 @pytest.mark.slow
 def test_reviewer_sees_the_queue_sorted_by_priority(argilla_stack, artifacts_dir):
-    sync_api = pytest.importorskip("playwright.sync_api")
+    from skips import import_or_skip
+
+    sync_api = import_or_skip("playwright.sync_api")
     owner = connect(api_url=argilla_stack.api_url, api_key=argilla_stack.api_key)
     cfg = AnnotationConfig(dataset=f"ui-{uuid.uuid4().hex[:8]}")
     store = Store.open()

@@ -3,7 +3,9 @@
 Send a message, watch the answer stream in, give thumbs-down with two reasons, a comment and a
 correction, reload, and find exactly that in `python -m loop.store export`. Then promote a new
 version while the app runs (the next answer comes from it, no restart), stop that answer with the
-Stop button, and stop the app with SIGTERM: the store's mirror then restores everything.
+Stop button, and stop the app with SIGTERM, as a Space restart does: it exits cleanly, and the app
+started again on a wiped home (the same mirror directory) restores every turn and feedback event,
+exported exactly as before.
 """
 
 from __future__ import annotations
@@ -189,5 +191,26 @@ def test_chat_stream_feedback_reload_export(running_app, artifacts_dir, registry
     assert swapped["completion_tokens"] < 160
     assert swapped["conversation_id"] == records[0]["conversation_id"], records
     assert swapped["messages"][-3:-1] == records[0]["messages"][-1:] + [{"role": "assistant", "content": records[0]["answer"]}]
+
+    # SIGTERM, then a restart on an empty home: everything comes back from the mirror.
+    assert running_app["stop"]() == 0, running_app["log"].read_text()[-3000:]
+    wiped = tmp_path / "wiped-home"
+    wiped.mkdir()
+    restarted_env = {**env, "LOOP_HOME": str(wiped)}
+    port = free_port()
+    log = tmp_path / "app-restarted.log"
+    with open(log, "w") as out:
+        restarted = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port)], cwd=REPO,
+                                     env=restarted_env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/", restarted, log)  # the app restores before it serves
+        assert export(restarted_env) == records
+    finally:
+        restarted.terminate()
+        try:
+            restarted.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            restarted.kill()
+            restarted.wait()
     (artifacts_dir / "app-browser-timing.json").write_text(json.dumps(
         {"start_to_first_answer_s": round(first_answer_s, 2), "note": "includes Chromium start and page load"}))

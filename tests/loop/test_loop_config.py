@@ -1,6 +1,7 @@
 import pytest
 
 from loop.config import ConfigError, load_config
+from skips import skip_or_fail
 
 
 def test_defaults_validate(loop_home):
@@ -41,9 +42,9 @@ def test_bad_toml_is_a_clear_error(tmp_path):
 def test_lists_from_env():
     cfg = load_config(env={})
     if "trainer" not in cfg.sections:
-        pytest.skip("trainer extra not installed")
+        skip_or_fail("trainer extra not installed")
     field = "learning_rates"
     if not hasattr(cfg.trainer, field):
-        pytest.skip("trainer config has no learning_rates field")
+        skip_or_fail("trainer config has no learning_rates field")
     cfg = load_config(env={"LOOP_TRAINER__LEARNING_RATES": "1e-3, 5e-4"})
     assert getattr(cfg.trainer, field) == [1e-3, 5e-4]

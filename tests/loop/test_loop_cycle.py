@@ -35,7 +35,7 @@ FAST = {
     "LOOP_CYCLE__MIN_NEW_EXAMPLES": "4",
     "LOOP_ANNOTATION__EVAL_PERCENT": "25",
     # The unit under test is the loop, not the learning: accept a small regression here
-    # (benchmarks/learning_scenario.py measures learning against the real 5% gate).
+    # (tests/loop/test_loop_demo_learning.py and benchmarks/scenarios/ measure learning against the real 5% gate).
     "LOOP_GATE__REGRESSION_TOLERANCE": "0.5",
 }
 
@@ -73,7 +73,8 @@ def test_two_cycles_train_promote_then_do_nothing(loop_env):
 
     first = Cycle(config, progress=False).run()
     assert first["outcome"] == "promoted", first
-    assert [s["status"] for s in first["stages"].values()] == ["done"] * 8
+    assert [s["status"] for s in first["stages"].values()] == ["done"] * 9
+    assert first["stages"]["publish"]["result"]["published"]["target"] == "local"
     current = registry.current()
     assert current.id == first["current_version"] == "v2" and current.parent == "v1"
     assert current.verification["passed"] is True
@@ -82,7 +83,7 @@ def test_two_cycles_train_promote_then_do_nothing(loop_env):
     assert report.is_file() and "promoted" in report.read_text()
     assert "![loss curves]" in report.read_text() and report.with_suffix(".variants.png").is_file()
     data = json.loads(report.with_suffix(".json").read_text())
-    assert set(data["timings"]["stages_s"]) == {"push", "pull", "decide", "train", "export", "gate", "promote", "report"}
+    assert set(data["timings"]["stages_s"]) == {"canary", "push", "pull", "decide", "train", "export", "gate", "promote", "publish", "report"}
 
     second = Cycle(config, progress=False).run()
     assert second["outcome"] == "nothing_new", second

@@ -93,6 +93,33 @@ def test_arena_criterion_uses_ratings():
     assert decide(candidate(), CURRENT, GateConfig(), arena=arena.ratings(losses_for_v2)).promote is True
 
 
+def test_with_the_arena_on_an_unregistered_candidate_has_the_arena_rule_pending_not_refused():
+    # What the cycle's gate stage sees: a candidate not registered yet has no id and no games.
+    gate = GateConfig(use_arena=True, arena_min_games=5)
+    unregistered = {k: v for k, v in candidate().items() if k != "version"}
+    d = decide(unregistered, CURRENT, gate, arena=arena.ratings([]))
+    assert d.promote is True and d.pending == ["arena"]
+    assert d.to_dict()["pending"] == ["arena"] and "once arena is settled" in d.summary()
+    # The losses still decide first: a worse candidate is refused, with nothing left pending.
+    worse = decide({**unregistered, "heldout_loss": 2.5}, CURRENT, gate, arena=arena.ratings([]))
+    assert worse.promote is False and worse.pending == []
+    # Off: nothing is pending.
+    assert decide(unregistered, CURRENT, GateConfig()).pending == []
+
+
+@pytest.mark.parametrize("votes, verdict, why", [
+    ([{"version_a": "v2", "version_b": "v1", "winner": "a"}] * 2, "wait", "v2 has 2 games, needs 5"),
+    ([{"version_a": "v2", "version_b": "v1", "winner": "a"}] * 5, "pass", "arena: v2 rated"),
+    ([{"version_a": "v1", "version_b": "v2", "winner": "a"}] * 5, "refuse", "below v1"),
+])
+def test_the_arena_verdict_for_a_registered_candidate_waits_passes_or_refuses(votes, verdict, why):
+    from loop.gate import arena_verdict
+
+    got, reason, numbers = arena_verdict("v2", "v1", arena.ratings(votes), GateConfig(use_arena=True, arena_min_games=5))
+    assert got == verdict and why in reason
+    assert numbers["candidate_games"] == len(votes)
+
+
 def test_gate_and_registry_settings_come_from_config(loop_home, monkeypatch):
     (loop_home / "config.toml").write_text('[gate]\nmin_improvement = 0.02\nuse_arena = true\n'
                                            '[registry]\nhf_model_repo = "org/chat-model"\n')

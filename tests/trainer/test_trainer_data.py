@@ -88,7 +88,8 @@ def test_replay_mix_ratio_dedup_and_determinism():
     ids = [e["id"] for e in mixed]
     assert len(mixed) == 20 and sum(i.startswith("o") for i in ids) == 10
     assert ids.count("n0") == 1  # the pool's older copy of a new example is not replayed
-    assert mixed == build_training_set(new, pool, ratio=0.5, seed=1)
+    # Pinned: the same seed gives the same mix in every process (a resumed cycle retrains the same data).
+    assert ids[:8] == ["n2", "o8", "o18", "o4", "n8", "n1", "n5", "n4"]
     assert mixed != build_training_set(new, pool, ratio=0.5, seed=2)
     assert len(build_training_set(new, pool[:3], ratio=0.9, seed=1)) == 13  # capped by the pool
     assert sorted(e["id"] for e in build_training_set(new, pool, ratio=0.0, seed=1)) == sorted(e["id"] for e in new)
@@ -98,7 +99,9 @@ def test_split_and_hash_are_stable():
     examples = [chat(f"q{i}", "a") for i in range(20)]
     train, held = split_eval(examples, 0.1, seed=3)
     assert len(held) == 2 and len(train) == 18 and not {e["id"] for e in held} & {e["id"] for e in train}
-    assert data_hash(examples) == data_hash([dict(e) for e in examples])
+    # Pinned, not recomputed in the same process: the split and the hash must hold across processes.
+    assert sorted(e["id"] for e in held) == ["q3", "q8"]
+    assert data_hash([dict(e) for e in examples]) == "702ab4e9fb0420cbfc101d94fc6ce69f1592c784534aaec676c09ffbc64bc835"
     assert data_hash(examples) != data_hash(list(reversed(examples)))
 
 
