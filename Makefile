@@ -4,7 +4,7 @@ PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
 export LOOP_TOOLS ?= $(CURDIR)/.loop/tools
 
-.PHONY: setup demo test test-fast bench space clean
+.PHONY: setup demo test test-fast space clean
 
 setup:
 	bash scripts/setup.sh
@@ -17,9 +17,6 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow"
-
-bench: setup
-	$(PY) benchmarks/run_all.py
 
 space: setup
 	$(PY) -m app.space --out build/space

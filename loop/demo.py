@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     owner = f" (user {stack.owner_username}, password in {config.home / 'argilla'})" if stack.owner_username else ""
     say(f"Argilla UI: {stack.api_url}{owner}")
     if args.no_app:
-        return 0 if summary["outcome"] != "failed" else 1
+        return 1 if summary["outcome"] in ("failed", "abandoned") else 0
     port = args.port or config.app.port
     say(f"chat app: http://{config.app.host}:{port}  (Ctrl-C to stop)")
     from app.__main__ import main as app_main
