@@ -73,7 +73,7 @@ def test_two_cycles_train_promote_then_do_nothing(loop_env):
 
     first = Cycle(config, progress=False).run()
     assert first["outcome"] == "promoted", first
-    assert [s["status"] for s in first["stages"].values()] == ["done"] * 9
+    assert [s["status"] for s in first["stages"].values()] == ["done"] * 10
     assert first["stages"]["publish"]["result"]["published"]["target"] == "local"
     current = registry.current()
     assert current.id == first["current_version"] == "v2" and current.parent == "v1"
