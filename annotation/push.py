@@ -36,6 +36,7 @@ from tqdm import tqdm
 from annotation.config import AnnotationConfig, as_annotation_config
 from annotation.priority import Ranked, rank_turn, select
 from annotation.schema import SCHEMA_VERSION, build_record, ensure_dataset, review_url, to_argilla
+from annotation.scrub import SCRUBBER_VERSION
 from annotation.scrub import Scrubber
 
 # Stop a run after this many consecutive failed batches (the server is down, not one bad record);
@@ -87,7 +88,7 @@ def source_hash(turn: dict[str, Any], config: AnnotationConfig) -> str:
         "schema": SCHEMA_VERSION,
         "turn": {k: turn.get(k) for k in keys},
         "feedback": {k: fb.get(k) for k in ("thumbs", "reasons", "comment", "correction")},
-        "scrub": [config.scrub, sorted(config.scrub_kinds), list(config.scrub_extra_patterns)],
+        "scrub": [config.scrub, sorted(config.scrub_kinds), list(config.scrub_extra_patterns), SCRUBBER_VERSION],
         "priority": [list(config.priority_order), config.uncertainty_threshold, config.thumbs_up_sample_rate],
     }
     return hashlib.sha256(json.dumps(basis, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()

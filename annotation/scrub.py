@@ -37,6 +37,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+# Raised whenever what the scrubber removes changes: it is part of every record's push hash
+# (annotation/push.py), so records scrubbed by an older scrubber are scrubbed again and re-sent.
+SCRUBBER_VERSION = 2
+
 # Detector kinds; on overlapping detections the earlier kind wins.
 KINDS: tuple[str, ...] = ("secret", "email", "iban", "card", "crypto", "ip", "phone", "name")
 

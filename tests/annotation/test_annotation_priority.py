@@ -122,4 +122,17 @@ def test_source_hash_changes_with_settings_that_change_the_record(field, value):
     turn = {"id": "t", "messages": [], "answer": "a", "feedback": None}
     assert source_hash(turn, AnnotationConfig()) != source_hash(turn, AnnotationConfig(**{field: value}))
     # Pinned: the hash decides what is re-pushed, so it must not change between processes or releases.
-    assert source_hash(dict(turn), AnnotationConfig()) == "c3cb8d300a78b507771810cfbbf4278553cc771b9d8ae224250217e9c01d8eba"
+    assert source_hash(dict(turn), AnnotationConfig()) == PINNED_HASH
+
+
+def test_a_new_scrubber_version_changes_every_record_hash_so_old_records_are_scrubbed_again(monkeypatch):
+    import annotation.push
+
+    turn = {"id": "t1", "messages": [{"role": "user", "content": "hi"}], "answer": "hello"}
+    before = source_hash(turn, AnnotationConfig())
+    monkeypatch.setattr(annotation.push, "SCRUBBER_VERSION", annotation.push.SCRUBBER_VERSION + 1)
+    assert source_hash(turn, AnnotationConfig()) != before
+
+
+# source_hash of the parametrised test's turn under the default config (scrubber version 2).
+PINNED_HASH = "356556ea7804735fa4aac4acf5febbbddf143f819048c6b6b9a2735ff8a413cf"
