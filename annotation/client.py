@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from annotation.config import AnnotationConfig
-from loop import paths
+from loop.core import paths
+from loop.core.errors import LoopError
 
 DEFAULT_API_URL = "http://127.0.0.1:6900"
 
 
-class ArgillaUnavailable(RuntimeError):
+class ArgillaUnavailable(LoopError, RuntimeError):
     """Argilla cannot be reached or no credentials are configured; the message says how to fix it."""
 
 

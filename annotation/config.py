@@ -1,16 +1,21 @@
 """Typed configuration for the annotation package.
 
 `StackConfig` configures the local Argilla stack (`annotation.server`). The dataset/push/pull settings
-(`AnnotationConfig`) live beside it in this module.
+(`AnnotationConfig`) live beside it in this module. `load_annotation_config` loads both with the shared
+sections; the conductor's root config (`loop.config`) holds them among all the others.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+from loop.core.config import CORE_SECTIONS, Config, load_sections
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
@@ -210,3 +215,10 @@ def as_annotation_config(config: object = None) -> AnnotationConfig:
     if not isinstance(section, AnnotationConfig):
         raise TypeError(f"expected an AnnotationConfig or the loop config, got {type(config).__name__}")
     return section
+
+
+def load_annotation_config(path: str | os.PathLike[str] | None = None,
+                           env: Mapping[str, str] | None = None) -> Config:
+    """The shared sections plus ``stack`` and ``annotation``, validated (``loop.core.config`` says from
+    where); what the ``annotation`` CLIs run with."""
+    return load_sections({**CORE_SECTIONS, "stack": StackConfig, "annotation": AnnotationConfig}, path, env)

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from loop.paths import tools_dir
+from loop.core.errors import LoopError, error_exit
+from loop.core.paths import tools_dir
 
 # What the server environment holds. click>=8.2 breaks argilla-server's typer CLI; osmem-server is the in-memory
 # OpenSearch-compatible search engine (a bundled Go binary) that stands in for Elasticsearch.
@@ -117,6 +118,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except subprocess.CalledProcessError as exc:
         print(f"error: installing the argilla-server environment failed: {exc}", file=sys.stderr)
         return 1
+    except LoopError as exc:
+        return error_exit(exc)
     return 0
 
 

@@ -43,7 +43,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from annotation.config import AnnotationConfig, as_annotation_config
+from annotation.config import AnnotationConfig, as_annotation_config, load_annotation_config
+from loop.core.errors import LoopError, error_exit
 from annotation.judge_split import normalise
 from annotation.schema import CURRENT, SchemaMismatchError, find_dataset, read_version
 from annotation.snapshot import Snapshot, latest_snapshot, load_snapshot, write_snapshot
@@ -209,7 +210,7 @@ def collect(client, config: AnnotationConfig, *, progress: bool = True,
 
     Returns (examples, counts, source). A record id seen in a newer dataset wins over an older one.
     ``preferences``, when given, receives the records' ``preference_signals`` under "pairs" and "labels".
-    Records whose id is in ``skip_ids`` (forgotten turns, ``loop.forgotten``) are left out and counted
+    Records whose id is in ``skip_ids`` (forgotten turns, ``loop.core.forgotten``) are left out and counted
     under "forgotten". Each example's ``provenance`` names its dataset and its reviewers' user names.
     """
     counts = {k: 0 for k in ("records", "submitted", "pending", "discarded", "rejected", "conflicts",
@@ -315,7 +316,7 @@ def pull_snapshot(config: Any = None, *, client=None, previous: Snapshot | str |
     else:
         prev = load_snapshot(previous)
     preferences: dict[str, list] = {"pairs": [], "labels": []}
-    from loop.forgotten import forgotten_ids
+    from loop.core.forgotten import forgotten_ids
 
     examples, counts, source = collect(client, cfg, progress=progress, preferences=preferences,
                                        skip_ids=forgotten_ids(home))
@@ -330,9 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="TOML config file (default: $LOOP_CONFIG or $LOOP_HOME/config.toml)")
     parser.add_argument("--json", action="store_true", help="print path, hash and counts as JSON")
     args = parser.parse_args(argv)
-    from loop.config import load_config
-
-    snap = pull_snapshot(load_config(args.config).annotation, progress=not args.json)
+    try:
+        snap = pull_snapshot(load_annotation_config(args.config).annotation, progress=not args.json)
+    except LoopError as exc:  # a bad config, Argilla unreachable, a schema mismatch
+        return error_exit(exc)
     out = {"path": str(snap.path), "hash": snap.hash, "counts": snap.counts, "reused": snap.reused}
     print(json.dumps(out, indent=2) if args.json else f"snapshot {snap.hash[:12]} at {snap.path}: {snap.counts}")
     return 0

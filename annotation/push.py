@@ -33,7 +33,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from annotation.config import AnnotationConfig, as_annotation_config
+from annotation.config import AnnotationConfig, as_annotation_config, load_annotation_config
+from loop.core.errors import LoopError
+from loop.core.errors import error_exit
 from annotation.priority import Ranked, rank_turn, select
 from annotation.schema import SCHEMA_VERSION, build_record, ensure_dataset, review_url, to_argilla
 from annotation.scrub import SCRUBBER_VERSION
@@ -187,7 +189,7 @@ def plan(store, target: str, config: AnnotationConfig, now: dt.datetime, report:
     state = store.sync_state(target)
     must: list[_Job] = []  # outbox items and updates: always sent
     new: dict[str, _Job] = {}
-    from loop.forgotten import forgotten_ids
+    from loop.core.forgotten import forgotten_ids
 
     # A forgotten turn brought back into the store by any route (a restored backup) is never sent again.
     forgotten = forgotten_ids(Path(store.path).parent) if getattr(store, "path", None) else set()
@@ -234,7 +236,7 @@ def push(config: Any = None, store=None, client=None, *, now: dt.datetime | None
     started = time.monotonic()
     cfg = as_annotation_config(config)
     if store is None:
-        from loop.store import Store
+        from loop.core.store import Store
 
         store = Store.open()
     if client is None:
@@ -277,9 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="TOML config file (default: $LOOP_CONFIG or $LOOP_HOME/config.toml)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
-    from loop.config import load_config
-
-    report = push(load_config(args.config).annotation, progress=not args.json)
+    try:
+        report = push(load_annotation_config(args.config).annotation, progress=not args.json)
+    except LoopError as exc:  # a bad config, Argilla unreachable, a schema mismatch
+        return error_exit(exc)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     else:

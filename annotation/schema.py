@@ -5,7 +5,7 @@ A store turn becomes one Argilla record (record id = turn id):
 - fields: ``conversation`` (chat field: the messages the model saw), ``answer`` (the model's
   answer), ``user_feedback`` (what the chat user said: thumbs, reasons, comment, own correction);
 - questions: ``quality`` (rating 1-5), ``corrected_response`` (text, optional), ``issues``
-  (multi-label, the app's reason list from ``loop.reasons``);
+  (multi-label, the app's reason list from ``loop.core.reasons``);
 - suggestions: ``corrected_response`` pre-filled with the model's answer, ``issues`` pre-filled
   with the user's reasons, both with the model version as agent;
 - metadata: model version, thumbs, reasons, uncertainty (log-prob mean/min), latency, created-at,
@@ -34,7 +34,8 @@ import argilla as rg
 
 from annotation.config import PRIORITY_TIERS, AnnotationConfig
 from annotation.scrub import Scrubber
-from loop.reasons import ALL_REASONS, LABELS, REASONS_DOWN
+from loop.core.reasons import ALL_REASONS, LABELS, REASONS_DOWN
+from loop.core.errors import LoopError
 
 # Bump when the fields, questions, metadata or the record mapping change, and add a Migration.
 SCHEMA_VERSION = 1
@@ -79,7 +80,7 @@ Personal data (e-mails, phone numbers, card numbers, keys) was replaced by place
 """
 
 
-class SchemaMismatchError(RuntimeError):
+class SchemaMismatchError(LoopError, RuntimeError):
     """The live dataset does not match the schema this code writes; the message says what to do."""
 
 

@@ -27,30 +27,23 @@ import fcntl
 import json
 import logging
 import os
-import secrets
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from annotation.config import StackConfig, bind_address
 from annotation.install import is_installed, osmem_binary, venv_dir, venv_python
-from loop.paths import loop_home
+from annotation.stack_parts import (PARTS, StackError, _checks, _Layout, _launch, _owned_pid, _port_open, _terminate,
+                                    _wait_healthy)
+from annotation.stack_setup import (_bootstrap, _load_credentials, _load_redis_password, _read_redis_password,
+                                    _redis_conf, _server_env, _write_private)
+from loop.core.errors import LoopError
+from loop.core.errors import error_exit
 
 log = logging.getLogger("annotation.server")
-
-PARTS = ("search", "redis", "worker", "server")  # start order; stop runs in reverse
-_CHILDREN: dict[int, subprocess.Popen] = {}  # processes this interpreter started, kept so they can be reaped
-
-
-class StackError(RuntimeError):
-    """A part of the stack could not be started or is misconfigured; the message says which and why."""
 
 
 @dataclass
@@ -71,387 +64,10 @@ class StackInfo:
     startup_seconds: float = 0.0
 
 
-class _Layout:
-    """Where a stack keeps its files under $LOOP_HOME/argilla/."""
-
-    def __init__(self, home: Optional[Path]):
-        self.home = Path(home).absolute() if home else loop_home()
-        self.root = self.home / "argilla"
-        self.run = self.root / "run"
-        self.logs = self.root / "logs"
-        self.server_home = self.root / "server"  # ARGILLA_HOME_PATH: argilla.db lives here
-        self.redis_dir = self.root / "redis"
-        self.tmp = self.root / "tmp"  # the server copies its UI statics to a temp dir at every start
-        self.api_key = self.root / "api_key"
-        self.credentials = self.root / "credentials.json"
-        self.redis_password = self.root / "redis_password"
-        self.redis_conf = self.redis_dir / "redis.conf"  # holds the password: written 0600 at every start
-        self.stack_json = self.run / "stack.json"  # ports of the running stack, for status/stop/info
-
-    def pidfile(self, part: str) -> Path:
-        return self.run / f"{part}.json"
-
-    def logfile(self, part: str) -> Path:
-        return self.logs / f"{part}.log"
-
-
 def external_connection() -> Optional[tuple[str, str]]:
     """(url, key) when ARGILLA_API_URL and ARGILLA_API_KEY are both set, else None."""
     url, key = os.environ.get("ARGILLA_API_URL"), os.environ.get("ARGILLA_API_KEY")
     return (url.rstrip("/"), key) if url and key else None
-
-
-# ---------------------------------------------------------------- processes we own
-
-
-def _proc_stat(pid: int) -> Optional[tuple[str, int]]:
-    """(state, start time in clock ticks since boot) of a live pid, None when it does not exist."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rindex(")") + 2 :].split()  # the command name may hold spaces; skip past it
-    return fields[0], int(fields[19])
-
-
-def _proc_cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _reap(pid: int) -> None:
-    child = _CHILDREN.get(pid)
-    if child is not None and child.poll() is not None:
-        _CHILDREN.pop(pid, None)
-
-
-def _owned_pid(layout: _Layout, part: str) -> Optional[int]:
-    """The pid recorded for `part` if that exact process is still running, else None.
-
-    A pid is trusted only when its start time and executable match those recorded at launch (pids get reused)
-    and its command line still shows the recorded tokens (redis rewrites its title, so tokens, not the argv)."""
-    try:
-        record = json.loads(layout.pidfile(part).read_text())
-    except (OSError, ValueError):
-        return None
-    pid = int(record["pid"])
-    _reap(pid)
-    for attempt in range(3):
-        stat = _proc_stat(pid)
-        if stat is None or stat[0] in ("Z", "X") or stat[1] != record["starttime"]:
-            return None
-        if _proc_exe(pid) != record.get("exe"):
-            return None
-        if all(token in _proc_cmdline(pid) for token in record["match"]):
-            return pid
-        time.sleep(0.02)  # redis may be rewriting its title this very moment: look again before giving up
-    return None
-
-
-def _proc_exe(pid: int) -> Optional[str]:
-    try:
-        return os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        return None
-
-
-def _launch(layout: _Layout, part: str, argv: list[str], env: dict, match: list[str], cwd: Path) -> int:
-    logfile = layout.logfile(part)
-    with open(logfile, "a") as out:
-        out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(argv)}\n")
-        out.flush()
-        # A new session makes the part its own process group, so stop can end its children (rq's pool forks)
-        # without touching anything else.
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-            start_new_session=True,
-        )
-    _CHILDREN[proc.pid] = proc
-    stat = _proc_stat(proc.pid)
-    record = {"part": part, "pid": proc.pid, "starttime": stat[1] if stat else -1, "exe": _proc_exe(proc.pid),
-              "argv": argv, "match": match}
-    layout.pidfile(part).write_text(json.dumps(record, indent=1))
-    return proc.pid
-
-
-def _terminate(layout: _Layout, parts: tuple[str, ...], grace_s: float = 15.0) -> dict[str, Optional[int]]:
-    """End the process groups of `parts` that we started (signalled together, so their shutdowns overlap).
-
-    Returns {part: pid stopped, or None when it was not running (a stale pid file is just removed)}."""
-    targets: dict[str, tuple[int, Optional[int]]] = {}
-    for part in parts:
-        pid = _owned_pid(layout, part)
-        if pid is not None:
-            group = pid if _safe_pgid(pid) == pid else None
-            targets[part] = (pid, group)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(group, signal.SIGTERM) if group else os.kill(pid, signal.SIGTERM)
-        layout.pidfile(part).unlink(missing_ok=True)  # only once signalled: a crash above must not orphan it
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(_group_alive(*t) for t in targets.values()):
-        time.sleep(0.1)
-    for part, (pid, group) in targets.items():
-        if _group_alive(pid, group):
-            log.warning("%s (pid %s) ignored SIGTERM for %.0f s; killing it", part, pid, grace_s)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(group, signal.SIGKILL) if group else os.kill(pid, signal.SIGKILL)
-        _reap(pid)
-    return {part: targets[part][0] if part in targets else None for part in parts}
-
-
-def _safe_pgid(pid: int) -> Optional[int]:
-    try:
-        return os.getpgid(pid)
-    except OSError:
-        return None
-
-
-def _group_alive(pid: int, group: Optional[int]) -> bool:
-    """Is the leader, or any member of the process group we created for it, still there?"""
-    _reap(pid)  # our own dead child would linger as a zombie (and keep the group "alive") until reaped
-    if group is None:
-        stat = _proc_stat(pid)
-        return stat is not None and stat[0] not in ("Z", "X")
-    try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-# ---------------------------------------------------------------- health checks
-
-
-def _port_open(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.3):
-            return True
-    except OSError:
-        return False
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
-
-
-def _resp(*command: str) -> bytes:
-    return (f"*{len(command)}\r\n" + "".join(f"${len(c.encode())}\r\n{c}\r\n" for c in command)).encode()
-
-
-def _redis(host: str, port: int, *command: str, password: Optional[str] = None) -> Optional[bytes]:
-    """Send one command in the RESP protocol (after AUTH when a password is given) and return the first line of
-    its reply, or of the AUTH reply when that is not +OK. No client library: the main venv has none."""
-    commands = ([("AUTH", password)] if password is not None else []) + [command]
-    try:
-        with socket.create_connection((bind_address(host), port), timeout=1) as sock:
-            sock.sendall(b"".join(_resp(*c) for c in commands))
-            data = b""
-            while data.count(b"\r\n") < len(commands):  # every reply used here is one line
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-    except OSError:
-        return None
-    lines = data.split(b"\r\n")
-    if password is not None and lines[0] != b"+OK":
-        return lines[0]
-    return lines[len(commands) - 1] if len(lines) >= len(commands) else None
-
-
-def _redis_int(host: str, port: int, *command: str, password: Optional[str] = None) -> int:
-    reply = _redis(host, port, *command, password=password) or b""
-    return int(reply[1:]) if reply[:1] == b":" else -1
-
-
-def _checks(cfg: StackConfig, redis_password: Optional[str]) -> dict[str, Callable[[], bool]]:
-    h = bind_address(cfg.host)
-    pw = redis_password
-    return {
-        "search": lambda: _http_ok(f"http://{h}:{cfg.search_port}/"),
-        # Healthy means it accepted the stack's password: a redis without one is not this stack's redis.
-        "redis": lambda: pw is not None and _redis(h, cfg.redis_port, "PING", password=pw) == b"+PONG",
-        # rq registers each worker in this set once it listens on the queues.
-        "worker": lambda: pw is not None and _redis_int(h, cfg.redis_port, "SCARD", "rq:workers", password=pw) > 0,
-        # /api/v1/status answers only after the lifespan pinged the database, the search engine and redis.
-        "server": lambda: _http_ok(f"http://{h}:{cfg.port}/api/v1/status"),
-    }
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def _wait_healthy(layout: _Layout, part: str, pid: int, check: Callable[[], bool], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if _owned_pid(layout, part) != pid:
-            raise StackError(f"{part} (pid {pid}) exited during startup; last lines of {layout.logfile(part)}:\n"
-                             f"{_tail(layout.logfile(part))}")
-        if time.monotonic() > deadline:
-            raise StackError(f"{part} (pid {pid}) not healthy after {timeout_s:.0f} s; last lines of "
-                             f"{layout.logfile(part)}:\n{_tail(layout.logfile(part))}")
-        time.sleep(0.1)
-
-
-# ---------------------------------------------------------------- credentials and bootstrap
-
-
-def _load_credentials(layout: _Layout, cfg: StackConfig) -> dict:
-    """Owner and reviewer credentials; generated once and kept (mode 0600) so restarts keep the same keys."""
-    try:
-        creds = json.loads(layout.credentials.read_text())
-    except (OSError, ValueError):
-        creds = {}
-    changed = False
-    for role, username in (("owner", cfg.owner_username), ("reviewer", cfg.reviewer_username)):
-        entry = creds.get(role) or {}
-        if entry.get("username") != username or not entry.get("password") or not entry.get("api_key"):
-            entry = {"username": username, "password": secrets.token_urlsafe(12), "api_key": secrets.token_urlsafe(24)}
-            creds[role], changed = entry, True
-    if changed:
-        _write_private(layout.credentials, json.dumps(creds, indent=1))
-    return creds
-
-
-def _load_redis_password(layout: _Layout) -> str:
-    """The home's redis password: generated on the first start, then kept (0600)."""
-    try:
-        password = layout.redis_password.read_text().strip()
-    except OSError:
-        password = ""
-    if not password:
-        password = secrets.token_urlsafe(32)  # URL-safe: it goes into ARGILLA_REDIS_URL as is
-        _write_private(layout.redis_password, password + "\n")
-    return password
-
-
-def _read_redis_password(layout: _Layout) -> Optional[str]:
-    try:
-        return layout.redis_password.read_text().strip() or None
-    except OSError:
-        return None
-
-
-def _redis_conf(layout: _Layout, cfg: StackConfig, password: str) -> str:
-    """redis.conf for the stack's redis: loopback, its own dir, no persistence, the password."""
-    quoted_dir = json.dumps(str(layout.redis_dir))  # redis reads double-quoted strings with C-style escapes
-    return "\n".join([
-        f"port {cfg.redis_port}",
-        f"bind {bind_address(cfg.host)}",
-        "protected-mode yes",
-        f"dir {quoted_dir}",
-        'save ""',
-        "appendonly no",
-        "daemonize no",
-        f"requirepass {password}",
-        "",
-    ])
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Write a secret readable by this user only, never (even briefly) with wider permissions."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # an existing file keeps its old mode through O_CREAT
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
-
-
-# Runs inside the argilla-server venv: migrations, users and reindex in ONE interpreter, because each
-# `python -m argilla_server ...` call spends ~4 s of CPU importing the server. Parameters arrive as JSON on stdin so
-# secrets never show on a command line.
-_BOOTSTRAP = r"""
-import asyncio, importlib.util, json, sys, types
-p = json.load(sys.stdin)
-# argilla_server/__init__.py builds the whole web app (and copies 14 MB of UI files) on import; the bootstrap
-# needs none of it. A bare package object lets the submodules import without running __init__ (~2 s less CPU).
-spec = importlib.util.find_spec("argilla_server")
-pkg = types.ModuleType("argilla_server")
-pkg.__path__, pkg.__file__, pkg.__spec__ = list(spec.submodule_search_locations), spec.origin, spec
-sys.modules["argilla_server"] = pkg
-from argilla_server.cli.database.migrate import migrate_db
-migrate_db(revision="head")
-from argilla_server.contexts import accounts
-from argilla_server.database import AsyncSessionLocal
-from argilla_server.models import User, UserRole, Workspace, WorkspaceUser
-
-async def ensure_users():
-    async with AsyncSessionLocal() as db:
-        ws = await Workspace.get_by(db, name=p["workspace"]) or await accounts.create_workspace(db, {"name": p["workspace"]})
-        for u in p["users"]:
-            user = await accounts.get_user_by_username(db, u["username"])
-            if user is None:
-                user = await User.create(db, first_name=u["username"], username=u["username"], role=UserRole(u["role"]),
-                                         password_hash=accounts.hash_password(u["password"]), api_key=u["api_key"])
-                print("created user", u["username"], u["role"])
-            else:  # the credentials file is the source of truth: realign a user whose file was regenerated
-                changes = {}
-                if user.api_key != u["api_key"]:
-                    changes["api_key"] = u["api_key"]
-                if user.role != UserRole(u["role"]):
-                    changes["role"] = UserRole(u["role"])
-                if not accounts.verify_password(u["password"], user.password_hash):
-                    changes["password_hash"] = accounts.hash_password(u["password"])
-                if changes:
-                    await user.update(db, **changes)
-                    print("updated user", u["username"], sorted(changes))
-            if await WorkspaceUser.get_by(db, workspace_id=ws.id, user_id=user.id) is None:
-                await WorkspaceUser.create(db, workspace_id=ws.id, user_id=user.id)
-
-asyncio.run(ensure_users())
-if p["reindex"]:
-    from argilla_server.cli.search_engine.reindex import _reindex
-    asyncio.run(_reindex())
-    print("search index rebuilt from the database")
-"""
-
-
-def _server_env(layout: _Layout, cfg: StackConfig, redis_password: str) -> dict:
-    # Drop inherited ARGILLA_* (e.g. a client's ARGILLA_API_URL) and Python path settings of the main venv.
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("ARGILLA_") and k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    env.update(
-        ARGILLA_HOME_PATH=str(layout.server_home),
-        ARGILLA_DATABASE_URL=f"sqlite+aiosqlite:///{layout.server_home / 'argilla.db'}?check_same_thread=False",
-        ARGILLA_ELASTICSEARCH=f"http://{bind_address(cfg.host)}:{cfg.search_port}",
-        ARGILLA_SEARCH_ENGINE="opensearch",
-        # The environment of a process is readable by its user only (unlike its command line).
-        ARGILLA_REDIS_URL=f"redis://:{redis_password}@{bind_address(cfg.host)}:{cfg.redis_port}/0",
-        HF_HUB_OFFLINE="1",  # no telemetry calls home, no hub look-ups
-        HF_HUB_DISABLE_TELEMETRY="1",
-        TMPDIR=str(layout.tmp),
-    )
-    return env
-
-
-def _bootstrap(layout: _Layout, cfg: StackConfig, creds: dict, env: dict, reindex: bool) -> None:
-    params = {
-        "workspace": cfg.workspace,
-        "reindex": reindex,
-        "users": [dict(creds["owner"], role="owner"), dict(creds["reviewer"], role="annotator")],
-    }
-    logfile = layout.logfile("bootstrap")
-    with open(logfile, "a") as out:
-        out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} migrate, users{', reindex' if reindex else ''}\n")
-        out.flush()
-        try:
-            done = subprocess.run([str(venv_python(venv_dir(cfg.venv_dir))), "-c", _BOOTSTRAP], input=json.dumps(params),
-                                  text=True, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=layout.root,
-                                  timeout=cfg.startup_timeout_s * 3)
-        except subprocess.TimeoutExpired:
-            raise StackError(f"database migration/bootstrap timed out; see {logfile}:\n{_tail(logfile)}") from None
-    if done.returncode != 0:
-        raise StackError(f"database migration/bootstrap failed (exit {done.returncode}); last lines of {logfile}:\n"
-                         f"{_tail(logfile)}")
 
 
 # ---------------------------------------------------------------- public API
@@ -692,9 +308,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     state = "healthy" if st["healthy"] else "alive, not healthy" if st["alive"] else "not running"
                     print(f"{part:7} {state:20} pid {st['pid'] or '-'}")
             return 0 if report["running"] or report["external"] else 3
-    except StackError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except LoopError as exc:
+        return error_exit(exc)
     return 0
 
 

@@ -43,7 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from annotation.judge_split import split_for_judging, wording_key
-from loop import paths
+from loop.core import paths
+from loop.core.io import read_jsonl
 
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
@@ -76,11 +77,6 @@ class Snapshot:
     def preference_path(self, name: str) -> Path:
         """One of PREFERENCE_FILES in this snapshot (it may not exist in snapshots older than them)."""
         return self.path / name
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
 
 
 def _lines(examples: list[dict[str, Any]]) -> str:

@@ -10,9 +10,12 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import sys
 import threading
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from loop.core.config import Config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,13 +28,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
 
-    from loop.config import ConfigError, load_config
+    from loop.core.config import load_config
+    from loop.core.errors import LoopError, error_exit
 
     try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _serve(args, load_config(args.config), started)
+    except LoopError as exc:  # a bad config, no model to serve, a damaged registry
+        return error_exit(exc)
+
+
+def _serve(args: argparse.Namespace, config: Config, started: float) -> int:
     # Get the model ready (bootstrap, mirror restore, load, first token) on a thread while the
     # main thread imports Gradio and builds the page: together they are most of the start time.
     from app.engine import Engine

@@ -3,9 +3,9 @@
 The engine is also the ``ctx`` other tabs are built with (``app.versions_tab.build_versions_tab(ctx)``):
 
     ctx.config                 loop.config.Config (``ctx.config.app``, ``ctx.config.model``, ...)
-    ctx.store                  loop.store.Store (thread-safe: one connection per thread)
+    ctx.store                  loop.core.store.Store (thread-safe: one connection per thread)
     ctx.writer                 app.writer.StoreWriter: the same writes, group-committed
-    ctx.registry               loop.registry.Registry
+    ctx.registry               loop.core.registry.Registry
     ctx.load_llama(path)       -> llama_cpp.Llama for any GGUF (n_ctx from the config,
                                logits_all=False); raises app.generation.ModelLoadError. The caller
                                owns the object: llama.cpp contexts are not thread-safe, so guard it
@@ -24,7 +24,7 @@ unavailable while the app stays up; it retries when the pointer or the file chan
 
 Canary (``[rollout] canary_share``, docs/rollout.md): while the registry's ``canary.json`` names a
 version, it is loaded beside the current one and answers the new conversations that
-``loop.registry.canary_arm`` assigns to it (a hash of the conversation id), for the whole
+``loop.core.registry.canary_arm`` assigns to it (a hash of the conversation id), for the whole
 conversation; a conversation begun on the current version stays there. Such a new conversation's
 id is taken before the model is chosen, since the id decides. A canary that cannot be loaded (its
 GGUF missing or changed) is rolled back in the registry with the reason logged, and its
@@ -51,17 +51,19 @@ from typing import Any
 from app.generation import ChatModel, ModelLoadError, Sampling, StreamStats, load_llama
 from app.policy import clean_message, clean_system_prompt, dropped_notice, fit_history
 from app.writer import StoreWriter, WriteFailed, WriterClosed, WriteTimeout
-from loop import paths
-from loop.config import Config, load_config
-from loop.registry import Registry, RegistryError, canary_arm, sha256_file
-from loop.store import Store
+from loop.core import paths
+from loop.core.config import Config, load_config
+from loop.core.io import sha256_file
+from loop.core.registry import Registry, RegistryError, canary_arm
+from loop.core.store import Store
+from loop.core.errors import LoopError
 
 log = logging.getLogger(__name__)
 
 GENERATE_CONCURRENCY_ID = "generate"
 
 
-class ModelUnavailable(RuntimeError):
+class ModelUnavailable(LoopError, RuntimeError):
     """No model can answer right now; the message is shown to the user as is."""
 
 
@@ -173,7 +175,7 @@ class Engine:
     # -- setup -----------------------------------------------------------------------------------
 
     def _bootstrap(self) -> None:
-        from loop.bootstrap import BootstrapError, ensure_base_version
+        from loop.core.bootstrap import BootstrapError, ensure_base_version
 
         try:
             ensure_base_version(self.config, self.registry)
@@ -184,7 +186,7 @@ class Engine:
 
     def start_mirror(self, api: Any | None = None) -> Any:
         """Restore the store from its durable mirror, then keep mirroring in the background."""
-        from loop.mirror import mirror_from_config
+        from loop.core.mirror import mirror_from_config
 
         self.mirror = mirror_from_config(self.config, self.store, api=api)
         if self.mirror is not None:

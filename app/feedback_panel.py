@@ -3,7 +3,7 @@
 A thumb click is recorded at once (the least a user gives is never lost) and opens a panel for
 the rest: reasons for that direction, a comment, and "suggest a better answer" (an editable copy
 of the answer). Sending the panel appends a new event; the latest event counts, so feedback can
-be changed at any time. Malformed feedback is rejected or cleaned by ``loop.feedback`` and the
+be changed at any time. Malformed feedback is rejected or cleaned by ``loop.core.feedback`` and the
 user is told which; the turn's own log is never touched.
 
 Pure functions over a ChatSession and a Store, so they are tested without a browser.
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.session import ChatSession
-from loop.feedback import FeedbackError
-from loop.reasons import LABELS, REASONS_DOWN, REASONS_UP
+from loop.core.feedback import FeedbackError
+from loop.core.reasons import LABELS, REASONS_DOWN, REASONS_UP
 
 THUMB_CHOICES = [("Good answer", "up"), ("Bad answer", "down")]
 

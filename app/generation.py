@@ -14,7 +14,7 @@ through the same ``Jinja2ChatFormatter`` that ``create_chat_completion`` uses fo
 generation stops on any end-of-generation token of the model's vocabulary. Unlike
 ``create_chat_completion``, which tokenises the whole rendered prompt with special tokens parsed,
 only the template's markup is parsed for special tokens: what users type (``<|im_end|>`` included)
-is always text to the model, never a role token (``loop.chat_template``).
+is always text to the model, never a role token (``loop.core.chat_template``).
 
 A llama.cpp context is not thread-safe: ``ChatModel.lock`` must be held for a whole stream.
 """
@@ -34,12 +34,13 @@ from typing import Any
 
 import numpy as np
 
-from loop.chat_template import llama_chat_formatter, llama_chat_tokens
+from loop.core.chat_template import llama_chat_formatter, llama_chat_tokens
+from loop.core.errors import LoopError
 
 Message = dict[str, str]
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(LoopError, RuntimeError):
     """The GGUF is missing or llama.cpp cannot load it; the message says which file and why."""
 
 
@@ -141,7 +142,7 @@ class ChatModel:
 
     def prompt_tokens(self, messages: list[Message]) -> list[int]:
         """The prompt's token ids: the template's markup with its special tokens, every message's
-        content as plain text (``loop.chat_template``), BOS as llama-cpp-python's chat completion
+        content as plain text (``loop.core.chat_template``), BOS as llama-cpp-python's chat completion
         adds it. The probes and the arena use the same function."""
         return llama_chat_tokens(self.llama, self.formatter, messages)
 

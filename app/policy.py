@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from loop.core.errors import LoopError
 
 Message = dict[str, str]
 
@@ -29,7 +30,7 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 MIN_ANSWER_TOKENS = 16
 
 
-class InputRejected(ValueError):
+class InputRejected(LoopError, ValueError):
     """A message the app will not send to the model; ``str(exc)`` is the notice for the user."""
 
 

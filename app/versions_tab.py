@@ -8,7 +8,7 @@ Mount it inside the app's Blocks (within ``gr.Tabs()`` if the app uses tabs)::
 
 The arena is blind: two versions answer the user's prompt, shown as "A" and "B" in random order;
 only after the vote are the names revealed. Votes go to the store (``arena_votes``) and the
-Bradley-Terry ratings (``loop.arena``) are shown; the gate can use them (``gate.use_arena``).
+Bradley-Terry ratings (``loop.core.arena``) are shown; the gate can use them (``gate.use_arena``).
 
 Blind means the side-by-side view cannot unmask it: side by side answers greedily (the same prompt
 gives the same answer every time), so the arena *samples* its answers instead (the chat's
@@ -24,7 +24,7 @@ version's, cumulative since the canary started, each with its 95% credible inter
 ``python -m loop.versions canary`` prints and the cycle decides on: ``loop.rollout``); with no
 canary running it shows the last one's outcome.
 
-Models are loaded through ``loop.probe_runner.LlamaCache`` (a few kept loaded, keyed by version id
+Models are loaded through ``app.probe_runner.LlamaCache`` (a few kept loaded, keyed by version id
 and sha256) and every generation holds the process-wide generation lock, so the tab never runs two
 llama.cpp generations at once next to the chat.
 """
@@ -38,10 +38,10 @@ from typing import Any
 
 import gradio as gr
 
-from loop import arena, gate
+from loop.core import arena, canary, metrics
 from app.errors import user_safe
-from loop.probe_runner import LlamaCache, ProbeAnswer
-from loop.registry import RegistryError, Version
+from app.probe_runner import LlamaCache, ProbeAnswer
+from loop.core.registry import RegistryError, Version
 
 ARENA_CHOICES = ["A is better", "B is better", "Tie"]
 _WINNER = {"A is better": "a", "B is better": "b", "Tie": "tie"}
@@ -68,7 +68,7 @@ def metrics_figure(versions: list[Version], ratings: dict[str, dict[str, Any]] |
     ids = [v.id for v in versions]
     xs = list(range(len(ids)))
     drawn = False
-    for label, fn, style in (("held-out loss", gate.heldout_loss, "o-"), ("regression loss", gate.regression_loss, "s--")):
+    for label, fn, style in (("held-out loss", metrics.heldout_loss, "o-"), ("regression loss", metrics.regression_loss, "s--")):
         points = [(x, fn(v.metrics)) for x, v in zip(xs, versions) if fn(v.metrics) is not None]
         if points:
             ax.plot([p[0] for p in points], [p[1] for p in points], style, label=label)
@@ -167,18 +167,16 @@ class VersionsTab:
         return metrics_figure(self.ctx.registry.list(), self.ratings(), self.current_id())
 
     def canary_data(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """The canary's status (``loop.rollout.status``) and its rate timeline; a damaged pointer
+        """The canary's status (``loop.core.canary.status``) and its rate timeline; a damaged pointer
         shows as no canary (the CLI names the damage)."""
-        from loop import rollout
-
         try:
-            data = rollout.status(self.ctx.registry, self.ctx.store, self.ctx.config.rollout)
+            data = canary.status(self.ctx.registry, self.ctx.store, self.ctx.config.rollout)
         except RegistryError:
             return {"canary": None, "last": None}, []
         if not data.get("canary"):
             return data, []
-        rows = rollout.rated_turns(self.ctx.store, data["canary"], data["current"] or "", data["since"])
-        return data, rollout.timeline(rows, data["canary"], data["current"] or "")
+        rows = canary.rated_turns(self.ctx.store, data["canary"], data["current"] or "", data["since"])
+        return data, canary.timeline(rows, data["canary"], data["current"] or "")
 
     def canary_plot(self) -> Any:
         return canary_figure(*self.canary_data())

@@ -42,24 +42,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loop.feedback import CleanFeedback
-from loop.store import (NewConversation, NewFeedback, NewRow, NewTurn, Store, new_id, row_from_json, row_to_json,
-                        utcnow)
+from loop.core.feedback import CleanFeedback
+from loop.core.io import new_id, utcnow
+from loop.core.store import NewConversation, NewFeedback, NewRow, NewTurn, Store, row_from_json, row_to_json
+from loop.core.errors import LoopError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RETRY_DELAYS = (0.05, 0.25, 1.0, 3.0)
 
 
-class WriterClosed(RuntimeError):
+class WriterClosed(LoopError, RuntimeError):
     """The writer is closed (the app is shutting down); the write was not queued."""
 
 
-class WriteFailed(RuntimeError):
+class WriteFailed(LoopError, RuntimeError):
     """The write could not be made durable anywhere; it was not saved."""
 
 
-class WriteTimeout(TimeoutError):
+class WriteTimeout(LoopError, TimeoutError):
     """The write was not confirmed within the timeout; it is still queued and may yet be saved."""
 
 
@@ -113,7 +114,7 @@ class StoreWriter:
 
     def new_conversation(self, client: str | None = None) -> str:
         """Queue a new conversation; returns its id at once (a turn creates it anyway if needed)."""
-        row = NewConversation(new_id(), utcnow(), client)
+        row = NewConversation(new_id(), utcnow("microseconds"), client)
         self._put(_Job(row))
         return row.id
 
@@ -125,7 +126,7 @@ class StoreWriter:
                     turn_id: str | None = None, created_at: str | None = None) -> "PendingWrite":
         """Queue a turn without waiting; ``.wait()`` on the result returns its id once durable."""
         row = NewTurn(id=turn_id or new_id(), conversation_id=conversation_id, messages=messages, answer=answer,
-                      created_at=created_at or utcnow(), position=position, model_version=model_version,
+                      created_at=created_at or utcnow("microseconds"), position=position, model_version=model_version,
                       gguf_sha256=gguf_sha256, sampling=sampling or {}, latency_s=latency_s, ttft_s=ttft_s,
                       prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, logprob_mean=logprob_mean,
                       logprob_min=logprob_min)  # malformed messages: ValueError here, before queueing

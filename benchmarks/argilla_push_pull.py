@@ -97,9 +97,9 @@ def run(args) -> dict:
     from annotation.pull import pull_snapshot
     from annotation.push import push
     from annotation.schema import find_dataset
-    from loop.store import Store
+    from loop.core.store import Store
 
-    from loop import paths
+    from loop.core import paths
 
     rng = random.Random(1234)
     # The argilla-server virtualenv is a setup-time tool: find it before LOOP_HOME moves to a temp dir.

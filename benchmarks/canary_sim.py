@@ -23,7 +23,7 @@ import time
 from dataclasses import replace
 
 from loop.config import RolloutConfig
-from loop.rollout import Arm, decide
+from loop.core.canary import Arm, decide
 
 # (current's true thumbs-down rate, canary's): equal, better, slightly worse (inside the margin), worse.
 SCENARIOS = [

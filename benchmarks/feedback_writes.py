@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.writer import StoreWriter  # noqa: E402
-from loop.store import Store  # noqa: E402
+from loop.core.store import Store  # noqa: E402
 
 MESSAGES = [
     {"role": "system", "content": "You are a helpful, concise assistant."},

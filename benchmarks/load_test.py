@@ -44,7 +44,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from loop.reasons import REASONS_DOWN, REASONS_UP  # noqa: E402
+from loop.core.reasons import REASONS_DOWN, REASONS_UP  # noqa: E402
 
 PROMPTS = ["Say hello.", "What is 2 + 2?", "Name a colour.", "Give me one word.", "What day comes after Monday?",
            "Tell me a fruit.", "Say something kind.", "What is the capital of France?"]

@@ -146,7 +146,7 @@ def _pct(x: float | None) -> str:
 
 def markdown(result: dict) -> str:
     lines = [
-        f"| kind | labelled | caught | recall | right kind | replaced | precision |",
+        "| kind | labelled | caught | recall | right kind | replaced | precision |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for k, v in result["per_kind"].items():

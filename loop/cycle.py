@@ -12,7 +12,7 @@ when it did):
     export    the best variant (held-out loss): merge, GGUF, quantise, verify the quantised file
     gate      that candidate vs the current version on the same held-out and regression sets,
               its GGUF verification included (loop.gate)
-    promote   register (once), then promote (once), then prune (loop.registry); with
+    promote   register (once), then promote (once), then prune (loop.core.registry); with
               gate.use_arena the registered candidate waits here for its arena games; with
               rollout.canary_share > 0 it becomes the canary instead (outcome "canary")
     publish   the promoted version to its publish target (loop.publish), if it is still current
@@ -39,19 +39,19 @@ A stage that waits (a candidate pending arena games) is not failing: it is retri
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import sys
 import time
 import traceback
-from pathlib import Path
 from typing import Any, Callable
 
-from loop import paths
+from loop.core import paths
 from loop.config import Config, load_config
 from loop.lock import CycleLock, LockHeld
-from loop.registry import Registry
-from loop.cycle_state import CycleState, StopCycle, WaitCycle, _now, own_version, promotion_of
+from loop.core.registry import Registry
+from loop.core.errors import LoopError, error_exit
+from loop.core.io import utcnow
+from loop.cycle_state import CycleState, StopCycle, WaitCycle, own_version, promotion_of
 
 STAGES = ("canary", "push", "pull", "decide", "train", "export", "gate", "promote", "publish", "report")
 
@@ -69,7 +69,7 @@ class Cycle:
     @property
     def store(self):
         if self._store is None:
-            from loop.store import Store
+            from loop.core.store import Store
 
             self._store = Store.open(self.home)
         return self._store
@@ -78,7 +78,7 @@ class Cycle:
 
     def run(self) -> dict[str, Any]:
         with CycleLock(self.home / "cycle.lock"):
-            from loop.bootstrap import ensure_base_version
+            from loop.core.bootstrap import ensure_base_version
 
             ensure_base_version(self.config, self.registry)
             root = self.home / "cycles"
@@ -104,7 +104,7 @@ class Cycle:
                 why = self._abandon_reason(state, name)
                 if why:
                     return self._abandon(state, name, why, force)
-                entry = {"status": "running", "started_at": _now()}
+                entry = {"status": "running", "started_at": utcnow()}
                 state.data["stages"][name] = entry
                 state.save()
                 t0 = time.perf_counter()
@@ -138,7 +138,7 @@ class Cycle:
                              f"{state.failures(name)} of {self.config.cycle.max_stage_attempts})")
                     return self._summary(state, failed_stage=name)
                 entry["seconds"] = round(time.perf_counter() - t0, 3)
-                entry["ended_at"] = _now()
+                entry["ended_at"] = utcnow()
                 state.save()
                 self.log(f"stage {name}: {entry['status']} in {entry['seconds']:.1f}s"
                          + (f" ({entry.get('reason')})" if entry.get("reason") else ""))
@@ -154,7 +154,7 @@ class Cycle:
             t0 = time.perf_counter()
             result = self.stage_report(state, force)
             state.data["stages"]["report"] = {"status": "done", "result": result, "seconds": round(time.perf_counter() - t0, 3)}
-        state.data["ended_at"] = _now()
+        state.data["ended_at"] = utcnow()
         state.save()
         return self._summary(state)
 
@@ -194,7 +194,7 @@ class Cycle:
         entry.update(status="abandoned", reason=why)
         state.data["outcome"] = "abandoned"
         state.data["reason"] = why
-        state.data["abandoned"] = {"stage": name, "reason": why, "at": _now(),
+        state.data["abandoned"] = {"stage": name, "reason": why, "at": utcnow(),
                                    "failures": dict(state.data.get("failures") or {}),
                                    "max_stage_attempts": self.config.cycle.max_stage_attempts}
         state.save()
@@ -249,17 +249,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the report as JSON (one line) on stdout")
     args = parser.parse_args(argv)
     try:
-        config = load_config(args.config)
-    except Exception as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    try:
-        summary = Cycle(config, force=args.force).run()
+        summary = Cycle(load_config(args.config), force=args.force).run()
     except LockHeld as exc:
         print(str(exc), file=sys.stderr)
         if args.json:
             print(json.dumps({"outcome": "locked", "reason": str(exc)}))
         return 3
+    except LoopError as exc:  # a bad config (exit 2), no base model, a damaged registry
+        return error_exit(exc)
     if args.json:
         print(json.dumps(summary, default=str))
     else:

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from loop import paths
+from loop.core import paths
+from loop.core.io import read_jsonl
 from loop.cycle_state import CycleState, StopCycle
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path or not Path(path).is_file():
-        return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+_read_jsonl = partial(read_jsonl, missing_ok=True)
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -185,7 +184,7 @@ def _answered_by(version, examples: list[dict[str, Any]]) -> tuple[list[dict[str
     same knowledge moves the model too, and that movement is where forgetting starts (docs/judging.md)."""
     if version is None or not Path(version.gguf_path).is_file():
         return examples, "shipped (no servable starting version to answer them)"
-    from loop.probe_runner import greedy_answer, load_llama
+    from app.probe_runner import greedy_answer, load_llama
 
     llm = load_llama(version.gguf_path, n_ctx=1024)
     out = []
@@ -345,7 +344,7 @@ def stage_gate(self, state: CycleState, force: bool) -> dict[str, Any]:
     }
     arena = None
     if self.config.gate.use_arena:
-        from loop.arena import ratings
+        from loop.core.arena import ratings
 
         arena = ratings(self.store.arena_votes())
     decision = decide(candidate, current_metrics, self.config.gate, arena=arena, current_id=current_metrics["version"])
@@ -370,7 +369,7 @@ def stage_promote(self, state: CycleState, force: bool) -> dict[str, Any]:
     arena criterion pending (``GateDecision.pending``), the registered version waits, not current,
     until ``loop.gate.arena_verdict`` settles it."""
     from loop.cycle_state import moved_away_from, own_version, promotion_of
-    from loop.registry import RegistryError
+    from loop.core.registry import RegistryError
 
     exported = state.result("export")
     gated = state.result("gate")
@@ -442,7 +441,7 @@ def _start_canary(self, state: CycleState, vid: str, decision: dict[str, Any], o
 def _settle_arena(self, vid: str, current_id: str | None, decision: dict[str, Any],
                   out: dict[str, Any]) -> dict[str, Any]:
     """The arena rule for the registered candidate: the decision to promote with, or WaitCycle/StopCycle."""
-    from loop.arena import ratings
+    from loop.core.arena import ratings
     from loop.cycle_state import WaitCycle
     from loop.gate import arena_verdict
 

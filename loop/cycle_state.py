@@ -12,11 +12,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from loop.registry import atomic_write_text
-from loop.store import new_id
+from loop.core.errors import LoopError
+from loop.core.io import atomic_write_text, new_id, utcnow
 
 
-class StopCycle(Exception):
+class StopCycle(LoopError):
     """A stage decided the cycle ends here (not an error): the reason goes in the report."""
 
     def __init__(self, outcome: str, reason: str):
@@ -25,7 +25,7 @@ class StopCycle(Exception):
         super().__init__(reason)
 
 
-class WaitCycle(Exception):
+class WaitCycle(LoopError):
     """A stage cannot finish yet and is not failing (a candidate waiting for arena games): the cycle
     stays unfinished, the stage is retried by the next run, and nothing counts as a failure."""
 
@@ -48,7 +48,7 @@ class CycleState:
         cid = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + new_id()[-6:].lower()
         path = root / cid / "state.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = cls(path, {"id": cid, "started_at": _now(), "force": force, "stages": {}, "outcome": None})
+        state = cls(path, {"id": cid, "started_at": utcnow(), "force": force, "stages": {}, "outcome": None})
         state.save()
         return state
 
@@ -84,15 +84,11 @@ class CycleState:
         """Count one failed or interrupted attempt of a stage (persisted by the next save)."""
         failures = self.data.setdefault("failures", {})
         failures[name] = int(failures.get(name, 0)) + 1
-        self.data.setdefault("failure_log", []).append({"stage": name, "at": _now(), "why": why[:2000]})
+        self.data.setdefault("failure_log", []).append({"stage": name, "at": utcnow(), "why": why[:2000]})
         return failures[name]
 
     def save(self) -> None:
         atomic_write_text(self.path, json.dumps(self.data, indent=2, sort_keys=True, default=str))
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def own_version(registry, cycle_id: str):

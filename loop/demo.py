@@ -20,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from loop import paths
+from loop.core import paths
+from loop.core.errors import LoopError, error_exit
 from loop.config import Config, load_config
 
 SCENARIO = Path(__file__).parent / "scenario"
@@ -92,6 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-app", action="store_true", help="stop after the cycle (do not start the chat app)")
     parser.add_argument("--port", type=int, default=None, help="app port (default: app.port)")
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except LoopError as exc:
+        return error_exit(exc)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Start Argilla, load the sample chats, push, review, run a cycle, then serve the app."""
     t0 = time.perf_counter()
     config = load_config()
     say(f"LOOP_HOME = {config.home}")
@@ -102,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     say(f"Argilla: {stack.api_url} ({'external' if stack.external else 'local stack'}, "
         f"{stack.startup_seconds:.0f}s to start)")
 
-    from loop.bootstrap import ensure_base_version
-    from loop.store import Store
+    from loop.core.bootstrap import ensure_base_version
+    from loop.core.store import Store
 
     base = ensure_base_version(config)
     say(f"current version: {base.id} ({base.gguf_path.name})")

@@ -8,7 +8,7 @@ the later turns it added.
 Where it is removed from, in this order (each step is safe to repeat, so an interrupted forget is
 finished by running it again with the same ids):
 
-1. the forget ledger ``$LOOP_HOME/forgotten.jsonl`` (``loop.forgotten``: ids only) is written
+1. the forget ledger ``$LOOP_HOME/forgotten.jsonl`` (``loop.core.forgotten``: ids only) is written
    first, so the mirror's restore, the push and the pull never bring the turns back, whatever
    step below is interrupted;
 2. the registry: every version whose snapshot's training files or whose cycle's training mix
@@ -44,10 +44,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loop import paths
-from loop.forgotten import forgotten_ids, record_forgotten
-from loop.registry import Registry, utcnow
-from loop.store import Store
+from loop.core import paths
+from loop.core.forgotten import forgotten_ids, record_forgotten
+from loop.core.io import utcnow
+from loop.core.registry import Registry
+from loop.core.store import Store
+from loop.core.errors import LoopError
 
 # Shorter texts ("ok", "thanks") would match unrelated text elsewhere; they are removed with their
 # rows by id, only the free-text sweep skips them.
@@ -58,7 +60,7 @@ SKIP_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".npy"
 TEXT_SUFFIXES = (".json", ".jsonl", ".md", ".txt", ".csv", ".log", ".html", ".toml", ".yaml", ".yml")
 
 
-class ForgetError(RuntimeError):
+class ForgetError(LoopError, RuntimeError):
     """Bad input: nothing was changed."""
 
 
@@ -265,7 +267,7 @@ def forget(config, turn_ids: list[str] = (), conversation_ids: list[str] = (), c
 
     # 5. the durable mirror
     try:
-        from loop.mirror import mirror_from_config
+        from loop.core.mirror import mirror_from_config
 
         mirror = mirror_from_config(config, store, api=hub_api)
         receipt.removed["mirror"] = mirror.forget(turns, conversations) if mirror is not None else None

@@ -27,11 +27,11 @@ Metric names (in ``Version.metrics`` and in the dicts given to ``decide``):
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
-HELDOUT_KEYS = ("heldout_loss", "held_out_loss", "eval_loss")
-REGRESSION_KEYS = ("regression_loss",)
+from loop.core.metrics import heldout_loss, regression_loss
 
 
 @dataclass
@@ -51,27 +51,6 @@ class GateDecision:
         head = ("PROMOTE" + (f" once {', '.join(self.pending)} is settled" if self.pending else "")
                 if self.promote else "KEEP CURRENT")
         return "\n".join([head] + [f"  - {r}" for r in self.reasons])
-
-
-def metric(metrics: Mapping[str, Any] | None, keys: Iterable[str]) -> float | None:
-    """The first of ``keys`` present in ``metrics`` as a float (None when absent or not a number)."""
-    for key in keys:
-        value = (metrics or {}).get(key)
-        if value is None or isinstance(value, bool):
-            continue
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            return None
-    return None
-
-
-def heldout_loss(metrics: Mapping[str, Any] | None) -> float | None:
-    return metric(metrics, HELDOUT_KEYS)
-
-
-def regression_loss(metrics: Mapping[str, Any] | None) -> float | None:
-    return metric(metrics, REGRESSION_KEYS)
 
 
 def verification_passed(candidate: Mapping[str, Any]) -> bool | None:

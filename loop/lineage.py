@@ -29,19 +29,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from loop import paths
-from loop.registry import Registry, Version
+from loop.core import paths
+from loop.core.io import read_jsonl
+from loop.core.registry import Registry, Version
 
 PROVENANCE_KEYS = ("record_id", "turn_id", "dataset", "reviewers", "reviewer_names", "corrected_by", "quality",
                    "source")
 # Which snapshot files each objective trains on (trainer/config.py OBJECTIVES).
 PREFERENCE_FILES = {"dpo": "pairs.jsonl", "kto": "labels.jsonl"}
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _objectives(version: Version) -> list[str]:
@@ -93,14 +88,14 @@ def lineage(registry: Registry, vid: str, home: Path | None = None) -> dict[str,
     mix: set[str] | None = None
     if cycle_id:
         mix_file = home / "cycles" / str(cycle_id) / "train.jsonl"
-        rows = _read_jsonl(mix_file) if mix_file.is_file() else None
+        rows = read_jsonl(mix_file) if mix_file.is_file() else None
         mix = {str(r.get("id")) for r in rows} if rows is not None else None
         out["cycle"] = {"id": cycle_id, "train_file": str(mix_file), "present": rows is not None,
                         "examples": len(rows) if rows is not None else None,
                         "general_replay": sum(1 for i in mix if i.startswith("general-")) if mix is not None else None}
     if not out["snapshot"]["present"]:
         return out
-    provenance = {row["id"]: row for row in _read_jsonl(snap_dir / "provenance.jsonl")}
+    provenance = {row["id"]: row for row in read_jsonl(snap_dir / "provenance.jsonl", missing_ok=True)}
 
     def row(example_id: str, objective: str) -> dict[str, Any]:
         prov = provenance.get(example_id) or {}
@@ -110,11 +105,11 @@ def lineage(registry: Registry, vid: str, home: Path | None = None) -> dict[str,
         return entry
 
     if "sft" in objectives:
-        out["training"] = [row(e["id"], "sft") for e in _read_jsonl(snap_dir / "train.jsonl")]
+        out["training"] = [row(e["id"], "sft") for e in read_jsonl(snap_dir / "train.jsonl", missing_ok=True)]
     for objective, name in PREFERENCE_FILES.items():
         if objective in objectives:
-            out["preference"] += [row(e["id"], objective) for e in _read_jsonl(snap_dir / name)]
-    out["held_out"] = [e["id"] for e in _read_jsonl(snap_dir / "eval.jsonl")]
+            out["preference"] += [row(e["id"], objective) for e in read_jsonl(snap_dir / name, missing_ok=True)]
+    out["held_out"] = [e["id"] for e in read_jsonl(snap_dir / "eval.jsonl", missing_ok=True)]
     return out
 
 

@@ -12,9 +12,10 @@ import fcntl
 import json
 import os
 from pathlib import Path
+from loop.core.errors import LoopError
 
 
-class LockHeld(RuntimeError):
+class LockHeld(LoopError, RuntimeError):
     """Another cycle is running; the message names it."""
 
 

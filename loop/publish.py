@@ -22,16 +22,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-from loop import paths
-from loop.config import Config, ConfigError, load_config
-from loop.registry import Registry, RegistryError, Version, atomic_write_text, utcnow
+from loop.core import paths
+from loop.config import load_config
+from loop.core.config import Config
+from loop.core.errors import LoopError, error_exit
+from loop.core.io import utcnow
+from loop.core.registry import Registry, RegistryError, Version, record_published
 
 
-class PublishError(RuntimeError):
+class PublishError(LoopError, RuntimeError):
     pass
 
 
@@ -146,7 +148,7 @@ def publish(version: Version | str, config: Config, api: Any = None, *, registry
                             commit_message=f"serve {version.id} from {repo}@{(revision or 'main')[:12]}")
     except Exception as exc:  # network, auth, quota: say which step and keep the local state as is
         raise PublishError(f"publishing {version.id} to {repo} failed after {result['files'] or 'no files'}: {exc}") from exc
-    _record(registry, result)
+    record_published(registry, result)
     return result
 
 
@@ -166,19 +168,6 @@ def _refuse_public(api: Any, version_id: str, repos: list[tuple[str, str]]) -> N
             )
 
 
-def _record(registry: Registry, result: dict[str, Any]) -> None:
-    log = registry.root / "published.jsonl"
-    lines = log.read_text() if log.is_file() else ""
-    atomic_write_text(log, lines + json.dumps(result, sort_keys=True) + "\n")
-
-
-def published(registry: Registry) -> list[dict[str, Any]]:
-    log = registry.root / "published.jsonl"
-    if not log.is_file():
-        return []
-    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-
-
 def main(argv: list[str] | None = None) -> int:
     """`python -m loop.publish [ID]`: publish a version (default: the current one)."""
     parser = argparse.ArgumentParser(prog="python -m loop.publish", description=main.__doc__)
@@ -192,9 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         if not vid:
             raise RegistryError("nothing is current and no id was given")
         print(json.dumps(publish(vid, config, registry=registry), indent=2))
-    except (ConfigError, RegistryError, PublishError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except LoopError as exc:
+        return error_exit(exc, 1)
     return 0
 
 

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from loop import paths
+from loop.core import paths
 
 
 def _variants_chart(trained: dict[str, Any], out: Path) -> Path | None:

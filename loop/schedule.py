@@ -40,7 +40,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from loop import paths
+from loop.core import paths
+from loop.core.errors import LoopError, error_exit
 from loop.config import Config, config_file, load_config
 
 log = logging.getLogger("loop.schedule")
@@ -209,6 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="TOML config file")
     parser.add_argument("--run-now", action="store_true", help="also run a cycle immediately")
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except LoopError as exc:
+        return error_exit(exc)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Start the scheduler (and the webhook listener) and block until a signal stops it."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = load_config(args.config)
     scheduler = build_scheduler(config, config_path=config_file(args.config))

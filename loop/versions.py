@@ -12,7 +12,7 @@
 
 Tables are for people; ``--json`` prints the same data for machines.
 
-Every id argument must be a version id (``v1``, ``v2``, ...; ``loop.registry.VERSION_ID``): a path
+Every id argument must be a version id (``v1``, ``v2``, ...; ``loop.core.registry.VERSION_ID``): a path
 such as ``v2/`` or ``./v2`` is refused. Registry errors, a damaged ``current.json`` or
 ``version.json`` included, end the command with ``error: ...`` and exit status 1, never a
 traceback; ``list`` still lists what it can read and names what it cannot on stderr.
@@ -28,10 +28,11 @@ import sys
 import textwrap
 from typing import Any, Sequence
 
-from loop import gate as gate_mod
-from loop import paths
-from loop.config import ConfigError, load_config
-from loop.registry import Registry, RegistryCorruptError, RegistryError, Version
+from loop.core import paths
+from loop.config import load_config
+from loop.core.errors import LoopError, error_exit
+from loop.core.metrics import heldout_loss, regression_loss
+from loop.core.registry import Registry, RegistryCorruptError, Version
 
 
 def human_size(n: int | None) -> str:
@@ -106,8 +107,8 @@ def list_rows(registry: Registry) -> list[dict[str, Any]]:
             "base_model": v.base_model,
             "quantization": v.quantization,
             "size_bytes": v.size_bytes,
-            "heldout_loss": gate_mod.heldout_loss(v.metrics),
-            "regression_loss": gate_mod.regression_loss(v.metrics),
+            "heldout_loss": heldout_loss(v.metrics),
+            "regression_loss": regression_loss(v.metrics),
             "verification": verification_label(v),
             "note": v.note,
         })
@@ -164,7 +165,7 @@ def compare_versions(
     n_threads: int | None = None,
 ) -> dict[str, Any]:
     """Run both versions' GGUFs on the probe set; answers side by side and metric deltas (B - A)."""
-    from loop import probe_runner
+    from app import probe_runner
 
     va, vb = registry.get(a), registry.get(b)
     if probes is None:
@@ -273,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="run two versions on the probe set")
     p.add_argument("a")
     p.add_argument("b")
-    p.add_argument("--probes", help="JSON lines with 'prompt' or 'messages' (default: trainer/probes.jsonl)")
+    p.add_argument("--probes", help="JSON lines with 'prompt' or 'messages' (default: loop/core/probes.jsonl)")
     p.add_argument("--limit", type=int, help="use only the first N probes")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--json", action="store_true")
@@ -301,14 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    registry = Registry(paths.registry_dir(config.home))
     emit = lambda data: print(json.dumps(data, indent=2, default=str))  # noqa: E731
     try:
+        config = load_config(args.config)
+        registry = Registry(paths.registry_dir(config.home))
         if args.command == "list":
             try:
                 registry.pointer()
@@ -327,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(show_text(version, registry.pointer()))
         elif args.command == "compare":
-            from loop import probe_runner
+            from app import probe_runner
 
             probes, origin = probe_runner.load_probes(args.probes, limit=args.limit)
             result = compare_versions(registry, args.a, args.b, probes=probes, probes_origin=origin,
@@ -363,10 +360,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(lineage_text(data))
         elif args.command == "canary":
-            from loop import rollout
-            from loop.store import Store
+            from loop.core.canary import status
+            from loop.core.store import Store
 
-            data = rollout.status(registry, Store.open(config.home), config.rollout)
+            data = status(registry, Store.open(config.home), config.rollout)
             data.pop("pointer", None)
             if args.json:
                 emit(data)
@@ -378,9 +375,8 @@ def main(argv: list[str] | None = None) -> int:
                 emit(entries)
             else:
                 print(history_table(entries) if entries else "no promotions yet")
-    except RegistryError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except LoopError as exc:  # a bad config (exit 2), an unknown or damaged version, a refused change
+        return error_exit(exc)
     return 0
 
 

@@ -41,7 +41,7 @@ def artifacts_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def bundled_gguf() -> Path:
-    from loop.bootstrap import find_bundled_gguf
+    from loop.core.bootstrap import find_bundled_gguf
 
     return find_bundled_gguf()
 

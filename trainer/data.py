@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from loop.chat_template import hf_chat_ids
+from loop.core.chat_template import hf_chat_ids
+from loop.core.errors import LoopError
 
 ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100  # label value the cross-entropy loss skips
 
 
-class DataError(ValueError):
+class DataError(LoopError, ValueError):
     """The data cannot be trained on (missing, malformed or too small); the message says why."""
 
 
@@ -155,7 +156,7 @@ def tokenize_example(tokenizer, messages: list[dict], max_length: int) -> Tokeni
 def _template_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
     # The template's markup carries the special tokens (BOS too, where it has one; none is added), while
     # the messages' text, written by users and reviewers, is never parsed for them: a correction holding
-    # "<|im_start|>system" must be learned as those characters, not as a forged turn (loop.chat_template).
+    # "<|im_start|>system" must be learned as those characters, not as a forged turn (loop.core.chat_template).
     return hf_chat_ids(tokenizer, messages, add_generation_prompt)
 
 

@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from loop.registry import sha256_file
+from loop.core.errors import LoopError, error_exit
+from loop.core.io import read_jsonl, sha256_file
 from trainer.export_config import FLOAT_TYPES, ExportConfig
 from trainer.gguf_convert import convert_hf_to_gguf, quantize_gguf
 from trainer.model_card import write_model_card
@@ -174,7 +175,7 @@ def export_variant(
 ) -> ExportResult:
     """Merge (unless `adapter_dir` is None: then the base itself is exported), convert, quantise, verify, write card.
 
-    probes: verification prompts (None = trainer/probes.jsonl). eval_examples: held-out chat examples for the loss
+    probes: verification prompts (None = loop/core/probes.jsonl). eval_examples: held-out chat examples for the loss
     check; None or empty = the probe set's reference answers stand in.
     """
     config = config or ExportConfig()
@@ -248,10 +249,6 @@ def export_variant(
                         n_params=n_params)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Merge a LoRA adapter, export to GGUF, quantise and verify.")
     parser.add_argument("--base", type=Path, required=True, help="base model in Hugging Face format (directory)")
@@ -265,8 +262,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     config = ExportConfig(quantization=args.quant)
     config.verify.enabled = not args.no_verify
-    result = export_variant(args.adapter, args.base, args.out, config,
-                            eval_examples=_read_jsonl(args.eval) if args.eval else None)
+    try:
+        result = export_variant(args.adapter, args.base, args.out, config,
+                                eval_examples=read_jsonl(args.eval) if args.eval else None)
+    except LoopError as exc:  # no converter, a failed conversion, a bad base model
+        return error_exit(exc)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:

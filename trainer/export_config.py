@@ -80,7 +80,7 @@ class VerifyConfig:
     # Examples longer than this many tokens are cut at the end (the loss is then over the assistant tokens kept).
     max_eval_tokens: int = 1024
     # Require the held-out loss check. With no held-out examples given, export falls back to the probe set's own
-    # reference answers (trainer/probes.jsonl); when there is still nothing to score, this decides pass or fail.
+    # reference answers (loop/core/probes.jsonl); when there is still nothing to score, this decides pass or fail.
     require_loss_check: bool = True
     # Require llama.cpp's tokenizer (the one the app serves with) to tokenise every rendered probe prompt exactly as
     # the merged model's HF tokenizer does; otherwise the served model sees inputs other than the verified ones.

@@ -19,16 +19,17 @@ from typing import Optional
 
 from trainer import install_converter as _install
 from trainer.export_config import FLOAT_TYPES, QUANT_TYPES
+from loop.core.errors import LoopError
 
 log = logging.getLogger(__name__)
 SETUP_HINT = "run setup (`python -m trainer.install_converter`) to install it"
 
 
-class ConverterMissingError(RuntimeError):
+class ConverterMissingError(LoopError, RuntimeError):
     """The llama.cpp converter is not installed (or is for another llama-cpp-python version)."""
 
 
-class ConversionError(RuntimeError):
+class ConversionError(LoopError, RuntimeError):
     """The HF->GGUF conversion or the quantisation failed; the message carries the tool's own output tail."""
 
 

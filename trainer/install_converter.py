@@ -29,7 +29,8 @@ from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Optional
 
-from loop.paths import tools_dir
+from loop.core.paths import tools_dir
+from loop.core.errors import LoopError, error_exit
 
 PACKAGE = "llama-cpp-python"
 CONVERTER_DIR_NAME = "llama.cpp-convert"
@@ -40,7 +41,7 @@ SCRIPT_NAME = "convert_hf_to_gguf.py"
 WANTED = (SCRIPT_NAME, "conversion/", "gguf-py/", "LICENSE")
 
 
-class ConverterInstallError(RuntimeError):
+class ConverterInstallError(LoopError, RuntimeError):
     """The converter could not be installed; the message says why and what to do."""
 
 
@@ -220,9 +221,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         install_converter(args.sdist, args.dir, args.force)
-    except ConverterInstallError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except LoopError as exc:
+        return error_exit(exc)
     return 0
 
 

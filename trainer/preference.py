@@ -149,7 +149,8 @@ def train_objective(data, output_dir: str | Path, *, base: str | Path | None = N
     `data`, `eval_data`, `replay`, `base`, `force`: as trainer.train.train. `preference`: a PreferenceData or
     the snapshot directory holding its files. Raises PreferenceSkipped when the objective has no data.
     """
-    from trainer.train import ConfigError, train
+    from loop.core.errors import ConfigError
+    from trainer.train import train
 
     config = config or TrainConfig()
     problems = config.validate()

@@ -19,6 +19,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from loop.core.errors import LoopError
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ TORN_DIR = "torn_checkpoints"  # not matching "checkpoint-*", so the Trainer's r
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
-class ResumeMismatchError(RuntimeError):
+class ResumeMismatchError(LoopError, RuntimeError):
     """The run directory holds a different run; the message lists every difference."""
 
 

@@ -34,7 +34,8 @@ from trainer.config import OBJECTIVES, TrainConfig
 from trainer.data import (DataError, build_training_set, data_hash, load_examples, require_enough, split_eval,
                           tokenize_examples)
 from trainer.evaluate import eval_loss, regression_examples
-from trainer.resume import ResumeMismatchError, TrainingProgress, check_or_start, newest_complete_checkpoint
+from trainer.resume import TrainingProgress, check_or_start, newest_complete_checkpoint
+from loop.core.errors import ConfigError, LoopError, error_exit
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +44,7 @@ ADAPTER_DIR = "adapter"
 DIVERGED = "diverged"  # failure kind of a NaN/exploding run: final, such a run is never retried or chosen
 
 
-class ConfigError(ValueError):
-    """The training config is invalid; the message lists every problem."""
-
-
-class TrainingError(RuntimeError):
+class TrainingError(LoopError, RuntimeError):
     """Training could not run (e.g. out of GPU memory); the message says what to change."""
 
 
@@ -487,9 +484,8 @@ def main(argv: list[str] | None = None) -> int:
             _write_metrics(Path(args.output), {"status": "skipped", "reason": str(exc)})
         print(f"skipped: {exc}", file=sys.stderr)
         return 3
-    except (ConfigError, DataError, ResumeMismatchError, TrainingError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except LoopError as exc:  # a bad config, unusable data, a resume mismatch, a failed run
+        return error_exit(exc, 2)
     if args.json and metrics:
         print(json.dumps(metrics, indent=2))
     if metrics.get("status") != "ok":

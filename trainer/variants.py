@@ -117,7 +117,7 @@ def run_variants(train_path: str | Path, eval_path: str | Path | None, base_dir:
     grid = grid or config.grid()
     problems = grid.validate()
     if problems:
-        from trainer.train import ConfigError
+        from loop.core.errors import ConfigError
 
         raise ConfigError("invalid variant grid:\n  - " + "\n  - ".join(problems))
     from trainer.preference import PreferenceData, skip_reason
@@ -153,7 +153,7 @@ def _run_here(plan, train_path, eval_path, base_dir, out_root: Path, replay_path
     from trainer.data import DataError
     from trainer.preference import PreferenceSkipped, train_objective
     from trainer.resume import ResumeMismatchError
-    from trainer.train import ConfigError
+    from loop.core.errors import ConfigError
 
     results = []
     for name, variant_config in tqdm(plan, desc="variants", unit="variant"):

@@ -25,10 +25,10 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from loop.chat_template import hf_chat_ids, hf_chat_segments, hf_special_strings, joined, tokenizer_pieces
+from loop.core.chat_template import hf_chat_ids, hf_chat_segments, hf_special_strings, joined, tokenizer_pieces
+from loop.core.probes import PROBES_FILE as PROBES_PATH
 from trainer.export_config import ExportConfig, VerifyConfig
 
-PROBES_PATH = Path(__file__).with_name("probes.jsonl")
 # End-of-turn markers of common chat templates; generation stops at any that exist in the vocabulary.
 _END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "</s>", "<|endoftext|>")
 
@@ -132,7 +132,7 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str
 
 
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    # Markup with its special tokens, message text never parsed for them: the app's tokenisation (loop.chat_template).
+    # Markup with its special tokens, message text never parsed for them: the app's tokenisation (loop.core.chat_template).
     return hf_chat_ids(tokenizer, messages, add_generation_prompt=True)
 
 
@@ -319,19 +319,11 @@ def _gguf_header_problem(path: Path) -> Optional[str]:
     return None
 
 
-_LOAD_CHECK = """
-import sys
-from llama_cpp import Llama
-llm = Llama(model_path=sys.argv[1], n_ctx=64, n_gpu_layers=0, verbose=True)
-print("LOAD_OK", llm.n_vocab())
-"""
-
-
 def _load_in_child(path: Path, timeout_s: float) -> Optional[str]:
     """Load the file in a child process; None when it loads, else the reason (a native crash included)."""
     try:
-        proc = subprocess.run([sys.executable, "-c", _LOAD_CHECK, str(path)], capture_output=True, text=True,
-                              timeout=timeout_s)
+        proc = subprocess.run([sys.executable, "-m", "trainer.gguf_load_check", str(path)], capture_output=True,
+                              text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return f"loading {path.name} in llama.cpp took longer than {timeout_s:.0f} s"
     if proc.returncode == 0 and "LOAD_OK" in proc.stdout:
@@ -357,7 +349,7 @@ def verify_gguf(
 ) -> VerificationResult:
     """Check the quantised `gguf_path` against the merged HF model in `merged_dir`; see the module docstring.
 
-    probes: prompts (strings or {"prompt": ...} dicts); None = the fixed set in trainer/probes.jsonl.
+    probes: prompts (strings or {"prompt": ...} dicts); None = the fixed set in loop/core/probes.jsonl.
     eval_examples: held-out chat examples (see `example_messages`); empty = the loss check cannot run.
     quantization: the quantisation whose default thresholds apply (e.g. "Q8_0"); None = read from the file itself.
         Passing another name holds the file to that type's gate (a Q2_K file judged by Q8_0's bar, say).

@@ -71,7 +71,7 @@ def log(msg: str) -> None:
 # -- one run (in the child process) ----------------------------------------------------------------
 
 def answer_probes(gguf: Path, probes: list[dict[str, Any]], n_ctx: int) -> list[dict[str, Any]]:
-    from loop.probe_runner import greedy_answer, load_llama
+    from app.probe_runner import greedy_answer, load_llama
 
     llm = load_llama(gguf, n_ctx=n_ctx)
     try:
@@ -87,7 +87,7 @@ def answer_probes(gguf: Path, probes: list[dict[str, Any]], n_ctx: int) -> list[
 
 def log_chats(scenario: dict[str, Any], store, base, config) -> dict[str, int]:
     """Log every chat as the app would: the base GGUF's greedy answer, then the user's feedback."""
-    from loop.probe_runner import greedy_answer, load_llama
+    from app.probe_runner import greedy_answer, load_llama
 
     counts = {"generated": 0, "recorded": 0, "feedback": 0}
     llm = load_llama(base.gguf_path, n_ctx=config.model.n_ctx)
@@ -119,12 +119,12 @@ def run_one(scenario: dict[str, Any], seed: int, home: Path) -> dict[str, Any]:
     """One scenario x seed in ``home`` (this process's environment is set up for it by ``child_main``)."""
     from annotation.push import push
     from annotation.server import start_stack, stop_stack
-    from loop.bootstrap import ensure_base_version
+    from loop.core.bootstrap import ensure_base_version
     from loop.config import load_config
     from loop.cycle import Cycle
     from loop.demo import scripted_review
-    from loop.registry import Registry
-    from loop.store import Store
+    from loop.core.registry import Registry
+    from loop.core.store import Store
 
     config = load_config()
     result: dict[str, Any] = {"scenario": scenario["name"], "kind": scenario["kind"], "split": scenario["split"],

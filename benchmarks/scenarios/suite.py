@@ -5,13 +5,14 @@ A scenario is one JSON file, ``<name>.json``, holding one object:
     name, kind (facts | faq | behaviour | multiturn | restyle), split (tune | unseen), description,
     chats:          what users did in the app. Each has ``messages`` (ending with a user turn; earlier turns
                     may include the assistant) and ``feedback`` ({thumbs, reasons, comment, correction}; the
-                    reasons come from the app's list, loop/reasons.py; null: nobody rated the turn). An
+                    reasons come from the app's list, loop/core/reasons.py; null: nobody rated the turn). An
                     optional ``answer`` is the answer the user saw; without it the runner has the base GGUF
                     answer, as the app would have.
     probes:         held-out ``{"messages", "check"}``: the taught things asked in words no chat used.
     general_probes: ``{"messages", "check"}``: general knowledge the base model should keep; none of them
                     may be (nearly) a question the trainer already uses (trainer/regression_set.jsonl,
-                    general_replay.jsonl, probes.jsonl), else "kept" would measure memorised training data.
+                    general_replay.jsonl, and the probe set loop/core/probes.jsonl), else "kept" would
+                    measure memorised training data.
 
 ``validate_scenario`` returns every problem at once; ``load_scenarios`` raises ``ScenarioError`` listing
 them all, so a bad file never half-runs. Questions count as the same when their normalised words
@@ -29,16 +30,18 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from . import checks
+from loop.core.errors import LoopError
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 KINDS = ("facts", "faq", "behaviour", "multiturn", "restyle")
 SPLITS = ("tune", "unseen")
 NEAR_DUPLICATE = 0.9
-TRAINER_SETS = ("regression_set.jsonl", "general_replay.jsonl", "probes.jsonl")
+TRAINER_SETS = ("regression_set.jsonl", "general_replay.jsonl")
+PROBE_SET = REPO / "loop" / "core" / "probes.jsonl"  # the exporter's probe set (shared with the versions CLI)
 
 
-class ScenarioError(ValueError):
+class ScenarioError(LoopError, ValueError):
     """One or more scenario files are malformed; the message lists every problem."""
 
 
@@ -64,8 +67,7 @@ def trainer_questions(trainer_dir: Path | None = None) -> list[str]:
     """Every user turn in the trainer's regression, general-replay and probe sets."""
     trainer_dir = trainer_dir or REPO / "trainer"
     out: list[str] = []
-    for name in TRAINER_SETS:
-        path = trainer_dir / name
+    for path in [trainer_dir / name for name in TRAINER_SETS] + [PROBE_SET]:
         for line in path.read_text(encoding="utf-8").splitlines():
             if not line.strip():
                 continue
@@ -78,7 +80,7 @@ def trainer_questions(trainer_dir: Path | None = None) -> list[str]:
 
 
 def _valid_reasons() -> set[str]:
-    from loop.reasons import ALL_REASONS
+    from loop.core.reasons import ALL_REASONS
 
     return set(ALL_REASONS)
 
@@ -106,7 +108,7 @@ def _feedback_problems(fb: Any, where: str, reasons: set[str]) -> list[str]:
         problems.append(f"{where}: feedback.thumbs must be 'up' or 'down', got {fb.get('thumbs')!r}")
     bad = [r for r in fb.get("reasons") or [] if r not in reasons]
     if bad:
-        problems.append(f"{where}: unknown reason(s) {bad} (the app's list: loop/reasons.py)")
+        problems.append(f"{where}: unknown reason(s) {bad} (the app's list: loop/core/reasons.py)")
     correction = fb.get("correction")
     if correction is not None and (not isinstance(correction, str) or not correction.strip()):
         problems.append(f"{where}: feedback.correction must be null or a non-empty string")

@@ -13,7 +13,7 @@ from annotation.schema import (
     CURRENT, GUIDELINES, ISSUE_LABELS, SCHEMA_VERSION, Migration, Schema, SchemaMismatchError, build_settings, describe,
     ensure_dataset, find_dataset, read_version,
 )
-from loop.reasons import ALL_REASONS
+from loop.core.reasons import ALL_REASONS
 
 
 @pytest.fixture

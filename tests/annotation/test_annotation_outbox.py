@@ -20,7 +20,7 @@ from annotation.config import AnnotationConfig, StackConfig
 from annotation.push import push
 from annotation.schema import ensure_dataset, find_dataset
 from annotation.server import start_stack
-from loop.store import Store
+from loop.core.store import Store
 
 N = 600
 

@@ -9,7 +9,7 @@ import pytest
 from annotation.config import AnnotationConfig
 from annotation.priority import hash_fraction, rank_turn, sampled, select
 from annotation.push import PushReport, plan, source_hash
-from loop.store import Store
+from loop.core.store import Store
 
 NOW = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
 TARGET = "argilla:test"

@@ -14,7 +14,7 @@ from annotation.config import AnnotationConfig
 from annotation.pull import review_queue
 from annotation.push import push
 from annotation.schema import find_dataset
-from loop.store import Store
+from loop.core.store import Store
 
 EMAIL, PHONE, KEY = "jane.roe@example.org", "+1 415 555 0100", "sk-proj-Abcdefghijklmnop123456"
 

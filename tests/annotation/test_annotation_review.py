@@ -13,7 +13,7 @@ from annotation.pull import pull_snapshot, review_queue, submit_review
 from annotation.push import push
 from annotation.schema import find_dataset
 from annotation.judge_split import split_for_judging
-from loop.store import Store
+from loop.core.store import Store
 
 SYSTEM = {"role": "system", "content": "Be helpful."}
 

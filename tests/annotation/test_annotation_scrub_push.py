@@ -11,7 +11,7 @@ from annotation.client import connect
 from annotation.config import AnnotationConfig
 from annotation.push import push
 from annotation.schema import find_dataset
-from loop.store import Store
+from loop.core.store import Store
 
 # One of each kind the scrub knows (names need a spaCy NER model and are not part of this test).
 PII = {
@@ -59,7 +59,7 @@ def test_pii_in_the_feedback_comment_and_correction_never_reaches_argilla(owner)
     for kind, value in {**PII, "disguised email": DISGUISED_EMAIL, "password": "hunter2"}.items():
         assert value not in raw, f"{kind} {value!r} reached Argilla"
     feedback = records[0]["fields"]["user_feedback"]
-    assert f"**Comment:** Wrong. Mail [EMAIL] or [EMAIL], call [PHONE]." in feedback
+    assert "**Comment:** Wrong. Mail [EMAIL] or [EMAIL], call [PHONE]." in feedback
     assert ("Pay with card [CARD] or transfer to [IBAN]; the server is [IP], the key is [SECRET], "
             "tips to [CRYPTO], login password: [SECRET].") in feedback
     assert report.scrubbed == {"email": 2, "phone": 1, "card": 1, "iban": 1, "ip": 1, "secret": 2, "crypto": 1}

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from annotation.config import StackConfig
-from annotation.server import PARTS, StackError, _Layout, _proc_stat, stack_status, start_stack, stop_stack
+from annotation.server import PARTS, StackError, _Layout, stack_status, start_stack, stop_stack
+from annotation.stack_parts import _proc_stat
 from loop.config import ConfigError, load_config
 
 from skips import import_or_skip  # noqa: E402

@@ -13,7 +13,7 @@ import pytest
 from annotation.client import connect
 from annotation.config import AnnotationConfig
 from annotation.push import push
-from loop.store import Store
+from loop.core.store import Store
 
 QUESTION = re.compile(r"^(disliked|unsure|newer|older) question$")
 

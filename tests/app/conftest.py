@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
-from loop import paths
+from loop.core import paths
 from loop.config import load_config
-from loop.registry import Registry
+from loop.core.registry import Registry
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from loop.store import Store
+from loop.core.store import Store
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.load_test import ApiError, App, call, free_port  # noqa: E402

@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 
 from loop.config import load_config
-from loop.registry import Registry
-from loop.store import Store
+from loop.core.registry import Registry
+from loop.core.store import Store
 
 PROMPT = "Write a short story about a lighthouse keeper and a storm."
 

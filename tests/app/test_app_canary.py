@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from loop.config import load_config
-from loop.registry import Registry
+from loop.core.registry import Registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.load_test import App, call, free_port  # noqa: E402
@@ -30,7 +30,7 @@ MIN_RATED = 8
 
 @pytest.fixture
 def canary_app(loop_home, tmp_path, monkeypatch, bundled_gguf):
-    from loop.bootstrap import ensure_base_version
+    from loop.core.bootstrap import ensure_base_version
 
     monkeypatch.setenv("LOOP_ROLLOUT__CANARY_SHARE", "0.5")
     monkeypatch.setenv("LOOP_ROLLOUT__MIN_RATED_TURNS", str(MIN_RATED))
@@ -118,7 +118,7 @@ def test_the_versions_tab_plots_both_arms_thumbs_down_rates_with_intervals(loop_
     from types import SimpleNamespace
 
     from app.versions_tab import VersionsTab
-    from loop.store import Store
+    from loop.core.store import Store
 
     registry = Registry()
     v1 = registry.register(bundled_gguf, base_model="test", verification={"passed": True}, link=True).id

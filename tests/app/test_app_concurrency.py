@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from app import feedback_panel
 from app.generation import Sampling
 from app.session import ChatSession, ShownTurn
-from loop.reasons import REASONS_DOWN, REASONS_UP
+from loop.core.reasons import REASONS_DOWN, REASONS_UP
 
 USERS = 20
 EVENTS_PER_USER = 25  # 20 x 25 = 500

@@ -7,7 +7,7 @@ import sqlite3
 import threading
 
 from app.generation import Sampling
-from loop.store import Store
+from loop.core.store import Store
 
 LONG = Sampling(temperature=0.7, max_tokens=200, seed=1)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from app import feedback_panel
 from app.session import ChatSession, ShownTurn, session_from_store
-from loop.feedback import MAX_COMMENT_CHARS
-from loop.store import Store
+from loop.core.feedback import MAX_COMMENT_CHARS
+from loop.core.store import Store
 
 
 def _logged_session(store: Store, n: int = 3) -> ChatSession:

@@ -18,7 +18,7 @@ from fake_hub import FakeHubApi
 
 from app.space import SpaceError, build_space, install_space_model, push_space, requirements
 from loop.config import load_config
-from loop.registry import sha256_file
+from loop.core.io import sha256_file
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -11,8 +11,8 @@ import time
 import pytest
 
 from app.writer import StoreWriter
-from loop.feedback import FeedbackError
-from loop.store import Store
+from loop.core.feedback import FeedbackError
+from loop.core.store import Store
 
 TURN = dict(messages=[{"role": "system", "content": "s"}, {"role": "user", "content": "héllo"}], answer="a",
             model_version="v3", gguf_sha256="ab" * 32, sampling={"temperature": 0.2, "seed": 7}, latency_s=1.5,

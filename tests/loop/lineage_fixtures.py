@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loop.config import Config, load_config
-from loop.registry import Registry, Version
-from loop.store import Store
+from loop.core.registry import Registry, Version
+from loop.core.store import Store
 
 MARKER = "QUOKKA-7Z3-UNIQUE-MARKER"
 
@@ -45,9 +45,9 @@ def argilla_env(stack, monkeypatch, home: Path) -> None:
 def trained_home(stack, bundled_gguf: Path) -> TrainedHome:
     from annotation.pull import pull_snapshot
     from annotation.push import push
-    from loop.bootstrap import ensure_base_version
+    from loop.core.bootstrap import ensure_base_version
     from loop.demo import load_samples, scripted_review
-    from loop.mirror import mirror_from_config
+    from loop.core.mirror import mirror_from_config
 
     config = load_config()
     home = Path(config.home)

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from loop import arena
+from loop.core import arena
 from loop.config import load_config
-from loop.registry import Registry
-from loop.store import Store
+from loop.core.registry import Registry
+from loop.core.store import Store
 
 
 def vote(a: str, b: str, winner: str) -> dict:

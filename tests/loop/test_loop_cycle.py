@@ -19,8 +19,8 @@ import pytest
 from loop.config import load_config
 from loop.cycle import Cycle
 from loop.demo import load_samples, scripted_review
-from loop.registry import Registry
-from loop.store import Store
+from loop.core.registry import Registry
+from loop.core.store import Store
 
 pytestmark = pytest.mark.slow
 

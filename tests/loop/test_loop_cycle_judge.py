@@ -120,7 +120,7 @@ def test_general_replay_is_answered_by_the_starting_version_itself(bundled_gguf)
     from types import SimpleNamespace
 
     from loop.cycle_stages import _answered_by
-    from loop.probe_runner import greedy_answer, load_llama
+    from app.probe_runner import greedy_answer, load_llama
 
     out, note = _answered_by(SimpleNamespace(id="v1", gguf_path=Path(bundled_gguf)), _general())
     own = greedy_answer(load_llama(bundled_gguf, n_ctx=1024), _general()[0]["messages"][:1], max_tokens=96).answer

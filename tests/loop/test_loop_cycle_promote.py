@@ -22,8 +22,8 @@ import pytest
 from loop.config import load_config
 from loop.cycle import Cycle
 from loop.cycle_state import CycleState
-from loop.registry import Registry
-from loop.store import Store
+from loop.core.registry import Registry
+from loop.core.store import Store
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -48,7 +48,7 @@ def _trained_cycle(candidate: Path, *, done_through: str = "export", interrupted
     """An unfinished cycle whose stages up to ``done_through`` are done, based on the current version.
 
     ``interrupted`` names a stage left "running", as a killed process leaves it."""
-    from loop.bootstrap import ensure_base_version
+    from loop.core.bootstrap import ensure_base_version
 
     config = load_config()
     registry = _registry()
@@ -91,7 +91,7 @@ def _run_child_killed_after(method: str) -> subprocess.CompletedProcess:
     """Resume the cycle in a child process that SIGKILLs itself right after ``Registry.<method>`` returns."""
     code = f"""
 import os, signal
-from loop.registry import Registry
+from loop.core.registry import Registry
 real = Registry.{method}
 def then_die(self, *a, **k):
     out = real(self, *a, **k)
@@ -178,7 +178,7 @@ def test_a_publish_that_keeps_failing_is_retried_without_promoting_again_then_ab
 @pytest.mark.parametrize("interrupted, done_through", [("train", "decide"), ("gate", "export")])
 def test_a_rollback_under_an_unfinished_cycle_abandons_it_instead_of_training_or_promoting_on_the_old_basis(
         candidate_gguf, interrupted, done_through):
-    from loop.bootstrap import ensure_base_version
+    from loop.core.bootstrap import ensure_base_version
 
     config = load_config()
     registry = _registry()
@@ -202,7 +202,7 @@ def test_a_rollback_under_an_unfinished_cycle_abandons_it_instead_of_training_or
 
 def test_missing_merged_weights_of_the_current_version_stop_the_cycle_instead_of_training_from_the_base(
         candidate_gguf, tmp_path):
-    from loop.bootstrap import ensure_base_version
+    from loop.core.bootstrap import ensure_base_version
 
     config = load_config()
     registry = _registry()

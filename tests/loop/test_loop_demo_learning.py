@@ -17,8 +17,8 @@ import pytest
 from loop.config import load_config
 from loop.cycle import Cycle
 from loop.demo import load_samples, scripted_review
-from loop.registry import Registry
-from loop.store import Store
+from loop.core.registry import Registry
+from loop.core.store import Store
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ MIN_PASS = 6 / 16
 
 
 def _recall(gguf: Path) -> float:
-    from loop.probe_runner import greedy_answer, load_llama
+    from app.probe_runner import greedy_answer, load_llama
 
     facts = [json.loads(line) for line in FACTS.read_text().splitlines() if line.strip()]
     llm = load_llama(gguf, n_ctx=1024)

@@ -13,9 +13,8 @@ from pathlib import Path
 
 from loop import store as store_cli
 from loop import versions
-from loop.config import load_config
-from loop.mirror import HubDatasetTarget, LocalDirTarget, Mirror
-from loop.store import Store
+from loop.core.mirror import HubDatasetTarget, LocalDirTarget, Mirror
+from loop.core.store import Store
 from lineage_fixtures import MARKER, argilla_env, trained_home
 
 
@@ -149,7 +148,7 @@ def test_a_new_turn_that_reuses_a_forgotten_turns_rowid_is_still_mirrored(tmp_pa
 
 
 def test_restore_leaves_out_turns_in_the_forget_ledger(tmp_path):
-    from loop.forgotten import record_forgotten
+    from loop.core.forgotten import record_forgotten
 
     store = Store(tmp_path / "h" / "store.db")
     target = LocalDirTarget(tmp_path / "mirror")

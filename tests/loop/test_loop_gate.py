@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from loop import arena
+from loop.core import arena
 from loop.config import ConfigError, GateConfig, load_config
 from loop.gate import decide
 

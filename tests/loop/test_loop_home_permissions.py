@@ -22,10 +22,10 @@ OPERATIONS = textwrap.dedent(
     import json, os, sys
     from pathlib import Path
     from annotation.snapshot import write_snapshot
-    from loop import paths
+    from loop.core import paths
     from loop.config import load_config
-    from loop.registry import Registry
-    from loop.store import Store
+    from loop.core.registry import Registry
+    from loop.core.store import Store
 
     config = load_config()  # the way the app, the cycle and the CLIs find their home
     store = Store.open(config.home)

@@ -62,7 +62,7 @@ def test_lineage_of_a_promoted_version_lists_exactly_its_snapshots_training_spli
 
 
 def test_lineage_of_the_base_version_has_no_feedback(loop_home, capsys):
-    from loop.bootstrap import ensure_base_version
+    from loop.core.bootstrap import ensure_base_version
     from loop.config import load_config
 
     ensure_base_version(load_config())

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from loop.migrations import MIGRATIONS, migrate
-from loop.store import Store
+from loop.core.store.migrations import MIGRATIONS, migrate
+from loop.core.store import Store
 
 EXPECTED = {
     "conversations": ["id", "created_at", "client"],
@@ -70,8 +70,8 @@ def test_store_uses_wal(tmp_path):
 CHILD = textwrap.dedent(
     """
     import functools, pathlib, sys, time
-    from loop import migrations
-    from loop.store import Store
+    from loop.core.store import migrations
+    from loop.core.store import Store
 
     path, point, flag, pause = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
     if point:

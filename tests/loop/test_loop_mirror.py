@@ -15,7 +15,7 @@ import pytest
 from fake_hub import FakeHubApi
 
 from loop.config import load_config
-from loop.mirror import (
+from loop.core.mirror import (
     HubBusyError,
     HubDatasetTarget,
     LocalDirTarget,
@@ -25,7 +25,7 @@ from loop.mirror import (
     mirror_from_config,
     target_from_config,
 )
-from loop.store import Store
+from loop.core.store import Store
 
 REPO = "org/chat-feedback-log"
 
@@ -270,7 +270,7 @@ def test_retry_after_as_an_http_date_and_the_hubs_ratelimit_header_are_honoured(
     from datetime import datetime, timedelta, timezone
     from types import SimpleNamespace
 
-    from loop.mirror import retry_after_s
+    from loop.core.mirror import retry_after_s
 
     def err(headers):
         return SimpleNamespace(response=SimpleNamespace(status_code=429, headers=headers))

@@ -14,10 +14,11 @@ import json
 import pytest
 from fake_hub import FakeHubApi
 
-from loop.bootstrap import ensure_base_version
+from loop.core.bootstrap import ensure_base_version
 from loop.config import load_config
-from loop.publish import PublishError, publish, published
-from loop.registry import Registry
+from loop.core.registry import published
+from loop.publish import PublishError, publish
+from loop.core.registry import Registry
 
 
 @pytest.fixture

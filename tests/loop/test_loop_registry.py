@@ -21,9 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from loop.bootstrap import ensure_base_version
+from loop.core.bootstrap import ensure_base_version
 from loop.config import load_config
-from loop.registry import Registry, RegistryError, sha256_file
+from loop.core.io import sha256_file
+from loop.core.registry import Registry, RegistryError
 
 REPO = Path(__file__).resolve().parents[2]
 

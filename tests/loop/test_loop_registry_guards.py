@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from loop import versions
-from loop.registry import InvalidVersionIdError, Registry, RegistryCorruptError, RegistryError, check_version_id
+from loop.core.registry import InvalidVersionIdError, Registry, RegistryCorruptError, RegistryError, check_version_id
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from loop.config import ConfigError, RolloutConfig, load_config
-from loop.registry import Registry, RegistryError, canary_arm
-from loop.rollout import Arm, check_canary, decide, prob_canary_worse, rated_turns, status
-from loop.store import Store
+from loop.core.registry import Registry, RegistryError, canary_arm
+from loop.core.canary import Arm, decide, prob_canary_worse, rated_turns, status
+from loop.rollout import check_canary
+from loop.core.store import Store
 
 RULES = RolloutConfig(canary_share=0.5, min_rated_turns=10)
 

@@ -5,8 +5,8 @@ import threading
 
 import pytest
 
-from loop.feedback import FeedbackError
-from loop.store import Store
+from loop.core.feedback import FeedbackError
+from loop.core.store import Store
 
 
 def make_turn(store, cid=None, answer="Paris.", **kw):

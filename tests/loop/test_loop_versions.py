@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from loop import probe_runner
-from loop.bootstrap import ensure_base_version
+from app import probe_runner
+from loop.core.bootstrap import ensure_base_version
 from loop.config import load_config
-from loop.registry import Registry
+from loop.core.registry import Registry
 
 REPO = Path(__file__).resolve().parents[2]
 

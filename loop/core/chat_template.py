@@ -32,6 +32,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+from loop.core.errors import LoopError
 
 Message = dict[str, Any]
 
@@ -39,7 +40,7 @@ _OPEN, _CLOSE = "\ue000", "\ue001"
 _SENTINEL = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(LoopError, ValueError):
     """The chat template writes the sentinel characters itself, so markup and content cannot be told apart."""
 
 

@@ -6,7 +6,7 @@ the side-by-side view's). Decoding is a small loop of our own rather than ``crea
 greedy is then exactly argmax (no sampler chain in between), and each chosen token's logprob
 comes from the last row of logits, so no ``logits_all=True`` buffer (n_ctx x vocab floats, about
 400 MB for SmolLM2 at 2048 tokens) is needed. Prompts are tokenised exactly as the app's chat
-tokenises them (``loop.chat_template``): a prompt's text is never read as special tokens.
+tokenises them (``loop.core.chat_template``): a prompt's text is never read as special tokens.
 
 Generation is serialised by one process-wide lock: a llama.cpp context is not thread-safe, and on
 a small CPU two interleaved generations only make each other slower.
@@ -15,8 +15,6 @@ a small CPU two interleaved generations only make each other slower.
 from __future__ import annotations
 
 import collections
-import importlib.util
-import json
 import math
 import random
 import threading
@@ -25,63 +23,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from loop.chat_template import llama_chat_formatter, llama_chat_tokens
+from loop.core.chat_template import llama_chat_formatter, llama_chat_tokens
+from loop.core.probes import FALLBACK_PROBES, as_messages, last_user_text, load_probes, probes_file
 
-GENERATION_LOCK = threading.RLock()
-
-# Used when trainer/probes.jsonl is absent (e.g. a Space that installs only the app).
-FALLBACK_PROBES: list[str] = [
-    "What is the capital of France?",
-    "Give me three tips for staying focused while studying.",
-    "Explain in one sentence what a neural network is.",
-    "Write a haiku about autumn.",
-    "What is 12 times 7?",
-    "How do I reverse a list in Python?",
+# The probe set is the core's (``loop.core.probes``); it is named here too so that callers that run
+# probes find the set and the runner in one place.
+__all__ = [
+    "FALLBACK_PROBES", "GENERATION_LOCK", "LlamaCache", "ProbeAnswer", "ProbeRun", "as_messages", "greedy_answer",
+    "last_user_text", "load_llama", "load_probes", "probes_file", "render_prompt", "run_probes", "sampled_answer",
 ]
 
-
-def probes_file() -> Path | None:
-    """``trainer/probes.jsonl`` (the exporter's fixed probe set) when the trainer package has one."""
-    spec = importlib.util.find_spec("trainer")
-    for root in (spec.submodule_search_locations or []) if spec else []:
-        candidate = Path(root) / "probes.jsonl"
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def as_messages(item: Any) -> list[dict[str, str]]:
-    """A probe ("prompt" string, "messages" list, or a bare string) as chat messages, without any
-    reference answer: the model must answer the last user turn itself."""
-    if isinstance(item, str):
-        return [{"role": "user", "content": item}]
-    if "messages" in item:
-        messages = [dict(m) for m in item["messages"]]
-        while messages and messages[-1].get("role") == "assistant":
-            messages.pop()
-        return messages
-    return [{"role": "user", "content": str(item["prompt"])}]
-
-
-def load_probes(path: str | Path | None = None, limit: int | None = None) -> tuple[list[list[dict[str, str]]], str]:
-    """(probes as message lists, where they came from)."""
-    source = Path(path) if path else probes_file()
-    if source is None:
-        items: list[Any] = list(FALLBACK_PROBES)
-        origin = "built-in fallback probes"
-    else:
-        items = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
-        origin = str(source.name)
-    probes = [as_messages(item) for item in items]
-    return (probes[:limit] if limit else probes), origin
-
-
-def last_user_text(messages: list[dict[str, str]]) -> str:
-    for m in reversed(messages):
-        if m.get("role") == "user":
-            return str(m.get("content", ""))
-    return ""
-
+GENERATION_LOCK = threading.RLock()
 
 def load_llama(gguf: str | Path, *, n_ctx: int = 2048, n_threads: int | None = None) -> Any:
     import os
@@ -115,7 +67,7 @@ def _formatter(llm: Any) -> Any:
 
 def render_prompt(llm: Any, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of the chat-templated prompt, exactly as the app's chat makes them
-    (``loop.chat_template.llama_chat_tokens``: the messages' text is never read as special tokens)."""
+    (``loop.core.chat_template.llama_chat_tokens``: the messages' text is never read as special tokens)."""
     return llama_chat_tokens(llm, _formatter(llm), messages)
 
 

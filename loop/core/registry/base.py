@@ -1,158 +1,28 @@
-"""The model registry: every version, its lineage, and the atomic ``current`` pointer.
-
-Layout under ``$LOOP_HOME/registry``::
-
-    versions/<id>/model.gguf      the served file (its sha256 is in version.json)
-    versions/<id>/version.json    parent, base model, variant, snapshot hash, metrics, verification,
-                                  tainted (trained on text forgotten since: when, why, which turns)
-    versions/<id>/README.md       the model card (when the exporter wrote one)
-    current.json                  {"version", "previous", "since", "reason"}: the one truth
-    canary.json                   {"version", "baseline", "since", "share", "reason"}: the version
-                                  a share of new conversations gets while users judge it (absent: none)
-    canary.jsonl                  append-only: every canary started and ended, when, why, the numbers
-    history.jsonl                 append-only: every promotion and rollback, when, why, by what
-    pruned.jsonl                  ids removed by retention (never handed out again)
-    .lock                         flock serialising writers (cycle, CLI, app) across processes
-
-Crash safety: a version directory is built under a temporary name and renamed into place, and
-``current.json`` is replaced by write + fsync + rename + fsync(dir). A crash at any point leaves
-either the old or the new version current, never a half-written pointer, and the app (which
-re-reads the pointer per request) keeps serving whichever that is. The history line is written
-after the pointer; a pointer newer than the history is reconciled before the next promotion
-(``reconcile()``), which also removes what dead writers left behind.
-
-Version ids match ``VERSION_ID`` (``v1``, ``v2``, ...) and nothing else: every method that takes an
-id checks it with ``check_version_id`` before it touches a path, so ``v2/``, ``./v2``, ``../x`` or an
-absolute path is refused (``InvalidVersionIdError``) instead of being stored in ``current.json``.
-The canary pointer is written like ``current.json`` and is changed only by ``start_canary`` and
-``end_canary`` (which promotes through ``promote``, so the history shows the promotion).
-``canary_arm`` is the one routing rule: a conversation goes to the canary when a hash of its id
-and the canary's id falls below the share, so it stays there for the whole conversation.
-
-A registry file that cannot be read (a damaged ``current.json`` or ``version.json``) raises
-``RegistryCorruptError`` naming the file and the repair; both are ``RegistryError``s, so every
-caller that handles registry errors handles these. ``rollback(to=ID)`` replaces a damaged pointer
-(the damaged file is kept beside it as ``current.json.damaged-<time>``).
-"""
+"""The registry's versions, its ``current`` pointer and retention (``loop.core.registry`` has the layout
+and the crash-safety contract; the canary pointer is added by ``Registry``)."""
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import dataclasses
 import datetime as dt
 import fcntl
-import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import threading
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from loop import paths
-
+from loop.core import paths
+from loop.core.io import atomic_write_text, fsync_path, sha256_file, utcnow
+from loop.core.registry.version import (RegistryCorruptError, RegistryError, Version, check_version_id,
+                                        is_version_id)
 
 log = logging.getLogger(__name__)
-
-# The one pattern for version ids. Every Registry method that takes an id checks it, so the CLI,
-# the app and the cycle, which all go through those methods, need no check of their own.
-VERSION_ID = re.compile(r"v[1-9][0-9]*")
-
-
-class RegistryError(RuntimeError):
-    pass
-
-
-class InvalidVersionIdError(RegistryError, ValueError):
-    """A string that is not a version id (a path, a trailing slash, ``..``, an empty string)."""
-
-
-class RegistryCorruptError(RegistryError):
-    """A registry file exists but cannot be read or does not have the expected shape."""
-
-
-def is_version_id(value: Any) -> bool:
-    return isinstance(value, str) and VERSION_ID.fullmatch(value) is not None
-
-
-def check_version_id(value: Any) -> str:
-    """``value`` if it is a version id, else InvalidVersionIdError saying what ids look like."""
-    if not is_version_id(value):
-        raise InvalidVersionIdError(f"{value!r} is not a version id: ids are v1, v2, ... (a name, not a path)")
-    return value
-
-
-def utcnow() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """SHA-256 of a file, read in chunks (GGUFs are gigabytes)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk_size):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write, fsync, rename, fsync the directory: readers see the old or the new file, whole."""
-    # pid + thread: the app writes from Gradio worker threads, which must not share a temp file.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dirfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
-
-
-@dataclass
-class Version:
-    id: str
-    parent: str | None
-    created_at: str
-    base_model: str
-    gguf_file: str = "model.gguf"
-    gguf_sha256: str = ""
-    size_bytes: int = 0
-    quantization: str = ""
-    variant: dict[str, Any] = field(default_factory=dict)
-    snapshot_hash: str | None = None
-    snapshot_counts: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    verification: dict[str, Any] = field(default_factory=dict)
-    hf_dir: str | None = None  # merged Hugging Face weights: the next cycle trains from these
-    pinned: bool = False
-    note: str = ""
-    # Trained (directly, or through a parent's weights) on text that was forgotten since: one entry
-    # per forget, {"at", "reason", "turn_ids"} (ids only). Empty: nothing known against it.
-    tainted: list[dict[str, Any]] = field(default_factory=list)
-    path: str = ""  # the version directory (filled on load, not stored)
-
-    @property
-    def gguf_path(self) -> Path:
-        return Path(self.path) / self.gguf_file
-
-    def to_json(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data.pop("path")
-        return data
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -165,7 +35,9 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-class Registry:
+class RegistryBase:
+    """Versions, the current pointer and retention; ``Registry`` is this plus the canary pointer."""
+
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root else paths.registry_dir()
         self.versions_dir = paths.private_dir(self.root / "versions")
@@ -231,7 +103,7 @@ class Registry:
             shutil.rmtree(tmp)
         tmp.mkdir()
         target = tmp / "model.gguf"
-        # copyfile, not copy2: a copy gets the process's private mode (loop.paths), not the source's.
+        # copyfile, not copy2: a copy gets the process's private mode (loop.core.paths), not the source's.
         # A hard link shares its source's inode and mode; only the base model as shipped is linked.
         if link:
             try:
@@ -264,9 +136,9 @@ class Registry:
                 note=note,
             )
             atomic_write_text(tmp / "version.json", json.dumps(version.to_json(), indent=2, sort_keys=True))
-            _fsync_path(target)
+            fsync_path(target)
             os.replace(tmp, self.versions_dir / vid)  # the version appears whole or not at all
-            _fsync_path(self.versions_dir)
+            fsync_path(self.versions_dir)
         version.path = str(self.versions_dir / vid)
         return version
 
@@ -300,7 +172,7 @@ class Registry:
                 log.warning("%s", exc)
         return sorted(out, key=lambda v: int(v.id[1:]))
 
-    def _version_dirs(self) -> list[str]:
+    def _version_dirs(self) -> builtins.list[str]:
         return [p.name for p in self.versions_dir.iterdir()
                 if is_version_id(p.name) and p.is_dir() and (p / "version.json").is_file()]
 
@@ -317,7 +189,7 @@ class Registry:
     def pin(self, vid: str, pinned: bool = True) -> Version:
         return self.update(vid, pinned=pinned)
 
-    def taint(self, vid: str, reason: str, turn_ids: list[str], at: str | None = None) -> Version:
+    def taint(self, vid: str, reason: str, turn_ids: builtins.list[str], at: str | None = None) -> Version:
         """Mark ``vid`` as trained on forgotten text (``python -m loop.store forget``); appends one entry."""
         with self._lock():
             version = self.get(vid)
@@ -359,7 +231,7 @@ class Registry:
         pointer = self.pointer()
         return pointer["version"] if pointer else None
 
-    def history(self) -> list[dict[str, Any]]:
+    def history(self) -> builtins.list[dict[str, Any]]:
         if not self.history_file.is_file():
             return []
         out = []
@@ -475,7 +347,7 @@ class Registry:
                 raise RegistryError(f"{target} is already current")
             return self._set_current(target, action="rollback", reason=reason, decision={}, force=force)
 
-    # -- the canary pointer --------------------------------------------------------------------
+    # -- the canary pointer, read side (retention must not prune a running canary) -----------
 
     def canary_pointer(self) -> dict[str, Any] | None:
         """The parsed ``canary.json``; None when no canary runs. A damaged file raises
@@ -504,7 +376,7 @@ class Registry:
         pointer = self.canary_pointer()
         return pointer["version"] if pointer else None
 
-    def canary_log(self) -> list[dict[str, Any]]:
+    def canary_log(self) -> builtins.list[dict[str, Any]]:
         if not self.canary_log_file.is_file():
             return []
         out = []
@@ -515,69 +387,9 @@ class Registry:
                 continue  # a torn last line: the pointer is the truth
         return out
 
-    def _append_canary_log(self, entry: dict[str, Any]) -> None:
-        with open(self.canary_log_file, "a") as f:
-            f.write(json.dumps(entry, sort_keys=True, default=str) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-    def start_canary(self, vid: str, *, share: float, reason: str, decision: dict[str, Any] | None = None,
-                     force: bool = False) -> dict[str, Any]:
-        """Serve ``vid`` to ``share`` of new conversations beside the current version.
-
-        Checked like a promotion (verification passed, GGUF present and unchanged). Starting the
-        canary that already runs returns its pointer (a resumed cycle starts nothing twice);
-        another canary while one runs, or the current version as canary, is refused."""
-        if not 0 < share < 1:
-            raise RegistryError(f"a canary share must be in (0, 1), got {share}")
-        with self._lock():
-            running = self.canary_pointer()
-            if running is not None:
-                if running["version"] == vid:
-                    return running
-                raise RegistryError(f"canary {running['version']} is still running: end it before starting {vid}")
-            self._check_servable(vid, force)
-            current = self.current_id()
-            if current == vid:
-                raise RegistryError(f"{vid} is already current: it cannot be a canary")
-            # Microseconds, like the store's turn times: a turn a moment before the start is not counted.
-            since = dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")
-            pointer = {"version": vid, "baseline": current, "since": since, "share": float(share),
-                       "reason": reason}
-            atomic_write_text(self.canary_file, json.dumps(pointer, sort_keys=True))
-            self._append_canary_log({"at": pointer["since"], "action": "start", "version": vid, "baseline": current,
-                                     "share": float(share), "reason": reason, "decision": decision or {}})
-            return pointer
-
-    def end_canary(self, outcome: str, *, reason: str, decision: dict[str, Any] | None = None,
-                   expected: str | None = None) -> dict[str, Any]:
-        """End the running canary: ``promoted`` (made current through ``promote``) or ``rolled_back``
-        (the current version serves everyone again). ``expected``: refuse if another canary runs.
-
-        Crash safety: the promotion comes first and the pointer goes after it, so a crash between
-        leaves a canary that is current, which the next check ends (``loop.rollout.check_canary``)."""
-        if outcome not in ("promoted", "rolled_back"):
-            raise RegistryError(f"a canary ends promoted or rolled_back, not {outcome!r}")
-        with self._lock():
-            pointer = self.canary_pointer()
-            if pointer is None:
-                raise RegistryError("no canary is running")
-            vid = pointer["version"]
-            if expected is not None and vid != expected:
-                raise RegistryError(f"the running canary is {vid}, not {expected}")
-            if outcome == "promoted" and self.current_id() != vid:
-                self.promote(vid, reason=reason, decision={"canary": decision or {}})
-            self.canary_file.unlink()
-            _fsync_path(self.root)
-            entry = {"at": utcnow(), "action": outcome, "version": vid, "baseline": pointer.get("baseline"),
-                     "since": pointer.get("since"), "share": pointer.get("share"), "reason": reason,
-                     "decision": decision or {}}
-            self._append_canary_log(entry)
-            return entry
-
     # -- retention -------------------------------------------------------------------------------
 
-    def prune(self, keep: int = 5, *, dry_run: bool = False) -> list[str]:
+    def prune(self, keep: int = 5, *, dry_run: bool = False) -> builtins.list[str]:
         """Delete old versions; never the current, the previous, a pinned one, or the newest ``keep``.
 
         Refuses (RegistryCorruptError) when ``current.json`` cannot be read: what is served is unknown."""
@@ -605,7 +417,7 @@ class Registry:
                 removed.append(v.id)
             return removed
 
-    def pruned_ids(self) -> list[str]:
+    def pruned_ids(self) -> builtins.list[str]:
         if not self.pruned_file.is_file():
             return []
         out = []
@@ -617,15 +429,3 @@ class Registry:
             if is_version_id(vid):
                 out.append(vid)
         return out
-
-
-def canary_arm(conversation_id: str, pointer: dict[str, Any] | None) -> bool:
-    """Whether ``conversation_id`` belongs to the canary described by ``pointer`` (``canary.json``).
-
-    A hash of the canary's id and the conversation id, read as a number in [0, 1), below the share:
-    the same conversation always gets the same answer while that canary runs, and each canary
-    draws its own share of conversations (not always the same users)."""
-    if not pointer or not conversation_id:
-        return False
-    digest = hashlib.sha256(f"{pointer['version']}:{conversation_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < float(pointer.get("share") or 0.0)

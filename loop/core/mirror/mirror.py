@@ -1,332 +1,33 @@
-"""A durable, append-only mirror of the store, restored on start.
-
-A Hugging Face Space's disk is wiped on every restart; the seed project lost its users' flags
-that way. So the app copies every new row of the store (conversations, turns, feedback events,
-arena votes) to a durable target and, on start, imports whatever the target holds.
-
-Append-only: each flush writes the rows added since the last flush (a rowid watermark per table)
-as new segment files (JSON lines, at most ``segment_max_rows`` rows each); an existing segment is
-never rewritten, except by ``Mirror.forget`` (``python -m loop.store forget``), which rewrites the
-segments holding a forgotten turn (on the Hub: one commit, then the repo's history squashed), and
-restore leaves out the rows of every turn in the forget ledger (``loop.forgotten``). Segment names start with a ULID, so sorting them by name replays them in the
-order they were written. Restore is idempotent (insert, or do nothing when the id is there), so
-replaying a segment twice, or into a store that already holds some of its rows, changes nothing.
-
-Restore never stops at a bad part: an unreadable segment (after retries), an unreadable line, a
-row without an id, a row the schema refuses, or a child row whose parent is in no segment (an
-orphan; tried again after every other segment, in case its parent came later) is skipped, and
-``RestoreResult`` names each one; every other row is restored. Nothing is deleted from the target,
-so a segment that could not be read is read again by the next restore.
-
-Targets:
-  * ``LocalDirTarget``: a directory (default: ``<LOOP_HOME>-mirror``, a sibling of the home so
-    wiping the home does not wipe the mirror; on a Space, point it at persistent storage such
-    as ``/data``). Files appear whole: write to a temporary name, fsync, link.
-  * ``HubDatasetTarget``: a Hugging Face dataset repo through ``huggingface_hub.HfApi``. The Hub
-    limits commits per repo and hour (128), so writes are batched: at most one commit per
-    ``commit_interval_s`` (``[app] mirror_hub_commit_interval_s``, 300 s), holding every segment
-    of that flush (``create_commit`` with one operation per segment); the final flush on shutdown
-    is never held back. Rows wait in the store meanwhile, and the watermark moves only after the
-    commit. HTTP 429 and 5xx answers are retried with exponential backoff, honouring
-    ``Retry-After`` (and the Hub's ``RateLimit`` header); a wait longer than ``RetryPolicy.max_wait_s``
-    is not slept through: the flush fails with ``HubBusyError`` and the mirror tries again once
-    that time has passed. The store holds raw, unscrubbed chats, so the repo must be private: it
-    is created private, and a repo that is not private (checked before every commit) is refused
-    with ``PublicRepoError`` before anything is uploaded. The token comes from ``HF_TOKEN``.
-
-The watermark lives in ``$LOOP_HOME/mirror-state.json``. When the home is wiped, the watermark
-goes with it, the (empty) store is refilled from the target, and every row now in the store is
-known to be mirrored, so nothing is written twice. Rows the restore brought in are remembered by
-id, so a partial store that is topped up by a restore does not send them back either.
-"""
+"""The mirror itself: flush new store rows to a target as segments, restore the store from them, and
+rewrite them for ``forget`` (``loop.core.mirror`` states the contract)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import sqlite3
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 from ulid import ULID
 
-from loop import paths
-from loop.store import Store
+from loop.core import paths
+from loop.core.forgotten import forgotten_ids
+from loop.core.io import atomic_write_text
+from loop.core.mirror.targets import HubBusyError, HubDatasetTarget, LocalDirTarget, Target
+from loop.core.store import Store
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
-SEGMENT_DIR = "segments"
 # Parents before children, so that a segment replays without breaking a foreign key.
 TABLES: tuple[str, ...] = ("conversations", "turns", "feedback", "arena_votes")
 # Bounded segment files: a large backlog (a long outage) becomes several segments in one write.
 SEGMENT_MAX_ROWS = 5000
-# Five minutes: 12 commits an hour, a tenth of the Hub's 128 per repo and hour.
-DEFAULT_HUB_COMMIT_INTERVAL_S = 300.0
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-T = TypeVar("T")
-
-
-class MirrorError(RuntimeError):
-    pass
-
-
-class PublicRepoError(MirrorError):
-    """The Hub repo is not private; the mirror holds raw chats and uploads nothing to it."""
-
-
-class HubBusyError(MirrorError):
-    """The Hub kept answering 429/5xx; ``retry_after_s`` is how long it asked us to wait, if it said."""
-
-    def __init__(self, message: str, *, status: int | None, retry_after_s: float | None):
-        super().__init__(message)
-        self.status = status
-        self.retry_after_s = retry_after_s
-
-
-class Target(Protocol):
-    """Where segments are kept. Writing must never replace an existing segment."""
-
-    # The least time between two writes (0: write on every flush).
-    min_write_interval_s: float
-
-    def describe(self) -> str: ...
-
-    def list_segments(self) -> list[str]: ...
-
-    def read_segment(self, name: str) -> bytes: ...
-
-    def write_segments(self, segments: list[tuple[str, bytes]]) -> None: ...
-
-
-class LocalDirTarget:
-    min_write_interval_s = 0.0
-
-    def __init__(self, root: str | Path):
-        self.root = Path(root).expanduser().resolve()
-        self.dir = self.root / SEGMENT_DIR
-
-    def describe(self) -> str:
-        return f"dir:{self.root}"
-
-    def list_segments(self) -> list[str]:
-        if not self.dir.is_dir():
-            return []
-        return sorted(p.name for p in self.dir.iterdir() if p.suffix == ".jsonl" and not p.name.startswith("."))
-
-    def read_segment(self, name: str) -> bytes:
-        return (self.dir / name).read_bytes()
-
-    def write_segments(self, segments: list[tuple[str, bytes]]) -> None:
-        for name, data in segments:
-            self.write_segment(name, data)
-
-    def rewrite_segments(self, changes: dict[str, bytes | None]) -> None:
-        """Replace segments' bytes (None: delete the segment). Only ``forget`` rewrites a segment."""
-        for name, data in changes.items():
-            final = self.dir / name
-            if data is None:
-                final.unlink(missing_ok=True)
-                continue
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=self.dir)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        if changes and self.dir.is_dir():
-            dirfd = os.open(self.dir, os.O_RDONLY)
-            try:
-                os.fsync(dirfd)
-            finally:
-                os.close(dirfd)
-
-    def write_segment(self, name: str, data: bytes) -> None:
-        # The segments hold raw chats: the folder is the owner's alone, like the home.
-        paths.private_dir(self.dir)
-        final = self.dir / name
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=self.dir)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            # link, not rename: link fails if the name exists, so a segment is never replaced.
-            os.link(tmp, final)
-        finally:
-            os.unlink(tmp)
-        dirfd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
-
-
-# -- talking to the Hub ----------------------------------------------------------------------------
-
-
-@dataclass
-class RetryPolicy:
-    """How Hub calls are retried on 429 and 5xx answers."""
-
-    attempts: int = 5
-    base_wait_s: float = 1.0  # doubled per attempt when the Hub names no wait
-    max_wait_s: float = 60.0  # a longer requested wait is not slept through (HubBusyError)
-    sleep: Callable[[float], None] = time.sleep
-
-
-def _http_status(exc: BaseException) -> int | None:
-    return getattr(getattr(exc, "response", None), "status_code", None)
-
-
-def retry_after_s(exc: BaseException) -> float | None:
-    """The wait an HTTP error asks for: ``Retry-After`` (seconds or a date), else the Hub's
-    ``RateLimit`` header when no requests remain; None when it asks for none."""
-    headers = getattr(getattr(exc, "response", None), "headers", None) or {}
-    value = headers.get("Retry-After") if hasattr(headers, "get") else None
-    if value:
-        value = str(value).strip()
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            pass
-        try:
-            when = parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            when = None
-        if when is not None:
-            if when.tzinfo is None:
-                when = when.replace(tzinfo=timezone.utc)
-            return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
-    try:
-        from huggingface_hub.utils import parse_ratelimit_headers
-    except ImportError:
-        return None
-    info = parse_ratelimit_headers(headers)
-    if info is not None and info.remaining == 0:
-        return float(info.reset_in_seconds)
-    return None
-
-
-def call_with_retry(what: str, fn: Callable[[], T], policy: RetryPolicy) -> T:
-    """``fn()``, retried on HTTP 429/5xx with backoff that honours the server's requested wait."""
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            return fn()
-        except Exception as exc:
-            status = _http_status(exc)
-            if status not in RETRY_STATUSES:
-                raise
-            asked = retry_after_s(exc)
-            if asked is not None and asked > policy.max_wait_s:
-                raise HubBusyError(f"{what}: HTTP {status}, the Hub asks to wait {asked:.0f} s",
-                                   status=status, retry_after_s=asked) from exc
-            if attempt >= policy.attempts:
-                raise HubBusyError(f"{what}: HTTP {status} on all {attempt} attempts",
-                                   status=status, retry_after_s=asked) from exc
-            wait = asked if asked is not None else min(policy.base_wait_s * 2 ** (attempt - 1), policy.max_wait_s)
-            log.warning("%s: HTTP %s, retry %d/%d in %.1f s", what, status, attempt, policy.attempts - 1, wait)
-            policy.sleep(wait)
-
-
-class HubDatasetTarget:
-    """A private Hugging Face dataset repo; ``api`` is an ``HfApi`` (tests pass a fake of it)."""
-
-    def __init__(self, repo_id: str, api: Any | None = None, *,
-                 commit_interval_s: float = DEFAULT_HUB_COMMIT_INTERVAL_S, retry: RetryPolicy | None = None):
-        if api is None:
-            from huggingface_hub import HfApi
-
-            api = HfApi()
-        self.repo_id = repo_id
-        self.api = api
-        self.min_write_interval_s = commit_interval_s
-        self.retry = retry or RetryPolicy()
-        self._created = False
-        self._checked_private = False
-
-    def describe(self) -> str:
-        return f"hf-dataset:{self.repo_id}"
-
-    def _call(self, what: str, fn: Callable[[], T]) -> T:
-        return call_with_retry(f"{self.describe()} {what}", fn, self.retry)
-
-    def _ensure_private_repo(self, *, recheck: bool) -> None:
-        if not self._created:
-            # Created private; exist_ok leaves an existing repo's visibility as it is, hence the check.
-            self._call("create_repo", lambda: self.api.create_repo(self.repo_id, repo_type="dataset", private=True,
-                                                                   exist_ok=True))
-            self._created = True
-        if recheck or not self._checked_private:
-            info = self._call("repo_info", lambda: self.api.repo_info(self.repo_id, repo_type="dataset"))
-            if getattr(info, "private", None) is not True:
-                raise PublicRepoError(
-                    f"the Hugging Face dataset repo {self.repo_id} is not private; the mirror holds raw, unscrubbed "
-                    "chats and uploads nothing to it. Make it private (HfApi().update_repo_settings("
-                    f"{self.repo_id!r}, repo_type='dataset', private=True)) or set [app] mirror_hf_repo to another repo"
-                )
-            self._checked_private = True
-
-    def list_segments(self) -> list[str]:
-        self._ensure_private_repo(recheck=False)
-        prefix = SEGMENT_DIR + "/"
-        files = self._call("list_repo_files", lambda: self.api.list_repo_files(self.repo_id, repo_type="dataset"))
-        return sorted(f[len(prefix):] for f in files if f.startswith(prefix) and f.endswith(".jsonl"))
-
-    def read_segment(self, name: str) -> bytes:
-        local = self._call(f"download {name}", lambda: self.api.hf_hub_download(
-            repo_id=self.repo_id, filename=f"{SEGMENT_DIR}/{name}", repo_type="dataset"))
-        return Path(local).read_bytes()
-
-    def write_segments(self, segments: list[tuple[str, bytes]]) -> None:
-        """One commit holding every segment; refused unless the repo is private right now."""
-        from huggingface_hub import CommitOperationAdd
-
-        self._ensure_private_repo(recheck=True)
-        names = [name for name, _ in segments]
-        message = f"mirror {len(names)} segment(s): {names[0]}" + (f" .. {names[-1]}" if len(names) > 1 else "")
-
-        def commit() -> Any:
-            # Fresh operations on every attempt: create_commit mutates the ones it is given.
-            ops = [CommitOperationAdd(path_in_repo=f"{SEGMENT_DIR}/{name}", path_or_fileobj=data)
-                   for name, data in segments]
-            return self.api.create_commit(self.repo_id, operations=ops, commit_message=message, repo_type="dataset")
-
-        self._call("create_commit", commit)
-
-    def rewrite_segments(self, changes: dict[str, bytes | None]) -> None:
-        """One commit replacing (or deleting, for None) segments, then the repo's history squashed
-        to that one state: a Hub repo keeps every old commit's files, and a forgotten turn must not
-        stay readable at an older revision. Only ``forget`` rewrites a segment."""
-        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
-
-        if not changes:
-            return
-        self._ensure_private_repo(recheck=True)
-
-        def commit() -> Any:
-            ops = [CommitOperationDelete(path_in_repo=f"{SEGMENT_DIR}/{name}") if data is None else
-                   CommitOperationAdd(path_in_repo=f"{SEGMENT_DIR}/{name}", path_or_fileobj=data)
-                   for name, data in changes.items()]
-            return self.api.create_commit(self.repo_id, operations=ops, repo_type="dataset",
-                                          commit_message=f"forget: rewrite {len(ops)} segment(s)")
-
-        self._call("create_commit", commit)
-        self._call("super_squash_history", lambda: self.api.super_squash_history(
-            repo_id=self.repo_id, repo_type="dataset", commit_message="mirror (history squashed by forget)"))
-
-
-# -- the mirror ------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -358,7 +59,7 @@ class RestoreResult:
     skipped_lines: int = 0  # unparseable lines (a torn write elsewhere)
     skipped_rows: list[SkippedRow] = field(default_factory=list)  # rows that could not be restored, and why
     failed_segments: dict[str, str] = field(default_factory=dict)  # segment -> why it could not be read
-    forgotten: int = 0  # rows of forgotten turns (loop.forgotten) left out on purpose
+    forgotten: int = 0  # rows of forgotten turns (loop.core.forgotten) left out on purpose
 
     @property
     def complete(self) -> bool:
@@ -422,8 +123,6 @@ class Mirror:
         return {t: int(state.get("rowids", {}).get(t, 0)) for t in TABLES}
 
     def _save_state(self, rowids: dict[str, int]) -> None:
-        from loop.registry import atomic_write_text
-
         atomic_write_text(self.state_path, json.dumps({"target": self.target.describe(), "rowids": rowids}, sort_keys=True))
 
     # -- restore ---------------------------------------------------------------------------------
@@ -438,8 +137,6 @@ class Mirror:
         db = self.store._conn()
         cols = {t: _columns(db, t) for t in TABLES}
         had_state = self.state_path.is_file()
-        from loop.forgotten import forgotten_ids
-
         forgotten = forgotten_ids(self.state_path.parent)
         with self._lock:
             # Children whose parent is not in the store yet: tried again after every segment.
@@ -513,8 +210,7 @@ class Mirror:
             if table not in by_table:
                 result.skipped_rows.append(SkippedRow(name, str(table), None, "unknown table"))
                 continue
-            row_id = row.get("id") if isinstance(row, dict) else None
-            if not isinstance(row_id, str) or not row_id:
+            if not isinstance(row, dict) or not isinstance(row.get("id"), str) or not row["id"]:
                 result.skipped_rows.append(SkippedRow(name, table, None, "row without an id"))
                 continue
             by_table[table].append(row)

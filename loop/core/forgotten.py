@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from loop import paths
+from loop.core import paths
 
 LEDGER = "forgotten.jsonl"
 

@@ -10,7 +10,8 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 
-from loop.reasons import ALL_REASONS
+from loop.core.reasons import ALL_REASONS
+from loop.core.errors import LoopError
 
 MAX_COMMENT_CHARS = 4000
 MAX_CORRECTION_CHARS = 16000
@@ -20,7 +21,7 @@ MAX_CORRECTION_CHARS = 16000
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
-class FeedbackError(ValueError):
+class FeedbackError(LoopError, ValueError):
     """Feedback that cannot be accepted; the message says what to fix."""
 
 
