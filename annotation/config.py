@@ -13,7 +13,6 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from loop.core.config import CORE_SECTIONS, Config, load_sections
 
@@ -64,7 +63,7 @@ class StackConfig:
     # redis-server executable (Debian's `redis-server` package); a name is looked up on PATH.
     redis_server_bin: str = "redis-server"
     # The argilla-server virtualenv; None means $LOOP_TOOLS/argilla-venv (created by `python -m annotation.install`).
-    venv_dir: Optional[Path] = None
+    venv_dir: Path | None = None
 
     def validate(self) -> list[str]:
         """Every problem with this config, all at once (empty list when valid)."""
@@ -177,7 +176,8 @@ class AnnotationConfig:
         if len(set(order)) != len(order):
             problems.append(f"annotation.priority_order lists a tier twice: {order}")
         if not isinstance(self.uncertainty_threshold, (int, float)) or self.uncertainty_threshold > 0:
-            problems.append(f"annotation.uncertainty_threshold is a log-probability and must be <= 0, got {self.uncertainty_threshold!r}")
+            problems.append("annotation.uncertainty_threshold is a log-probability and must be <= 0, "
+                            f"got {self.uncertainty_threshold!r}")
         if not 0.0 <= self.thumbs_up_sample_rate <= 1.0:
             problems.append(f"annotation.thumbs_up_sample_rate must be in [0, 1], got {self.thumbs_up_sample_rate!r}")
         if not isinstance(self.push_batch_size, int) or not 1 <= self.push_batch_size <= 500:

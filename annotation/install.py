@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 from loop.core.errors import LoopError, error_exit
 from loop.core.paths import tools_dir
@@ -29,7 +28,7 @@ MARKER_NAME = ".loop-argilla-installed"
 COMPAT_SOURCE = Path(__file__).with_name("osmem_compat.py")
 
 
-def venv_dir(override: Optional[Path] = None) -> Path:
+def venv_dir(override: Path | None = None) -> Path:
     """Where the argilla-server virtualenv lives."""
     return Path(override) if override else tools_dir() / "argilla-venv"
 
@@ -51,14 +50,14 @@ def _install_compat(venv: Path) -> None:
     (Path(out) / "sitecustomize.py").write_text(COMPAT_SOURCE.read_text())
 
 
-def is_installed(venv: Optional[Path] = None) -> bool:
+def is_installed(venv: Path | None = None) -> bool:
     """True when the venv exists and was completed with exactly the current pins."""
     venv = venv_dir(venv)
     marker = venv / MARKER_NAME
     return venv_python(venv).exists() and marker.exists() and marker.read_text() == _marker_text()
 
 
-def osmem_binary(venv: Optional[Path] = None) -> Path:
+def osmem_binary(venv: Path | None = None) -> Path:
     """The osmem-server executable bundled in the osmem-server wheel inside the venv."""
     venv = venv_dir(venv)
     found = sorted(venv.glob("lib/python*/site-packages/osmem_server/bin/osmem-server"))
@@ -67,7 +66,7 @@ def osmem_binary(venv: Optional[Path] = None) -> Path:
     return found[0]
 
 
-def install(venv: Optional[Path] = None, force: bool = False, python: str = sys.executable) -> Path:
+def install(venv: Path | None = None, force: bool = False, python: str = sys.executable) -> Path:
     """Create (or complete) the argilla-server virtualenv and return its path. Idempotent."""
     venv = venv_dir(venv)
     if is_installed(venv) and not force:
@@ -108,7 +107,7 @@ def install(venv: Optional[Path] = None, force: bool = False, python: str = sys.
     return venv
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m annotation.install", description=__doc__.splitlines()[0])
     parser.add_argument("--venv", type=Path, default=None, help="virtualenv path (default $LOOP_TOOLS/argilla-venv)")
     parser.add_argument("--force", action="store_true", help="reinstall even when the marker file says it is done")

@@ -29,8 +29,9 @@ import math
 import re
 import unicodedata
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 MIN_GROUP_WORDINGS = 3  # a group must keep >= 2 teaching wordings after giving one to the judge
 _WORD = re.compile(r"[^\w]+", re.UNICODE)

@@ -63,7 +63,7 @@ def _recency(turn: dict[str, Any]) -> float:
         return 0.0
     when = dt.datetime.fromisoformat(created)
     if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.timezone.utc)
+        when = when.replace(tzinfo=dt.UTC)
     return min(max((when.timestamp() - _EPOCH_START) / _EPOCH_SPAN, 0.0), 0.999999)
 
 

@@ -44,10 +44,10 @@ from typing import Any
 from tqdm import tqdm
 
 from annotation.config import AnnotationConfig, as_annotation_config, load_annotation_config
-from loop.core.errors import LoopError, error_exit
 from annotation.judge_split import normalise
 from annotation.schema import CURRENT, SchemaMismatchError, find_dataset, read_version
 from annotation.snapshot import Snapshot, latest_snapshot, load_snapshot, write_snapshot
+from loop.core.errors import LoopError, error_exit
 
 
 @dataclass
@@ -147,7 +147,8 @@ def preference_signals(record: dict[str, Any], resolution: Resolution, *,
     return pair, labelled
 
 
-def iter_records(client, dataset_id, *, batch_size: int = 500, progress: bool = True, total: int | None = None) -> Iterator[dict[str, Any]]:
+def iter_records(client, dataset_id, *, batch_size: int = 500, progress: bool = True,
+                 total: int | None = None) -> Iterator[dict[str, Any]]:
     """Every record of a dataset with responses and suggestions, as plain JSON, page by page."""
     http = client.api.http_client
     offset = 0
@@ -205,7 +206,8 @@ def _usernames(client) -> dict[str, str]:
 
 
 def collect(client, config: AnnotationConfig, *, progress: bool = True,
-            preferences: dict[str, list] | None = None, skip_ids: set[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, int], dict[str, Any]]:
+            preferences: dict[str, list] | None = None, skip_ids: set[str] | None = None,
+            ) -> tuple[list[dict[str, Any]], dict[str, int], dict[str, Any]]:
     """Resolve every record of the dataset (and of older schema datasets still present).
 
     Returns (examples, counts, source). A record id seen in a newer dataset wins over an older one.

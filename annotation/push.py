@@ -34,12 +34,10 @@ from typing import Any
 from tqdm import tqdm
 
 from annotation.config import AnnotationConfig, as_annotation_config, load_annotation_config
-from loop.core.errors import LoopError
-from loop.core.errors import error_exit
 from annotation.priority import Ranked, rank_turn, select
 from annotation.schema import SCHEMA_VERSION, build_record, ensure_dataset, review_url, to_argilla
-from annotation.scrub import SCRUBBER_VERSION
-from annotation.scrub import Scrubber
+from annotation.scrub import SCRUBBER_VERSION, Scrubber
+from loop.core.errors import LoopError, error_exit
 
 # Stop a run after this many consecutive failed batches (the server is down, not one bad record);
 # everything left is marked failed with backoff instead of hammering a dead server.
@@ -76,7 +74,7 @@ def _parse(ts: str | None) -> dt.datetime | None:
     if not ts:
         return None
     when = dt.datetime.fromisoformat(ts)
-    return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
 
 
 def source_hash(turn: dict[str, Any], config: AnnotationConfig) -> str:
@@ -243,7 +241,7 @@ def push(config: Any = None, store=None, client=None, *, now: dt.datetime | None
         from annotation.client import connect
 
         client = connect(cfg)
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     dataset = ensure_dataset(client, cfg)
     report = PushReport(target=target_name(dataset), dataset=f"{cfg.workspace}/{dataset.name}",
                         review_url=review_url(client.api_url, dataset.id))

@@ -34,8 +34,8 @@ import argilla as rg
 
 from annotation.config import PRIORITY_TIERS, AnnotationConfig
 from annotation.scrub import Scrubber
-from loop.core.reasons import ALL_REASONS, LABELS, REASONS_DOWN
 from loop.core.errors import LoopError
+from loop.core.reasons import ALL_REASONS, LABELS, REASONS_DOWN
 
 # Bump when the fields, questions, metadata or the record mapping change, and add a Migration.
 SCHEMA_VERSION = 1
@@ -207,7 +207,8 @@ class Schema:
 
     def dataset_name(self, base: str) -> str:
         """The dataset holding this version: the base name until a migration needed a new dataset."""
-        last_new = max((m.to_version for m in self.migrations.values() if m.kind == "new_dataset" and m.to_version <= self.version), default=None)
+        last_new = max((m.to_version for m in self.migrations.values()
+                        if m.kind == "new_dataset" and m.to_version <= self.version), default=None)
         return base if last_new is None else f"{base}-v{last_new}"
 
     def lineage(self, base: str) -> list[str]:
@@ -304,7 +305,7 @@ def ensure_dataset(client: rg.Argilla, config: AnnotationConfig, schema: Schema 
         try:
             dataset.update()
         except Exception as exc:  # Argilla refuses a distribution change once responses exist
-            warnings.warn(f"could not change min_submitted of {name!r} to {config.min_submitted}: {exc}")
+            warnings.warn(f"could not change min_submitted of {name!r} to {config.min_submitted}: {exc}", stacklevel=2)
     return dataset
 
 
@@ -321,7 +322,7 @@ def epoch_seconds(iso: str | None) -> int | None:
         return None
     when = dt.datetime.fromisoformat(iso)
     if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.timezone.utc)
+        when = when.replace(tzinfo=dt.UTC)
     return int(when.timestamp())
 
 
@@ -376,7 +377,8 @@ def build_record(turn: dict[str, Any], *, scrubber: Scrubber, tier: str, priorit
     ] or [{"role": "user", "content": "(empty)"}]
     return {
         "id": turn["id"],
-        "fields": {"conversation": conversation, "answer": answer or "(empty answer)", "user_feedback": _user_feedback_text(fb, scrubber)},
+        "fields": {"conversation": conversation, "answer": answer or "(empty answer)",
+                   "user_feedback": _user_feedback_text(fb, scrubber)},
         "metadata": {k: v for k, v in metadata.items() if v is not None},
         "suggestions": suggestions,
     }

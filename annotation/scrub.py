@@ -110,7 +110,7 @@ SECRET_PATTERNS: list[tuple[str, str]] = [
                             r"|token|secret|sig|signature)[\"']?\s*[:=]\s*[\"']?)[^\s\"',;&]*[^\s\"',;&.)]"),
     # "my password is hunter2!": only when the value has a digit or symbol, so "the password is
     # stored hashed" keeps its words.
-    ("password is", r"(?i)(?<=\b(?:password|passwort|passphrase)\s+(?:is|was)\s+)(?=\S*[^A-Za-z\s.,;:!?])[^\s\"',;]*[^\s\"',;.)]"),
+    ("password is", r"(?i)(?<=\b(?:password|passwort|passphrase)\s+(?:is|was)\s+)(?=\S*[^A-Za-z\s.,;:!?])[^\s\"',;]*[^\s\"',;.)]"),  # noqa: E501 - a regex reads best whole
     # The credentials of user:pass@host, with or without a scheme.
     ("url credentials", r"(?:(?<=://)|(?<![\w.:/@+\-%]))(?!(?i:mailto|sips?|xmpp):)[\w.~%!$&*+=\-]+:[^\s/?#@:]+(?=@[\w\-]+(?:\.[\w\-]+)*)"),
     # 32+ hex digits in one run (keys, session ids).
@@ -211,7 +211,8 @@ def _analyzer(ner_model: str | None):
     class CardRecognizer(CreditCardRecognizer):
         """Presidio's Luhn-checked cards, any issuer prefix, grouped by spaces, dashes or dots."""
 
-        PATTERNS = [Pattern("card, grouped or not", r"(?<![\d.,\-])\d{4}(?:[ .\-]?\d{3,4}){2}[ .\-]?\d{1,7}(?![\d]|[.,\-]\d)", 0.3)]
+        PATTERNS = [Pattern("card, grouped or not",
+                            r"(?<![\d.,\-])\d{4}(?:[ .\-]?\d{3,4}){2}[ .\-]?\d{1,7}(?![\d]|[.,\-]\d)", 0.3)]
 
         def __init__(self):
             super().__init__(patterns=self.PATTERNS, replacement_pairs=[("-", ""), (" ", ""), (".", "")])

@@ -32,16 +32,30 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Optional
 
 from annotation.config import StackConfig, bind_address
 from annotation.install import is_installed, osmem_binary, venv_dir, venv_python
-from annotation.stack_parts import (PARTS, StackError, _checks, _Layout, _launch, _owned_pid, _port_open, _terminate,
-                                    _wait_healthy)
-from annotation.stack_setup import (_bootstrap, _load_credentials, _load_redis_password, _read_redis_password,
-                                    _redis_conf, _server_env, _write_private)
-from loop.core.errors import LoopError
-from loop.core.errors import error_exit
+from annotation.stack_parts import (
+    PARTS,
+    StackError,
+    _checks,
+    _launch,
+    _Layout,
+    _owned_pid,
+    _port_open,
+    _terminate,
+    _wait_healthy,
+)
+from annotation.stack_setup import (
+    _bootstrap,
+    _load_credentials,
+    _load_redis_password,
+    _read_redis_password,
+    _redis_conf,
+    _server_env,
+    _write_private,
+)
+from loop.core.errors import LoopError, error_exit
 
 log = logging.getLogger("annotation.server")
 
@@ -52,19 +66,19 @@ class StackInfo:
 
     api_url: str
     api_key: str
-    home: Optional[Path] = None  # LOOP_HOME of a local stack
+    home: Path | None = None  # LOOP_HOME of a local stack
     workspace: str = "feedback"
-    owner_username: Optional[str] = None
-    owner_password: Optional[str] = None
-    reviewer_username: Optional[str] = None
-    reviewer_password: Optional[str] = None
-    reviewer_api_key: Optional[str] = None
+    owner_username: str | None = None
+    owner_password: str | None = None
+    reviewer_username: str | None = None
+    reviewer_password: str | None = None
+    reviewer_api_key: str | None = None
     external: bool = False  # True when ARGILLA_API_URL/ARGILLA_API_KEY point elsewhere
     already_running: bool = False  # True when `start` found every part running and healthy
     startup_seconds: float = 0.0
 
 
-def external_connection() -> Optional[tuple[str, str]]:
+def external_connection() -> tuple[str, str] | None:
     """(url, key) when ARGILLA_API_URL and ARGILLA_API_KEY are both set, else None."""
     url, key = os.environ.get("ARGILLA_API_URL"), os.environ.get("ARGILLA_API_KEY")
     return (url.rstrip("/"), key) if url and key else None
@@ -73,7 +87,7 @@ def external_connection() -> Optional[tuple[str, str]]:
 # ---------------------------------------------------------------- public API
 
 
-def _config(cfg: Optional[StackConfig], port: Optional[int]) -> StackConfig:
+def _config(cfg: StackConfig | None, port: int | None) -> StackConfig:
     cfg = cfg or StackConfig()
     if port is not None:
         cfg = replace(cfg, port=port)
@@ -83,7 +97,7 @@ def _config(cfg: Optional[StackConfig], port: Optional[int]) -> StackConfig:
     return cfg
 
 
-def _recorded_config(layout: _Layout) -> Optional[StackConfig]:
+def _recorded_config(layout: _Layout) -> StackConfig | None:
     try:
         data = json.loads(layout.stack_json.read_text())
     except (OSError, ValueError):
@@ -119,7 +133,7 @@ def _info(layout: _Layout, cfg: StackConfig, creds: dict, **extra) -> StackInfo:
     )
 
 
-def start_stack(home: Optional[Path] = None, port: Optional[int] = None, config: Optional[StackConfig] = None,
+def start_stack(home: Path | None = None, port: int | None = None, config: StackConfig | None = None,
                 *, use_external: bool = True) -> StackInfo:
     """Bring up the local stack (each missing part), wait until healthy and return how to reach it.
 
@@ -222,7 +236,7 @@ def start_stack(home: Optional[Path] = None, port: Optional[int] = None, config:
     return _info(layout, cfg, creds, startup_seconds=elapsed)
 
 
-def stop_stack(home: Optional[Path] = None) -> dict[str, Optional[int]]:
+def stop_stack(home: Path | None = None) -> dict[str, int | None]:
     """Stop the parts this stack started (pid files verified); returns {part: pid stopped or None}."""
     layout = _Layout(home)
     if not layout.run.exists():
@@ -237,7 +251,7 @@ def stop_stack(home: Optional[Path] = None) -> dict[str, Optional[int]]:
     return stopped
 
 
-def stack_status(home: Optional[Path] = None) -> dict:
+def stack_status(home: Path | None = None) -> dict:
     """{"external", "api_url", "running", "parts": {part: {"pid", "alive", "healthy", "log"}}}."""
     external = external_connection()
     layout = _Layout(home)
@@ -257,7 +271,7 @@ def stack_status(home: Optional[Path] = None) -> dict:
     }
 
 
-def connection(home: Optional[Path] = None) -> tuple[str, str]:
+def connection(home: Path | None = None) -> tuple[str, str]:
     """(api_url, api_key) to use: ARGILLA_API_URL/ARGILLA_API_KEY when set, else the local stack's files."""
     external = external_connection()
     if external:
@@ -272,7 +286,7 @@ def connection(home: Optional[Path] = None) -> tuple[str, str]:
     return _api_url(cfg), key
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m annotation.server", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     start = sub.add_parser("start", help="start every part that is not running and wait until healthy")

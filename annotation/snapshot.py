@@ -188,7 +188,7 @@ def write_snapshot(
     if not reused:
         manifest = {
             "hash": digest,
-            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+            "created_at": dt.datetime.now(dt.UTC).isoformat(),
             "format": "chat-jsonl-v1",
             "eval_percent": eval_percent,
             "counts": counts,

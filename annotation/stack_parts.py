@@ -14,7 +14,6 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
 
 from annotation.config import StackConfig, bind_address
 from loop.core.errors import LoopError
@@ -33,7 +32,7 @@ class StackError(LoopError, RuntimeError):
 class _Layout:
     """Where a stack keeps its files under $LOOP_HOME/argilla/."""
 
-    def __init__(self, home: Optional[Path]):
+    def __init__(self, home: Path | None):
         self.home = Path(home).absolute() if home else loop_home()
         self.root = self.home / "argilla"
         self.run = self.root / "run"
@@ -57,7 +56,7 @@ class _Layout:
 # ---------------------------------------------------------------- processes we own
 
 
-def _proc_stat(pid: int) -> Optional[tuple[str, int]]:
+def _proc_stat(pid: int) -> tuple[str, int] | None:
     """(state, start time in clock ticks since boot) of a live pid, None when it does not exist."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
@@ -80,7 +79,7 @@ def _reap(pid: int) -> None:
         _CHILDREN.pop(pid, None)
 
 
-def _owned_pid(layout: _Layout, part: str) -> Optional[int]:
+def _owned_pid(layout: _Layout, part: str) -> int | None:
     """The pid recorded for `part` if that exact process is still running, else None.
 
     A pid is trusted only when its start time and executable match those recorded at launch (pids get reused)
@@ -91,7 +90,7 @@ def _owned_pid(layout: _Layout, part: str) -> Optional[int]:
         return None
     pid = int(record["pid"])
     _reap(pid)
-    for attempt in range(3):
+    for _attempt in range(3):
         stat = _proc_stat(pid)
         if stat is None or stat[0] in ("Z", "X") or stat[1] != record["starttime"]:
             return None
@@ -103,7 +102,7 @@ def _owned_pid(layout: _Layout, part: str) -> Optional[int]:
     return None
 
 
-def _proc_exe(pid: int) -> Optional[str]:
+def _proc_exe(pid: int) -> str | None:
     try:
         return os.readlink(f"/proc/{pid}/exe")
     except OSError:
@@ -129,11 +128,11 @@ def _launch(layout: _Layout, part: str, argv: list[str], env: dict, match: list[
     return proc.pid
 
 
-def _terminate(layout: _Layout, parts: tuple[str, ...], grace_s: float = 15.0) -> dict[str, Optional[int]]:
+def _terminate(layout: _Layout, parts: tuple[str, ...], grace_s: float = 15.0) -> dict[str, int | None]:
     """End the process groups of `parts` that we started (signalled together, so their shutdowns overlap).
 
     Returns {part: pid stopped, or None when it was not running (a stale pid file is just removed)}."""
-    targets: dict[str, tuple[int, Optional[int]]] = {}
+    targets: dict[str, tuple[int, int | None]] = {}
     for part in parts:
         pid = _owned_pid(layout, part)
         if pid is not None:
@@ -154,14 +153,14 @@ def _terminate(layout: _Layout, parts: tuple[str, ...], grace_s: float = 15.0) -
     return {part: targets[part][0] if part in targets else None for part in parts}
 
 
-def _safe_pgid(pid: int) -> Optional[int]:
+def _safe_pgid(pid: int) -> int | None:
     try:
         return os.getpgid(pid)
     except OSError:
         return None
 
 
-def _group_alive(pid: int, group: Optional[int]) -> bool:
+def _group_alive(pid: int, group: int | None) -> bool:
     """Is the leader, or any member of the process group we created for it, still there?"""
     _reap(pid)  # our own dead child would linger as a zombie (and keep the group "alive") until reaped
     if group is None:
@@ -197,7 +196,7 @@ def _resp(*command: str) -> bytes:
     return (f"*{len(command)}\r\n" + "".join(f"${len(c.encode())}\r\n{c}\r\n" for c in command)).encode()
 
 
-def _redis(host: str, port: int, *command: str, password: Optional[str] = None) -> Optional[bytes]:
+def _redis(host: str, port: int, *command: str, password: str | None = None) -> bytes | None:
     """Send one command in the RESP protocol (after AUTH when a password is given) and return the first line of
     its reply, or of the AUTH reply when that is not +OK. No client library: the main venv has none."""
     commands = ([("AUTH", password)] if password is not None else []) + [command]
@@ -218,12 +217,12 @@ def _redis(host: str, port: int, *command: str, password: Optional[str] = None) 
     return lines[len(commands) - 1] if len(lines) >= len(commands) else None
 
 
-def _redis_int(host: str, port: int, *command: str, password: Optional[str] = None) -> int:
+def _redis_int(host: str, port: int, *command: str, password: str | None = None) -> int:
     reply = _redis(host, port, *command, password=password) or b""
     return int(reply[1:]) if reply[:1] == b":" else -1
 
 
-def _checks(cfg: StackConfig, redis_password: Optional[str]) -> dict[str, Callable[[], bool]]:
+def _checks(cfg: StackConfig, redis_password: str | None) -> dict[str, Callable[[], bool]]:
     h = bind_address(cfg.host)
     pw = redis_password
     return {

@@ -9,7 +9,6 @@ import secrets
 import subprocess
 import time
 from pathlib import Path
-from typing import Optional
 
 from annotation.config import StackConfig, bind_address
 from annotation.install import venv_dir, venv_python
@@ -46,7 +45,7 @@ def _load_redis_password(layout: _Layout) -> str:
     return password
 
 
-def _read_redis_password(layout: _Layout) -> Optional[str]:
+def _read_redis_password(layout: _Layout) -> str | None:
     try:
         return layout.redis_password.read_text().strip() or None
     except OSError:

@@ -53,10 +53,10 @@ from app.policy import clean_message, clean_system_prompt, dropped_notice, fit_h
 from app.writer import StoreWriter, WriteFailed, WriterClosed, WriteTimeout
 from loop.core import paths
 from loop.core.config import Config, load_config
+from loop.core.errors import LoopError
 from loop.core.io import sha256_file
 from loop.core.registry import Registry, RegistryError, canary_arm
 from loop.core.store import Store
-from loop.core.errors import LoopError
 
 log = logging.getLogger(__name__)
 

@@ -129,7 +129,7 @@ class ChatModel:
             raise ModelLoadError(f"{name or 'the model'} has no chat template in its GGUF metadata") from None
 
     @classmethod
-    def load(cls, path: str | Path, *, n_ctx: int = 2048, n_threads: int = 0, name: str = "") -> "ChatModel":
+    def load(cls, path: str | Path, *, n_ctx: int = 2048, n_threads: int = 0, name: str = "") -> ChatModel:
         return cls(load_llama(path, n_ctx=n_ctx, n_threads=n_threads), name=name or Path(path).name)
 
     def close(self) -> None:

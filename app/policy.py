@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
 from loop.core.errors import LoopError
 
 Message = dict[str, str]

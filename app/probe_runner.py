@@ -19,9 +19,10 @@ import math
 import random
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from loop.core.chat_template import llama_chat_formatter, llama_chat_tokens
 from loop.core.probes import FALLBACK_PROBES, as_messages, last_user_text, load_probes, probes_file

@@ -31,7 +31,7 @@ class ChatSession:
     # Set by "New conversation": a stream still running on this session stops updating the page
     # and, at its end, puts the new session back (an update it sent a moment before may have
     # landed after the page was cleared).
-    replaced_by: "ChatSession | None" = None
+    replaced_by: ChatSession | None = None
 
     def history(self) -> list[Message]:
         """The finished exchanges, as the model will see them next time."""

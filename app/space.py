@@ -35,9 +35,9 @@ from typing import Any
 
 from loop.core import paths
 from loop.core.config import Config, load_config
+from loop.core.errors import LoopError, error_exit
 from loop.core.io import sha256_file
 from loop.core.registry import Registry, Version
-from loop.core.errors import LoopError, error_exit
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("loop", "app")

@@ -170,7 +170,8 @@ def build_app(engine: Engine) -> gr.Blocks:
 
         new_outputs = [chatbot, session_state, notice, saved_conversation, panel, header]
         new.click(on_new, [session_state], new_outputs, queue=False, api_name="new_conversation")
-        chatbot.clear(on_new, [session_state], new_outputs, queue=False, api_visibility="undocumented")  # the Chatbot's own trash button
+        # the Chatbot's own trash button
+        chatbot.clear(on_new, [session_state], new_outputs, queue=False, api_visibility="undocumented")
 
         # -- feedback -----------------------------------------------------------------------------
 

@@ -38,9 +38,9 @@ from typing import Any
 
 import gradio as gr
 
-from loop.core import arena, canary, metrics
 from app.errors import user_safe
 from app.probe_runner import LlamaCache, ProbeAnswer
+from loop.core import arena, canary, metrics
 from loop.core.registry import RegistryError, Version
 
 ARENA_CHOICES = ["A is better", "B is better", "Tie"]
@@ -329,6 +329,6 @@ def build_versions_tab(ctx: Any, *, label: str = "Versions") -> VersionsTab:
     vote_btn.click(user_safe(arena_vote), [vote, arena_state], [arena_state, arena_msg, vote, board],
                    api_name="versions_arena_vote", api_visibility="undocumented")
     logic.tab = tab
-    logic.components = {"plot": plot, "canary_plot": canary_plot, "pick_a": pick_a, "pick_b": pick_b, "board": board, "vote": vote,
-                        "arena_a": arena_a, "arena_b": arena_b}
+    logic.components = {"plot": plot, "canary_plot": canary_plot, "pick_a": pick_a, "pick_b": pick_b, "board": board,
+                        "vote": vote, "arena_a": arena_a, "arena_b": arena_b}
     return logic

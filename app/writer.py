@@ -42,10 +42,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loop.core.errors import LoopError
 from loop.core.feedback import CleanFeedback
 from loop.core.io import new_id, utcnow
 from loop.core.store import NewConversation, NewFeedback, NewRow, NewTurn, Store, row_from_json, row_to_json
-from loop.core.errors import LoopError
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class StoreWriter:
                     sampling: dict | None = None, latency_s: float | None = None, ttft_s: float | None = None,
                     prompt_tokens: int | None = None, completion_tokens: int | None = None,
                     logprob_mean: float | None = None, logprob_min: float | None = None,
-                    turn_id: str | None = None, created_at: str | None = None) -> "PendingWrite":
+                    turn_id: str | None = None, created_at: str | None = None) -> PendingWrite:
         """Queue a turn without waiting; ``.wait()`` on the result returns its id once durable."""
         row = NewTurn(id=turn_id or new_id(), conversation_id=conversation_id, messages=messages, answer=answer,
                       created_at=created_at or utcnow("microseconds"), position=position, model_version=model_version,

@@ -138,7 +138,7 @@ def cold_start(max_tokens: int = 32, timeout: float = 180.0) -> dict:
                 break
             except OSError:
                 if proc.poll() is not None or time.perf_counter() - t0 > timeout:
-                    raise RuntimeError("the app did not start")
+                    raise RuntimeError("the app did not start") from None
                 time.sleep(0.05)
         up = time.perf_counter() - t0
         client = Client(url, verbose=False)
@@ -238,7 +238,8 @@ def main() -> int:
     for name in ("app", "plain"):
         x = r[name]
         print(f"  {name:5s}: decode {x['decode_tok_s']:.1f} tok/s, TTFT {x['ttft_s'] * 1e3:.0f} ms ({x['tokens']:.0f} tokens)")
-    print(f"  decode ratio app/plain {r['decode_ratio']:.3f} (target >= 0.95); TTFT plain/app {r['ttft_ratio_plain_over_app']:.3f}; "
+    print(f"  decode ratio app/plain {r['decode_ratio']:.3f} (target >= 0.95); "
+          f"TTFT plain/app {r['ttft_ratio_plain_over_app']:.3f}; "
           f"same greedy text: {r['same_text']}")
     print(f"  memory bandwidth (numpy copy) {r['bandwidth_gb_s']:.1f} GB/s -> ceiling {r['ceiling_tok_s']:.0f} tok/s; "
           f"app decode = {100 * r['app_share_of_ceiling']:.0f}% of it")

@@ -97,9 +97,8 @@ def run(args) -> dict:
     from annotation.pull import pull_snapshot
     from annotation.push import push
     from annotation.schema import find_dataset
-    from loop.core.store import Store
-
     from loop.core import paths
+    from loop.core.store import Store
 
     rng = random.Random(1234)
     # The argilla-server virtualenv is a setup-time tool: find it before LOOP_HOME moves to a temp dir.
@@ -164,11 +163,14 @@ def _append_results(result: dict, command: str) -> None:
         "",
         "| step | time | rate |",
         "| --- | --- | --- |",
-        f"| log turns into the store | {result['log_turns_s']} s | {result['records'] / max(result['log_turns_s'], 1e-9):.0f} turns/s |",
-        f"| push all (batch {result['batch_size']}, scrub, outbox) | {result['push_s']} s | **{result['push_records_per_s']} records/s** |",
+        f"| log turns into the store | {result['log_turns_s']} s "
+        f"| {result['records'] / max(result['log_turns_s'], 1e-9):.0f} turns/s |",
+        f"| push all (batch {result['batch_size']}, scrub, outbox) | {result['push_s']} s "
+        f"| **{result['push_records_per_s']} records/s** |",
         f"| push again, nothing changed | {result['noop_push_s']} s | |",
         f"| owner uploads {result['reviewed']:,} reviews in bulk | {result['review_upload_s']} s | |",
-        f"| pull {result['records']:,} records into a snapshot | **{result['pull_s']} s** | {result['pull_records_per_s']} records/s |",
+        f"| pull {result['records']:,} records into a snapshot | **{result['pull_s']} s** "
+        f"| {result['pull_records_per_s']} records/s |",
         "",
         f"Snapshot: {c.get('examples', 0)} examples ({c.get('train', 0)} train / {c.get('eval', 0)} eval), "
         f"{c.get('rejected', 0)} rejected, {c.get('pending', 0)} pending. Scrubbed: {result['scrubbed']}.",

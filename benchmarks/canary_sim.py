@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"rules": vars(rules), "share": args.share, "check_every": args.check_every,
                           "max_rated": args.max_rated, "rows": rows}, indent=2))
     else:
-        print(f"rules: { {k: v for k, v in vars(rules).items() if k != 'canary_share'} }; share {args.share}, checked every {args.check_every} rated turns, "
+        shown = {k: v for k, v in vars(rules).items() if k != "canary_share"}
+        print(f"rules: {shown}; share {args.share}, checked every {args.check_every} rated turns, "
               f"deadline after {args.max_rated} rated turns; {args.streams} streams per scenario")
         print(table(rows))
     return 0

@@ -86,6 +86,7 @@ def base_general(scenario: dict, base: str) -> list[bool]:
     """Which general probes the base model answers right (once per scenario)."""
     if scenario["name"] not in _BASE_GENERAL:
         from scenarios.checks import passes
+
         from trainer.evaluate import load_for_eval
 
         model, tokenizer = load_for_eval(base)
@@ -112,8 +113,9 @@ def self_replay(config, base: str) -> list[dict]:
 
 def run_one(scenario: dict, overrides: dict, seed: int, base: str, work: Path, holdout: str = "judge",
             replay_source: str = "shipped") -> dict:
-    from annotation.judge_split import split_for_judging
     from scenarios.checks import passes
+
+    from annotation.judge_split import split_for_judging
     from trainer.config import TrainConfig
     from trainer.data import build_training_set
     from trainer.evaluate import load_for_eval, load_general_replay
@@ -139,7 +141,8 @@ def run_one(scenario: dict, overrides: dict, seed: int, base: str, work: Path, h
     kept = [now for now, before in zip(general_ok, base_ok) if before]
     return {
         "scenario": scenario["name"], "config": overrides,
-        "seed": seed, "holdout": holdout, "replay_source": replay_source, "train_examples": len(mixed), "held_out": len(held_out), "steps": metrics.get("steps"),
+        "seed": seed, "holdout": holdout, "replay_source": replay_source, "train_examples": len(mixed),
+        "held_out": len(held_out), "steps": metrics.get("steps"),
         "eval_loss_start": metrics.get("eval_loss_start"), "eval_loss": metrics.get("eval_loss"),
         "regression_rel": ((metrics["regression_loss"] - metrics["regression_loss_start"])
                            / metrics["regression_loss_start"]) if metrics.get("regression_loss") else None,

@@ -246,6 +246,7 @@ def run(users: int, duration: float, max_requests: int, max_tokens: int, timeout
 def markdown(r: dict) -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    in_flight = r['requests'] - r['ask']['ok'] - r['ask']['errors'] - r['feedback']['ok'] - r['feedback']['errors']
     return f"""
 ## Load test: {r['users']} users, chat + feedback through the API, SIGKILL, restart ({dt.date.today().isoformat()})
 
@@ -264,7 +265,7 @@ machine shared with other work. Users call `/ask` then one to three `/feedback` 
 | `/feedback` latency p50 / p95 (until durable) | {r['feedback']['p50_s']} s / {r['feedback']['p95_s']} s |
 | acknowledged feedback events / turns | {r['acknowledged_feedback']} / {r['acknowledged_turns']} |
 | in `loop.store export` after SIGKILL + restart (feedback / turns) | {r['stored_feedback']} / {r['stored_turns']} |
-| requests in flight at the SIGKILL (never answered, so never acknowledged) | {r['requests'] - r['ask']['ok'] - r['ask']['errors'] - r['feedback']['ok'] - r['feedback']['errors']} |
+| requests in flight at the SIGKILL (never answered, so never acknowledged) | {in_flight} |
 | **lost** (acknowledged, then missing after the restart) | **{r['lost']}** |
 | app start / restart after SIGKILL | {r['start_s']} s / {r['restart_s']} s |
 

@@ -17,8 +17,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from annotation.config import AnnotationConfig, StackConfig
-from loop.core.config import (AppConfig, Config, ConfigError, ModelConfig, RegistryConfig, RolloutConfig,
-                              config_file, load_sections)
+from loop.core.config import (
+    AppConfig,
+    Config,
+    ConfigError,
+    ModelConfig,
+    RegistryConfig,
+    RolloutConfig,
+    config_file,
+    load_sections,
+)
 from loop.core.errors import LoopError, error_exit
 from trainer.config import TrainConfig
 from trainer.export_config import ExportConfig

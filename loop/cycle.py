@@ -43,15 +43,16 @@ import json
 import sys
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from loop.core import paths
 from loop.config import Config, load_config
-from loop.lock import CycleLock, LockHeld
-from loop.core.registry import Registry
+from loop.core import paths
 from loop.core.errors import LoopError, error_exit
 from loop.core.io import utcnow
+from loop.core.registry import Registry
 from loop.cycle_state import CycleState, StopCycle, WaitCycle, own_version, promotion_of
+from loop.lock import CycleLock, LockHeld
 
 STAGES = ("canary", "push", "pull", "decide", "train", "export", "gate", "promote", "publish", "report")
 

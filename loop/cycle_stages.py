@@ -18,7 +18,6 @@ from loop.core import paths
 from loop.core.io import read_jsonl
 from loop.cycle_state import CycleState, StopCycle
 
-
 _read_jsonl = partial(read_jsonl, missing_ok=True)
 
 
@@ -368,8 +367,8 @@ def stage_promote(self, state: CycleState, force: bool) -> dict[str, Any]:
     kill right after ``promote()`` followed by a rollback leaves the rollback standing. With an
     arena criterion pending (``GateDecision.pending``), the registered version waits, not current,
     until ``loop.gate.arena_verdict`` settles it."""
-    from loop.cycle_state import moved_away_from, own_version, promotion_of
     from loop.core.registry import RegistryError
+    from loop.cycle_state import moved_away_from, own_version, promotion_of
 
     exported = state.result("export")
     gated = state.result("gate")

@@ -44,8 +44,8 @@ class CycleState:
         self.data = data
 
     @classmethod
-    def new(cls, root: Path, force: bool) -> "CycleState":
-        cid = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + new_id()[-6:].lower()
+    def new(cls, root: Path, force: bool) -> CycleState:
+        cid = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + new_id()[-6:].lower()
         path = root / cid / "state.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         state = cls(path, {"id": cid, "started_at": utcnow(), "force": force, "stages": {}, "outcome": None})
@@ -53,7 +53,7 @@ class CycleState:
         return state
 
     @classmethod
-    def unfinished(cls, root: Path) -> "CycleState | None":
+    def unfinished(cls, root: Path) -> CycleState | None:
         if not root.is_dir():
             return None
         for d in sorted(root.iterdir(), reverse=True):

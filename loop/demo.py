@@ -20,9 +20,9 @@ import sys
 import time
 from pathlib import Path
 
+from loop.config import Config, load_config
 from loop.core import paths
 from loop.core.errors import LoopError, error_exit
-from loop.config import Config, load_config
 
 SCENARIO = Path(__file__).parent / "scenario"
 SCRIPTED_REVIEWER = "scripted-reviewer (demo stand-in for a person)"

@@ -45,11 +45,11 @@ from pathlib import Path
 from typing import Any
 
 from loop.core import paths
+from loop.core.errors import LoopError
 from loop.core.forgotten import forgotten_ids, record_forgotten
 from loop.core.io import utcnow
 from loop.core.registry import Registry
 from loop.core.store import Store
-from loop.core.errors import LoopError
 
 # Shorter texts ("ok", "thanks") would match unrelated text elsewhere; they are removed with their
 # rows by id, only the free-text sweep skips them.
@@ -342,14 +342,16 @@ def receipt_text(receipt: Receipt) -> str:
     argilla = r.get("argilla")
     if argilla is not None:
         lines.append(f"  argilla: {len(argilla['records'])} record(s) with {argilla['responses']} response(s)"
-                     + "".join(f"\n    {x['dataset']}: record {x['record_id']} (turn {x['turn_id']})" for x in argilla["records"]))
+                     + "".join(f"\n    {x['dataset']}: record {x['record_id']} (turn {x['turn_id']})"
+                               for x in argilla["records"]))
     mirror = r.get("mirror")
     if mirror is not None:
         lines.append(f"  mirror {mirror['target']}: {mirror['rows_removed']} row(s); "
                      f"{len(mirror['segments_rewritten'])} segment(s) rewritten, {len(mirror['segments_deleted'])} deleted")
     elif "mirror" in r:
         lines.append("  mirror: off")
-    lines.append(f"  snapshots: {sum((r.get('snapshots') or {}).values())} line(s) in {len(r.get('snapshots') or {})} snapshot(s)")
+    snapshots = r.get("snapshots") or {}
+    lines.append(f"  snapshots: {sum(snapshots.values())} line(s) in {len(snapshots)} snapshot(s)")
     lines.append(f"  cycles: {sum((r.get('cycles') or {}).values())} line(s) in {len(r.get('cycles') or {})} file(s)")
     for f in r.get("redacted_files") or []:
         lines.append(f"  redacted text in {f}")

@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 from pathlib import Path
+
 from loop.core.errors import LoopError
 
 
@@ -31,7 +32,7 @@ class CycleLock:
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
-    def acquire(self) -> "CycleLock":
+    def acquire(self) -> CycleLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -44,7 +45,7 @@ class CycleLock:
                 "it holds the lock until it ends or dies"
             ) from None
         os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "since": dt.datetime.now(dt.timezone.utc).isoformat()}).encode())
+        os.write(fd, json.dumps({"pid": os.getpid(), "since": dt.datetime.now(dt.UTC).isoformat()}).encode())
         self._fd = fd
         return self
 
@@ -55,7 +56,7 @@ class CycleLock:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "CycleLock":
+    def __enter__(self) -> CycleLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

@@ -25,8 +25,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from loop.core import paths
 from loop.config import load_config
+from loop.core import paths
 from loop.core.config import Config
 from loop.core.errors import LoopError, error_exit
 from loop.core.io import utcnow

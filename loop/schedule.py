@@ -40,9 +40,9 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from loop.config import Config, config_file, load_config
 from loop.core import paths
 from loop.core.errors import LoopError, error_exit
-from loop.config import Config, config_file, load_config
 
 log = logging.getLogger("loop.schedule")
 JOB_ID = "feedback-loop-cycle"
@@ -53,7 +53,7 @@ MAX_WEBHOOK_BODY = 1 << 20  # Argilla's record events are a few KiB
 def run_cycle_subprocess(config_path: str | None = None, extra_args: list[str] | None = None) -> dict:
     """Run one cycle in a child process with `config_path` (None: the child's own lookup); return its JSON report
     (or an error record)."""
-    started = dt.datetime.now(dt.timezone.utc)
+    started = dt.datetime.now(dt.UTC)
     cmd = [sys.executable, "-m", "loop.cycle", "--json", *(["--config", config_path] if config_path else []),
            *(extra_args or [])]
     log.info("cycle starting: %s", " ".join(cmd))
@@ -65,7 +65,7 @@ def run_cycle_subprocess(config_path: str | None = None, extra_args: list[str] |
     report.setdefault("exit_code", proc.returncode)
     if proc.returncode != 0:
         report.setdefault("error", proc.stderr.strip()[-2000:])
-    took = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
+    took = (dt.datetime.now(dt.UTC) - started).total_seconds()
     log.info("cycle ended in %.1fs: exit %s, outcome %s", took, proc.returncode, report.get("outcome", report.get("error", "?")))
     return report
 
@@ -222,7 +222,7 @@ def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     scheduler = build_scheduler(config, config_path=config_file(args.config))
     if args.run_now:
-        scheduler.modify_job(JOB_ID, next_run_time=dt.datetime.now(dt.timezone.utc))
+        scheduler.modify_job(JOB_ID, next_run_time=dt.datetime.now(dt.UTC))
 
     def stop(signum, _frame):
         log.info("signal %s: shutting down after the cycle in flight", signal.Signals(signum).name)
@@ -242,7 +242,7 @@ def _run(args: argparse.Namespace) -> int:
             webhook = start_webhook(
                 config.schedule.webhook_port,
                 config.schedule.webhook_min_records,
-                lambda: scheduler.modify_job(JOB_ID, next_run_time=dt.datetime.now(dt.timezone.utc)),
+                lambda: scheduler.modify_job(JOB_ID, next_run_time=dt.datetime.now(dt.UTC)),
                 secret=secret,
             )
             log.info("webhook listening on %s (signed Argilla events only)", url)

@@ -26,10 +26,11 @@ import logging
 import shutil
 import sys
 import textwrap
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from loop.core import paths
 from loop.config import load_config
+from loop.core import paths
 from loop.core.errors import LoopError, error_exit
 from loop.core.metrics import heldout_loss, regression_loss
 from loop.core.registry import Registry, RegistryCorruptError, Version
@@ -209,9 +210,9 @@ def compare_text(result: dict[str, Any], width: int | None = None) -> str:
         right = textwrap.wrap(row["b"] or "(empty)", col) + [f"logprob {fmt(row['b_mean_logprob'], 3)}, {row['b_tokens']} tok"]
         out.append(f"    {a:<{col}} | {b}")
         for j in range(max(len(left), len(right))):
-            l = left[j] if j < len(left) else ""
-            r = right[j] if j < len(right) else ""
-            out.append(f"    {l:<{col}} | {r}".rstrip())
+            line_a = left[j] if j < len(left) else ""
+            line_b = right[j] if j < len(right) else ""
+            out.append(f"    {line_a:<{col}} | {line_b}".rstrip())
         out.append("")
     rows = [{"metric": k, "a": v["a"], "b": v["b"], "delta": v["delta"]} for k, v in result["metrics"].items()]
     out.append(format_table(rows, [("metric", "METRIC"), ("a", a), ("b", b), ("delta", f"DELTA ({b} - {a})")]))

@@ -36,11 +36,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from skips import skip_or_fail
 
 from annotation.config import StackConfig
 from annotation.install import is_installed
 from annotation.server import start_stack, stop_stack
-from skips import skip_or_fail
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Captured before any test changes LOOP_HOME: the venv is a setup-time tool shared by every test home.

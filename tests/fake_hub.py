@@ -29,9 +29,10 @@ import hashlib
 import inspect
 import io
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx2
 from huggingface_hub import HfApi

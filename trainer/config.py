@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, replace
-from typing import Optional
 
 # The default variant grid: one point. Measured on the tuning scenarios (docs/trainer.md, "Defaults"): with
 # epoch selection on the judge, 1e-3 at rank 16 learns a few dozen corrections in about six passes, 2e-4 teaches
@@ -42,7 +41,7 @@ class TrainConfig:
     # LoRA rank r of every adapted linear layer.
     lora_rank: int = 16
     # LoRA alpha; None means 2 * lora_rank (the scaling alpha/r = 2 the seed project used).
-    lora_alpha: Optional[int] = None
+    lora_alpha: int | None = None
     # Dropout on the LoRA input; a little regularisation for tiny datasets.
     lora_dropout: float = 0.05
     # Which modules get adapters: "all-linear" (PEFT: every linear layer except the output head) or a
@@ -141,7 +140,7 @@ class TrainConfig:
             return "all-linear"
         return [name.strip() for name in self.target_modules.split(",") if name.strip()]
 
-    def with_overrides(self, **changes) -> "TrainConfig":
+    def with_overrides(self, **changes) -> TrainConfig:
         """A copy with the given fields changed (None values are ignored, handy for CLI flags)."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
@@ -209,7 +208,7 @@ class TrainConfig:
         p.extend(self.grid().validate())
         return p
 
-    def grid(self) -> "VariantGrid":
+    def grid(self) -> VariantGrid:
         """The variant grid this config asks for."""
         return VariantGrid(learning_rates=list(self.learning_rates or []), ranks=list(self.lora_ranks or []),
                            objectives=list(self.objectives or []))

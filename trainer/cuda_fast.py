@@ -385,7 +385,7 @@ class _Fields:
         return bool(target.gradient_checkpointing if value is None else value)
 
 
-def _batching(args: _Fields, model: Any, config: Any, stats: "DatasetStats | None" = None) -> str:
+def _batching(args: _Fields, model: Any, config: Any, stats: DatasetStats | None = None) -> str:
     """Padding-free batches: token-sized packed micro-batches, or (tokens_per_microbatch=0) the configured
     examples per micro-batch flattened into one row."""
     requested = getattr(config, "tokens_per_microbatch", None) if config is not None else None

@@ -14,9 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from loop.core.chat_template import hf_chat_ids
 from loop.core.errors import LoopError

@@ -22,9 +22,10 @@ import shutil
 import struct
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from loop.core.errors import LoopError, error_exit
 from loop.core.io import read_jsonl, sha256_file
@@ -44,10 +45,10 @@ class ExportResult:
     quantization: str
     # The merged HF weights verification compared against; None once removed (keep_merged=False). For an
     # adapter-less export this is the base directory itself.
-    merged_dir: Optional[Path]
+    merged_dir: Path | None
     card_path: Path
-    verification: Optional[VerificationResult] = None
-    intermediate_path: Optional[Path] = None
+    verification: VerificationResult | None = None
+    intermediate_path: Path | None = None
     n_params: int = 0
 
     def to_dict(self) -> dict:
@@ -164,14 +165,14 @@ def _versions() -> dict:
 
 
 def export_variant(
-    adapter_dir: Optional[Path],
+    adapter_dir: Path | None,
     base_hf_dir: Path,
     out_dir: Path,
-    config: Optional[ExportConfig] = None,
-    card_info: Optional[dict] = None,
+    config: ExportConfig | None = None,
+    card_info: dict | None = None,
     *,
-    probes: Optional[Sequence[Any]] = None,
-    eval_examples: Optional[Sequence[Any]] = None,
+    probes: Sequence[Any] | None = None,
+    eval_examples: Sequence[Any] | None = None,
 ) -> ExportResult:
     """Merge (unless `adapter_dir` is None: then the base itself is exported), convert, quantise, verify, write card.
 
@@ -249,7 +250,7 @@ def export_variant(
                         n_params=n_params)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Merge a LoRA adapter, export to GGUF, quantise and verify.")
     parser.add_argument("--base", type=Path, required=True, help="base model in Hugging Face format (directory)")
     parser.add_argument("--out", type=Path, required=True, help="export directory")

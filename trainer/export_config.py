@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 # Quantisations offered. "f32"/"f16"/"bf16" mean no quantisation (the converter writes that type directly); the rest
 # go through llama.cpp's own quantiser (`llama_cpp.llama_model_quantize`). IQ* types are left out: they need an
@@ -68,9 +67,9 @@ class VerifyConfig:
     probe_tokens: int = 16
     tie_margin: float = 1.0
     # Fraction of probes that must agree; None = DEFAULT_THRESHOLDS for the quantisation.
-    min_agreement: Optional[float] = None
+    min_agreement: float | None = None
     # Held-out loss gate: |gguf_loss - hf_loss| / hf_loss must not exceed this; None = DEFAULT_THRESHOLDS.
-    max_loss_rel_delta: Optional[float] = None
+    max_loss_rel_delta: float | None = None
     # ... unless the absolute gap is at most this many nats per token. A relative bound alone refuses a model that
     # learned well: at a held-out loss of 0.11, Q8_0 rounding's 0.006 nats is already 5.7%. A broken conversion
     # (wrong weights, template or tokenizer) moves the loss by whole nats, far beyond this floor.
@@ -93,7 +92,7 @@ class VerifyConfig:
     # CPU threads for both llama.cpp and torch while verifying; None = half the logical CPUs (at least 1), llama.cpp's
     # own default. More threads than physical cores, or cores other jobs are using, slow both down many times over
     # (their workers spin-wait on each other).
-    n_threads: Optional[int] = None
+    n_threads: int | None = None
 
     def resolved_threads(self) -> int:
         return self.n_threads or max(1, (os.cpu_count() or 2) // 2)
@@ -149,7 +148,7 @@ class ExportConfig:
     # Name of the GGUF written in the export directory; "{quant}" is replaced by the quantisation.
     gguf_name: str = "model-{quant}.gguf"
     # Converter location; None = $LOOP_TOOLS/llama.cpp-convert (written by `python -m trainer.install_converter`).
-    converter_dir: Optional[Path] = None
+    converter_dir: Path | None = None
     # Refuse to convert when the installed converter came from a llama-cpp-python version other than the one that
     # will serve the file (a newer converter can write tensors/metadata an older llama.cpp cannot load).
     require_matching_converter: bool = True

@@ -15,11 +15,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
+from loop.core.errors import LoopError
 from trainer import install_converter as _install
 from trainer.export_config import FLOAT_TYPES, QUANT_TYPES
-from loop.core.errors import LoopError
 
 log = logging.getLogger(__name__)
 SETUP_HINT = "run setup (`python -m trainer.install_converter`) to install it"
@@ -33,7 +32,7 @@ class ConversionError(LoopError, RuntimeError):
     """The HF->GGUF conversion or the quantisation failed; the message carries the tool's own output tail."""
 
 
-def find_converter(converter_dir: Optional[Path] = None, require_matching: bool = True) -> Path:
+def find_converter(converter_dir: Path | None = None, require_matching: bool = True) -> Path:
     """Path of convert_hf_to_gguf.py, after checking it is installed and matches the serving llama-cpp-python."""
     converter_dir = Path(converter_dir) if converter_dir else _install.default_converter_dir()
     script = converter_dir / _install.SCRIPT_NAME
@@ -70,10 +69,10 @@ def convert_hf_to_gguf(
     hf_dir: Path,
     out_path: Path,
     outtype: str = "f32",
-    converter_dir: Optional[Path] = None,
+    converter_dir: Path | None = None,
     require_matching: bool = True,
     timeout_s: float = 3600.0,
-    log_path: Optional[Path] = None,
+    log_path: Path | None = None,
 ) -> Path:
     """Convert a Hugging Face model directory to one GGUF of `outtype` (f32, f16, bf16 or the converter's "auto")."""
     if outtype not in FLOAT_TYPES + ("auto",):
@@ -96,7 +95,7 @@ def convert_hf_to_gguf(
             )
         except subprocess.TimeoutExpired:
             partial.unlink(missing_ok=True)
-            raise ConversionError(f"conversion of {hf_dir} took longer than {timeout_s:.0f} s; log: {log_path}")
+            raise ConversionError(f"conversion of {hf_dir} took longer than {timeout_s:.0f} s; log: {log_path}") from None
     if proc.returncode != 0 or not partial.is_file():
         partial.unlink(missing_ok=True)
         tail = log_path.read_text(errors="replace")[-3000:]

@@ -27,10 +27,9 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path, PurePosixPath
-from typing import Optional
 
-from loop.core.paths import tools_dir
 from loop.core.errors import LoopError, error_exit
+from loop.core.paths import tools_dir
 
 PACKAGE = "llama-cpp-python"
 CONVERTER_DIR_NAME = "llama.cpp-convert"
@@ -60,7 +59,7 @@ def installed_llama_cpp_version() -> str:
         ) from None
 
 
-def read_marker(converter_dir: Path) -> Optional[dict]:
+def read_marker(converter_dir: Path) -> dict | None:
     """The install marker (version, sdist hash, files), or None when the converter is not installed."""
     marker = Path(converter_dir) / MARKER_NAME
     if not marker.is_file():
@@ -71,7 +70,7 @@ def read_marker(converter_dir: Path) -> Optional[dict]:
         return None
 
 
-def is_installed(converter_dir: Optional[Path] = None, version: Optional[str] = None) -> bool:
+def is_installed(converter_dir: Path | None = None, version: str | None = None) -> bool:
     """True when the converter for `version` (default: the installed llama-cpp-python) is in place."""
     converter_dir = Path(converter_dir) if converter_dir else default_converter_dir()
     marker = read_marker(converter_dir)
@@ -106,7 +105,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _sdist_version(tar: tarfile.TarFile, top: str) -> Optional[str]:
+def _sdist_version(tar: tarfile.TarFile, top: str) -> str | None:
     """Version from the sdist's PKG-INFO, None when it has none."""
     try:
         member = tar.getmember(f"{top}/PKG-INFO")
@@ -189,7 +188,7 @@ def extract_converter(sdist: Path, converter_dir: Path, expected_version: str) -
 
 
 def install_converter(
-    sdist: Optional[Path] = None, converter_dir: Optional[Path] = None, force: bool = False
+    sdist: Path | None = None, converter_dir: Path | None = None, force: bool = False
 ) -> Path:
     """Install (idempotently) the converter matching the installed llama-cpp-python; returns its directory."""
     converter_dir = Path(converter_dir) if converter_dir else default_converter_dir()
@@ -213,7 +212,7 @@ def install_converter(
     return converter_dir
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sdist", type=Path, help="a local llama-cpp-python sdist (.tar.gz) instead of downloading")
     parser.add_argument("--dir", type=Path, help="install here instead of $LOOP_TOOLS/llama.cpp-convert")

@@ -48,16 +48,16 @@ def plot_variants(named_metrics: dict[str, dict], path: str | Path) -> Path:
 
 
 def _draw(ax, metrics: dict, label_prefix: str, color: str | None = None) -> None:
-    curve = [(s, l) for s, l in metrics.get("train_loss_curve", []) if l is not None]
+    curve = [(s, loss) for s, loss in metrics.get("train_loss_curve", []) if loss is not None]
     status = "" if metrics.get("status") == "ok" else " [FAILED]"
     if curve:
-        ax.plot([s for s, _ in curve], [l for _, l in curve], color=color,
+        ax.plot([s for s, _ in curve], [loss for _, loss in curve], color=color,
                 label=f"{label_prefix}train{status}", linewidth=1.2)
-    evals = [(s, l) for s, l in metrics.get("eval_loss_curve", []) if l is not None]
+    evals = [(s, loss) for s, loss in metrics.get("eval_loss_curve", []) if loss is not None]
     if evals and metrics.get("eval_loss_start") is not None:  # step 0: the starting weights' held-out loss
         evals.insert(0, (0, metrics["eval_loss_start"]))
     if evals:
-        ax.plot([s for s, _ in evals], [l for _, l in evals], color=color, marker="o", linestyle="--",
+        ax.plot([s for s, _ in evals], [loss for _, loss in evals], color=color, marker="o", linestyle="--",
                 label=f"{label_prefix}held-out", linewidth=0.8)
 
 

@@ -64,7 +64,7 @@ class PreferenceData:
     eval_labels: list[dict] = field(default_factory=list)
 
     @classmethod
-    def from_dir(cls, directory: str | Path | None) -> "PreferenceData":
+    def from_dir(cls, directory: str | Path | None) -> PreferenceData:
         """The four files of a snapshot directory; a missing file is empty, a malformed one a DataError."""
         if directory is None:
             return cls()
@@ -212,7 +212,7 @@ def _train_preference(stage: str, preference: PreferenceData, output_dir: Path, 
     from trainer.base_model import base_identity, resolve_base
     from trainer.evaluate import regression_examples
     from trainer.resume import TrainingProgress, check_or_start, newest_complete_checkpoint
-    from trainer.train import (TrainingError, _finished_metrics, _is_oom, _oom_advice, _report, _write_metrics)
+    from trainer.train import TrainingError, _finished_metrics, _is_oom, _oom_advice, _report, _write_metrics
 
     state = PartialState(cpu=not torch.cuda.is_available())
     rows = preference.pairs if stage == "dpo" else preference.labels

@@ -19,6 +19,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
 from loop.core.errors import LoopError
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class TrainingProgress:
         tmp.replace(path)  # atomic: a kill never leaves half a contract
 
     @classmethod
-    def load(cls, run_dir: Path) -> "TrainingProgress | None":
+    def load(cls, run_dir: Path) -> TrainingProgress | None:
         path = Path(run_dir) / PROGRESS_FILE
         if not path.is_file():
             return None
@@ -64,7 +65,7 @@ class TrainingProgress:
                 f"{path} is unreadable ({exc}); pass --force to start this run over"
             ) from exc
 
-    def differences(self, other: "TrainingProgress") -> list[str]:
+    def differences(self, other: TrainingProgress) -> list[str]:
         """Human-readable differences between this (stored) contract and `other` (requested)."""
         diffs = []
         if self.version != other.version:

@@ -29,13 +29,20 @@ import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
+from loop.core.errors import ConfigError, LoopError, error_exit
 from trainer.base_model import base_identity, resolve_base
 from trainer.config import OBJECTIVES, TrainConfig
-from trainer.data import (DataError, build_training_set, data_hash, load_examples, require_enough, split_eval,
-                          tokenize_examples)
+from trainer.data import (
+    DataError,
+    build_training_set,
+    data_hash,
+    load_examples,
+    require_enough,
+    split_eval,
+    tokenize_examples,
+)
 from trainer.evaluate import eval_loss, regression_examples
 from trainer.resume import TrainingProgress, check_or_start, newest_complete_checkpoint
-from loop.core.errors import ConfigError, LoopError, error_exit
 
 log = logging.getLogger(__name__)
 

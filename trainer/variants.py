@@ -58,7 +58,7 @@ class VariantResult:
         return self.run_dir / "adapter" if self.status == "ok" else None
 
     @classmethod
-    def from_metrics(cls, name: str, config: TrainConfig, run_dir: Path, metrics: dict) -> "VariantResult":
+    def from_metrics(cls, name: str, config: TrainConfig, run_dir: Path, metrics: dict) -> VariantResult:
         return cls(name=name, learning_rate=config.learning_rate, lora_rank=config.lora_rank,
                    lora_alpha=config.alpha, run_dir=Path(run_dir), status=metrics.get("status", "failed"),
                    reason=metrics.get("reason"), objective=config.objective, eval_loss=metrics.get("eval_loss"),
@@ -150,10 +150,10 @@ def run_variants(train_path: str | Path, eval_path: str | Path | None, base_dir:
 
 def _run_here(plan, train_path, eval_path, base_dir, out_root: Path, replay_path, force,
               preference=None) -> list[VariantResult]:
+    from loop.core.errors import ConfigError
     from trainer.data import DataError
     from trainer.preference import PreferenceSkipped, train_objective
     from trainer.resume import ResumeMismatchError
-    from loop.core.errors import ConfigError
 
     results = []
     for name, variant_config in tqdm(plan, desc="variants", unit="variant"):

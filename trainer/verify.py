@@ -18,10 +18,11 @@ import math
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 
@@ -42,33 +43,33 @@ class VerificationResult:
     load_ok: bool
     # Gated: fraction of probes on which, along the merged model's greedy answer, llama.cpp's top token at each of the
     # first `probe_tokens` positions is the merged model's top token or within `tie_margin` logits of it.
-    agreement: Optional[float] = None
+    agreement: float | None = None
     # Reported: fraction of probes whose free-running greedy answers have identical first `probe_tokens` token ids.
-    exact_agreement: Optional[float] = None
+    exact_agreement: float | None = None
     # Reported: fraction of all teacher-forced positions where both models' top token is the same.
-    token_agreement: Optional[float] = None
+    token_agreement: float | None = None
     # Per probe: prompt, both free-running answers (ids and text), exact/tie-tolerant agreement, the largest logit gap.
     probe_details: list[dict] = field(default_factory=list)
     # Mean cross-entropy (nats/token) over assistant tokens of the held-out examples, from each side's logits.
-    gguf_eval_loss: Optional[float] = None
-    hf_eval_loss: Optional[float] = None
+    gguf_eval_loss: float | None = None
+    hf_eval_loss: float | None = None
     # Relative loss delta |gguf - hf| / hf, the gated figure; loss_abs_delta is gguf - hf (signed).
-    loss_delta: Optional[float] = None
-    loss_abs_delta: Optional[float] = None
+    loss_delta: float | None = None
+    loss_abs_delta: float | None = None
     n_eval_examples: int = 0
     n_eval_tokens: int = 0
     # Fraction of probe prompts that llama.cpp's tokenizer (the one the app serves with) tokenises exactly as the HF
     # tokenizer does; a mismatch means the served model would see other inputs than the ones verified.
-    tokenizer_agreement: Optional[float] = None
+    tokenizer_agreement: float | None = None
     # Whether the GGUF carries a chat template identical to the merged model's (the app formats chats with it).
-    chat_template_match: Optional[bool] = None
+    chat_template_match: bool | None = None
     # Thresholds in force (after defaults for the quantisation were filled in) and the measure, for the report.
-    min_agreement: Optional[float] = None
-    max_loss_rel_delta: Optional[float] = None
+    min_agreement: float | None = None
+    max_loss_rel_delta: float | None = None
     probe_tokens: int = 0
-    tie_margin: Optional[float] = None
-    quantization: Optional[str] = None
-    load_error: Optional[str] = None
+    tie_margin: float | None = None
+    quantization: str | None = None
+    load_error: str | None = None
     duration_s: float = 0.0
 
     def to_dict(self) -> dict:
@@ -78,7 +79,7 @@ class VerificationResult:
 # ----------------------------------------------------------------------------------------------- probes and examples
 
 
-def load_probes(path: Optional[Path] = None) -> list[dict]:
+def load_probes(path: Path | None = None) -> list[dict]:
     """The fixed probe set: one JSON object a line with "prompt" and, optionally, a reference "answer"."""
     path = Path(path) if path else PROBES_PATH
     probes = []
@@ -110,7 +111,7 @@ def example_messages(example: Any) -> list[dict]:
     raise ValueError(f"cannot read chat messages from example {str(example)[:120]!r}")
 
 
-def probe_prompt_messages(probe: Union[str, dict]) -> list[dict]:
+def probe_prompt_messages(probe: str | dict) -> list[dict]:
     """The messages a probe asks with (its reference answer, if any, dropped)."""
     if isinstance(probe, str):
         return [{"role": "user", "content": probe}]
@@ -248,7 +249,7 @@ class _GgufSide:
     def tokenize(self, text: str) -> list[int]:
         return list(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
-    def quantization(self) -> Optional[str]:
+    def quantization(self) -> str | None:
         """The file's quantisation from its `general.file_type` metadata ("Q8_0", "f16", ...), None if unknown."""
         import llama_cpp
 
@@ -262,7 +263,7 @@ class _GgufSide:
                 return names.get(attr, attr.removeprefix("LLAMA_FTYPE_MOSTLY_"))
         return None
 
-    def chat_template(self) -> Optional[str]:
+    def chat_template(self) -> str | None:
         return self.llm.metadata.get("tokenizer.chat_template")
 
     def close(self) -> None:
@@ -309,7 +310,7 @@ class _HfSide:
 # ---------------------------------------------------------------------------------------------------------- loading
 
 
-def _gguf_header_problem(path: Path) -> Optional[str]:
+def _gguf_header_problem(path: Path) -> str | None:
     if not path.is_file():
         return f"GGUF file {path} does not exist"
     with open(path, "rb") as fh:
@@ -319,7 +320,7 @@ def _gguf_header_problem(path: Path) -> Optional[str]:
     return None
 
 
-def _load_in_child(path: Path, timeout_s: float) -> Optional[str]:
+def _load_in_child(path: Path, timeout_s: float) -> str | None:
     """Load the file in a child process; None when it loads, else the reason (a native crash included)."""
     try:
         proc = subprocess.run([sys.executable, "-m", "trainer.gguf_load_check", str(path)], capture_output=True,
@@ -342,10 +343,10 @@ def _load_in_child(path: Path, timeout_s: float) -> Optional[str]:
 def verify_gguf(
     gguf_path: Path,
     merged_dir: Path,
-    probes: Optional[Sequence[Union[str, dict]]] = None,
-    eval_examples: Optional[Sequence[Any]] = None,
-    config: Union[VerifyConfig, ExportConfig, None] = None,
-    quantization: Optional[str] = None,
+    probes: Sequence[str | dict] | None = None,
+    eval_examples: Sequence[Any] | None = None,
+    config: VerifyConfig | ExportConfig | None = None,
+    quantization: str | None = None,
 ) -> VerificationResult:
     """Check the quantised `gguf_path` against the merged HF model in `merged_dir`; see the module docstring.
 

@@ -119,12 +119,12 @@ def run_one(scenario: dict[str, Any], seed: int, home: Path) -> dict[str, Any]:
     """One scenario x seed in ``home`` (this process's environment is set up for it by ``child_main``)."""
     from annotation.push import push
     from annotation.server import start_stack, stop_stack
-    from loop.core.bootstrap import ensure_base_version
     from loop.config import load_config
-    from loop.cycle import Cycle
-    from loop.demo import scripted_review
+    from loop.core.bootstrap import ensure_base_version
     from loop.core.registry import Registry
     from loop.core.store import Store
+    from loop.cycle import Cycle
+    from loop.demo import scripted_review
 
     config = load_config()
     result: dict[str, Any] = {"scenario": scenario["name"], "kind": scenario["kind"], "split": scenario["split"],

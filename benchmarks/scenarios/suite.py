@@ -26,11 +26,13 @@ from __future__ import annotations
 import difflib
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+
+from loop.core.errors import LoopError
 
 from . import checks
-from loop.core.errors import LoopError
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent

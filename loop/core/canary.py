@@ -163,7 +163,7 @@ _RATED_SQL = """
 
 def _store_time(iso: str) -> str:
     """The store's timestamp format (UTC, microseconds) for an ISO time, so strings compare."""
-    return dt.datetime.fromisoformat(iso).astimezone(dt.timezone.utc).isoformat(timespec="microseconds")
+    return dt.datetime.fromisoformat(iso).astimezone(dt.UTC).isoformat(timespec="microseconds")
 
 
 def rated_turns(store: Any, canary: str, current: str, since: str) -> list[dict[str, Any]]:
@@ -203,7 +203,7 @@ def timeline(rows: list[dict[str, Any]], canary: str, current: str, points: int 
 # -- the check ---------------------------------------------------------------------------------------
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def status(registry: RegistryBase, store: Any, rules: Any, *, now: dt.datetime | None = None) -> dict[str, Any]:

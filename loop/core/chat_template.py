@@ -32,6 +32,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
 from loop.core.errors import LoopError
 
 Message = dict[str, Any]

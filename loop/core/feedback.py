@@ -10,8 +10,8 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 
-from loop.core.reasons import ALL_REASONS
 from loop.core.errors import LoopError
+from loop.core.reasons import ALL_REASONS
 
 MAX_COMMENT_CHARS = 4000
 MAX_CORRECTION_CHARS = 16000

@@ -10,8 +10,18 @@ import pytest
 from annotation.client import connect
 from annotation.config import AnnotationConfig
 from annotation.schema import (
-    CURRENT, GUIDELINES, ISSUE_LABELS, SCHEMA_VERSION, Migration, Schema, SchemaMismatchError, build_settings, describe,
-    ensure_dataset, find_dataset, read_version,
+    CURRENT,
+    GUIDELINES,
+    ISSUE_LABELS,
+    SCHEMA_VERSION,
+    Migration,
+    Schema,
+    SchemaMismatchError,
+    build_settings,
+    describe,
+    ensure_dataset,
+    find_dataset,
+    read_version,
 )
 from loop.core.reasons import ALL_REASONS
 

@@ -84,13 +84,13 @@ def test_killing_argilla_mid_push_loses_nothing_and_doubles_nothing(argilla_stac
         failed = [s for s in state.values() if s["status"] == "failed"]
         assert len(failed) == first.failed
         assert all(s["attempts"] == 1 and s["content_hash"] is None and s["last_error"] for s in failed)
-        assert all(dt.datetime.fromisoformat(s["next_attempt_at"]) > dt.datetime.now(dt.timezone.utc) for s in failed)
+        assert all(dt.datetime.fromisoformat(s["next_attempt_at"]) > dt.datetime.now(dt.UTC) for s in failed)
     finally:
         _restart(argilla_stack.home)
 
     waiting = push(cfg, store, owner, progress=False)  # within the backoff: nothing is retried yet
     assert (waiting.sent, waiting.deferred, waiting.unchanged) == (0, first.failed, first.sent)
-    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=5)
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)
     second = push(cfg, store, owner, now=later, progress=False)
     assert (second.sent, second.failed) == (first.failed, 0)
     assert first.sent + second.sent == N

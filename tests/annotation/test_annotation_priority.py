@@ -11,7 +11,7 @@ from annotation.priority import hash_fraction, rank_turn, sampled, select
 from annotation.push import PushReport, plan, source_hash
 from loop.core.store import Store
 
-NOW = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
 TARGET = "argilla:test"
 
 

@@ -9,10 +9,10 @@ import pytest
 
 from annotation.client import connect
 from annotation.config import AnnotationConfig
+from annotation.judge_split import split_for_judging
 from annotation.pull import pull_snapshot, review_queue, submit_review
 from annotation.push import push
 from annotation.schema import find_dataset
-from annotation.judge_split import split_for_judging
 from loop.core.store import Store
 
 SYSTEM = {"role": "system", "content": "Be helpful."}

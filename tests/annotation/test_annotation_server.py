@@ -15,13 +15,12 @@ import uuid
 from pathlib import Path
 
 import pytest
+from skips import import_or_skip  # noqa: E402
 
 from annotation.config import StackConfig
 from annotation.server import PARTS, StackError, _Layout, stack_status, start_stack, stop_stack
 from annotation.stack_parts import _proc_stat
 from loop.config import ConfigError, load_config
-
-from skips import import_or_skip  # noqa: E402
 
 rg = import_or_skip("argilla")
 
@@ -268,7 +267,7 @@ def _listening_addresses(pids: list[int]) -> list[tuple[str, int]]:
             if target.startswith("socket:["):
                 inodes.add(target[8:-1])
     found = []
-    for table, width in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
+    for table, _width in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
         for line in Path(table).read_text().splitlines()[1:]:
             cols = line.split()
             if cols[3] != "0A" or cols[9] not in inodes:  # 0A: LISTEN

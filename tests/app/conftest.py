@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from loop.core import paths
 from loop.config import load_config
+from loop.core import paths
 from loop.core.registry import Registry
 
 

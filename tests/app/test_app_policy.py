@@ -38,7 +38,8 @@ def test_history_pairs_skip_out_of_step_messages():
 def _history(n):
     out = []
     for i in range(n):
-        out += [{"role": "user", "content": f"question {i} " + "w " * 20}, {"role": "assistant", "content": f"answer {i} " + "w " * 20}]
+        out += [{"role": "user", "content": f"question {i} " + "w " * 20},
+                {"role": "assistant", "content": f"answer {i} " + "w " * 20}]
     return out
 
 

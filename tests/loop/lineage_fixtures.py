@@ -46,8 +46,8 @@ def trained_home(stack, bundled_gguf: Path) -> TrainedHome:
     from annotation.pull import pull_snapshot
     from annotation.push import push
     from loop.core.bootstrap import ensure_base_version
-    from loop.demo import load_samples, scripted_review
     from loop.core.mirror import mirror_from_config
+    from loop.demo import load_samples, scripted_review
 
     config = load_config()
     home = Path(config.home)

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from loop.core import arena
 from loop.config import load_config
+from loop.core import arena
 from loop.core.registry import Registry
 from loop.core.store import Store
 

@@ -1,7 +1,7 @@
 import pytest
+from skips import skip_or_fail
 
 from loop.config import ConfigError, load_config
-from skips import skip_or_fail
 
 
 def test_defaults_validate(loop_home):

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from loop.config import load_config
-from loop.cycle import Cycle
-from loop.demo import load_samples, scripted_review
 from loop.core.registry import Registry
 from loop.core.store import Store
+from loop.cycle import Cycle
+from loop.demo import load_samples, scripted_review
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +83,8 @@ def test_two_cycles_train_promote_then_do_nothing(loop_env):
     assert report.is_file() and "promoted" in report.read_text()
     assert "![loss curves]" in report.read_text() and report.with_suffix(".variants.png").is_file()
     data = json.loads(report.with_suffix(".json").read_text())
-    assert set(data["timings"]["stages_s"]) == {"canary", "push", "pull", "decide", "train", "export", "gate", "promote", "publish", "report"}
+    assert set(data["timings"]["stages_s"]) == {"canary", "push", "pull", "decide", "train", "export", "gate", "promote",
+                                                "publish", "report"}
 
     second = Cycle(config, progress=False).run()
     assert second["outcome"] == "nothing_new", second
@@ -108,7 +109,8 @@ def test_killed_mid_training_resumes_and_promotes_once(loop_env):
             checkpoint = found[0]
             break
         time.sleep(0.5)
-    assert checkpoint is not None, f"no checkpoint appeared (exit {proc.poll()}): {proc.stderr.read() if proc.poll() is not None else ''}"
+    assert checkpoint is not None, \
+        f"no checkpoint appeared (exit {proc.poll()}): {proc.stderr.read() if proc.poll() is not None else ''}"
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     cycle_dirs = list(home.glob("cycles/*"))

@@ -119,8 +119,8 @@ def test_without_a_servable_starting_version_the_shipped_replay_answers_stay():
 def test_general_replay_is_answered_by_the_starting_version_itself(bundled_gguf):
     from types import SimpleNamespace
 
-    from loop.cycle_stages import _answered_by
     from app.probe_runner import greedy_answer, load_llama
+    from loop.cycle_stages import _answered_by
 
     out, note = _answered_by(SimpleNamespace(id="v1", gguf_path=Path(bundled_gguf)), _general())
     own = greedy_answer(load_llama(bundled_gguf, n_ctx=1024), _general()[0]["messages"][:1], max_tokens=96).answer

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 
 from loop.config import load_config
-from loop.cycle import Cycle
-from loop.cycle_state import CycleState
 from loop.core.registry import Registry
 from loop.core.store import Store
+from loop.cycle import Cycle
+from loop.cycle_state import CycleState
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from loop.config import load_config
-from loop.cycle import Cycle
-from loop.demo import load_samples, scripted_review
 from loop.core.registry import Registry
 from loop.core.store import Store
+from loop.cycle import Cycle
+from loop.demo import load_samples, scripted_review
 
 pytestmark = pytest.mark.slow
 

@@ -11,11 +11,12 @@ import hashlib
 import json
 from pathlib import Path
 
+from lineage_fixtures import MARKER, argilla_env, trained_home
+
 from loop import store as store_cli
 from loop import versions
 from loop.core.mirror import HubDatasetTarget, LocalDirTarget, Mirror
 from loop.core.store import Store
-from lineage_fixtures import MARKER, argilla_env, trained_home
 
 
 def _files_holding(root: Path, needle: str) -> list[str]:

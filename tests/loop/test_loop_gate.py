@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from loop.core import arena
 from loop.config import ConfigError, GateConfig, load_config
+from loop.core import arena
 from loop.gate import decide
 
 PASSED = {"passed": True, "reasons": []}

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 
+from lineage_fixtures import argilla_env, trained_home
+
 from annotation.snapshot import content_hash, write_snapshot
 from loop import versions
-from lineage_fixtures import argilla_env, trained_home
 
 
 def _jsonl_ids(path) -> list[str]:
@@ -62,8 +63,8 @@ def test_lineage_of_a_promoted_version_lists_exactly_its_snapshots_training_spli
 
 
 def test_lineage_of_the_base_version_has_no_feedback(loop_home, capsys):
-    from loop.core.bootstrap import ensure_base_version
     from loop.config import load_config
+    from loop.core.bootstrap import ensure_base_version
 
     ensure_base_version(load_config())
     assert versions.main(["lineage", "v1", "--json"]) == 0

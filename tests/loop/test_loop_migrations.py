@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from loop.core.store.migrations import MIGRATIONS, migrate
 from loop.core.store import Store
+from loop.core.store.migrations import MIGRATIONS, migrate
 
 EXPECTED = {
     "conversations": ["id", "created_at", "client"],

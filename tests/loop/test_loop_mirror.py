@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC
 
 import pytest
 from fake_hub import FakeHubApi
@@ -206,7 +207,8 @@ def test_a_child_whose_parent_arrives_in_a_later_segment_is_restored(tmp_path):
     by_table = {t: [r for r in rows if r["table"] == t] for t in ("conversations", "turns", "feedback")}
     # A second writer's segments arrive in the wrong order: the feedback first, its turn later.
     target.write_segment("A-child.jsonl", "\n".join(json.dumps(r) for r in by_table["feedback"]).encode())
-    target.write_segment("B-parents.jsonl", "\n".join(json.dumps(r) for r in by_table["conversations"] + by_table["turns"]).encode())
+    target.write_segment("B-parents.jsonl",
+                         "\n".join(json.dumps(r) for r in by_table["conversations"] + by_table["turns"]).encode())
     for name in target.list_segments():
         if not name.startswith(("A-", "B-")):
             (target.dir / name).unlink()
@@ -266,8 +268,8 @@ def test_a_segment_that_stays_rate_limited_is_reported_and_the_rest_restored(tmp
 
 
 def test_retry_after_as_an_http_date_and_the_hubs_ratelimit_header_are_honoured():
+    from datetime import datetime, timedelta
     from email.utils import format_datetime
-    from datetime import datetime, timedelta, timezone
     from types import SimpleNamespace
 
     from loop.core.mirror import retry_after_s
@@ -276,7 +278,7 @@ def test_retry_after_as_an_http_date_and_the_hubs_ratelimit_header_are_honoured(
         return SimpleNamespace(response=SimpleNamespace(status_code=429, headers=headers))
 
     assert retry_after_s(err({"Retry-After": "12"})) == 12.0
-    at = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=90), usegmt=True)
+    at = format_datetime(datetime.now(UTC) + timedelta(seconds=90), usegmt=True)
     assert 80 <= retry_after_s(err({"Retry-After": at})) <= 90
     assert retry_after_s(err({"RateLimit": '"api";r=0;t=55'})) == 55.0
     assert retry_after_s(err({})) is None

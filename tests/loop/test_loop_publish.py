@@ -14,11 +14,10 @@ import json
 import pytest
 from fake_hub import FakeHubApi
 
-from loop.core.bootstrap import ensure_base_version
 from loop.config import load_config
-from loop.core.registry import published
+from loop.core.bootstrap import ensure_base_version
+from loop.core.registry import Registry, published
 from loop.publish import PublishError, publish
-from loop.core.registry import Registry
 
 
 @pytest.fixture

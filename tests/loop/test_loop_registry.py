@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from loop.core.bootstrap import ensure_base_version
 from loop.config import load_config
+from loop.core.bootstrap import ensure_base_version
 from loop.core.io import sha256_file
 from loop.core.registry import Registry, RegistryError
 

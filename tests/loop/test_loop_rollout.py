@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from loop.config import ConfigError, RolloutConfig, load_config
-from loop.core.registry import Registry, RegistryError, canary_arm
 from loop.core.canary import Arm, decide, prob_canary_worse, rated_turns, status
-from loop.rollout import check_canary
+from loop.core.registry import Registry, RegistryError, canary_arm
 from loop.core.store import Store
+from loop.rollout import check_canary
 
 RULES = RolloutConfig(canary_share=0.5, min_rated_turns=10)
 
@@ -182,7 +182,7 @@ def test_the_check_rolls_back_a_worse_canary_with_its_numbers_and_promotes_a_bet
 def test_a_canary_past_its_deadline_is_rolled_back_by_default(two_versions):
     registry, v1, v2 = two_versions
     registry.start_canary(v2, share=0.5, reason="t")
-    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=RULES.deadline_hours + 1)
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=RULES.deadline_hours + 1)
     out = check_canary(registry, Store.open(), RULES, now=later)
     assert out["action"] == "rolled_back" and "deadline" in out["reason"] and registry.current_id() == v1
 

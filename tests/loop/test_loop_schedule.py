@@ -17,9 +17,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+from argilla_fixtures import free_ports
 from standardwebhooks.webhooks import Webhook
 
-from argilla_fixtures import free_ports
 from loop.config import load_config
 from loop.lock import CycleLock, LockHeld
 from loop.schedule import JOB_ID, build_scheduler, register_webhook, start_webhook
@@ -77,7 +77,7 @@ def test_job_store_survives_restart(monkeypatch):
 def _signed(body: bytes, secret: str = SECRET, *, age_s: float = 0.0, msg_id: str | None = None) -> dict:
     """Standard Webhooks headers for `body`, as Argilla sends them (signed `age_s` seconds ago)."""
     msg_id = msg_id or f"msg_{secrets.token_urlsafe(16)}"
-    when = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=age_s)
+    when = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=age_s)
     return {"webhook-id": msg_id, "webhook-timestamp": str(int(when.timestamp())),
             "webhook-signature": Webhook(secret).sign(msg_id, when, body.decode()),
             "Content-Type": "application/json"}
@@ -93,7 +93,7 @@ def _post(port: int, headers: dict, body: bytes = b"", *, length: str | None = N
         sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
         try:
             reply = sock.recv(4096)
-        except (socket.timeout, ConnectionResetError):
+        except (TimeoutError, ConnectionResetError):
             return -1
     match = re.match(rb"HTTP/1\.[01] (\d{3})", reply)
     return int(match.group(1)) if match else -1
@@ -261,8 +261,8 @@ def test_lock_excludes_second_holder(tmp_path):
 
 def test_lock_released_when_holder_is_killed(tmp_path):
     path = tmp_path / "cycle.lock"
-    code = ("import sys, time; sys.path.insert(0, %r); from loop.lock import CycleLock; "
-            "CycleLock(%r).acquire(); print('held', flush=True); time.sleep(60)") % (str(Path.cwd()), str(path))
+    code = (f"import sys, time; sys.path.insert(0, {str(Path.cwd())!r}); from loop.lock import CycleLock; "
+            f"CycleLock({str(path)!r}).acquire(); print('held', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     with pytest.raises(LockHeld):

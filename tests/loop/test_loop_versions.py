@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from app import probe_runner
-from loop.core.bootstrap import ensure_base_version
 from loop.config import load_config
+from loop.core.bootstrap import ensure_base_version
 from loop.core.registry import Registry
 
 REPO = Path(__file__).resolve().parents[2]

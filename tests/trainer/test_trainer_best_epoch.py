@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_trainer_train import FACTS, facts, small_config
 
 from trainer.best_epoch import eligible
 from trainer.data import write_examples
-from test_trainer_train import FACTS, facts, small_config
 
 
 def test_an_epoch_that_forgot_beyond_the_tolerance_is_never_eligible():

@@ -10,8 +10,16 @@ import json
 import pytest
 
 from trainer.config import TrainConfig, VariantGrid
-from trainer.data import (IGNORE_INDEX, DataError, build_training_set, data_hash, load_examples, require_enough,
-                          split_eval, tokenize_examples)
+from trainer.data import (
+    IGNORE_INDEX,
+    DataError,
+    build_training_set,
+    data_hash,
+    load_examples,
+    require_enough,
+    split_eval,
+    tokenize_examples,
+)
 
 
 @pytest.fixture(scope="module")

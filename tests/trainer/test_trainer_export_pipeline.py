@@ -17,8 +17,17 @@ from trainer import install_converter
 from trainer.export import ExportResult, export_variant, sha256_file
 from trainer.export_config import ExportConfig, VerifyConfig
 from trainer.gguf_convert import quantize_gguf
-from trainer.verify import (_GgufSide, _HfSide, _torch_threads, load_probes, probe_prompt_messages,
-                            probes_as_examples, prompt_ids, tokenize_example, verify_gguf)
+from trainer.verify import (
+    _GgufSide,
+    _HfSide,
+    _torch_threads,
+    load_probes,
+    probe_prompt_messages,
+    probes_as_examples,
+    prompt_ids,
+    tokenize_example,
+    verify_gguf,
+)
 
 pytestmark = pytest.mark.slow
 

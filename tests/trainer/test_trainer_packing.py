@@ -12,7 +12,6 @@ examples. On CUDA the same attention function calls FlashAttention's varlen kern
 from __future__ import annotations
 
 import pytest
-
 from skips import import_or_skip  # noqa: E402
 
 torch = import_or_skip("torch")

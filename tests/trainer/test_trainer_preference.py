@@ -12,8 +12,8 @@ import re
 from pathlib import Path
 
 import pytest
-
 from test_trainer_train import FACTS, facts, small_config
+
 from trainer.config import OBJECTIVES, TrainConfig, VariantGrid
 from trainer.data import DataError, write_examples
 from trainer.preference import PreferenceData, PreferenceSkipped, skip_reason, train_objective

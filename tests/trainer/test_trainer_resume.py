@@ -19,8 +19,15 @@ import pytest
 
 from trainer.config import TrainConfig
 from trainer.data import write_examples
-from trainer.resume import (PROGRESS_FILE, TORN_DIR, ResumeMismatchError, TrainingProgress, check_or_start,
-                            checkpoint_problem, newest_complete_checkpoint)
+from trainer.resume import (
+    PROGRESS_FILE,
+    TORN_DIR,
+    ResumeMismatchError,
+    TrainingProgress,
+    check_or_start,
+    checkpoint_problem,
+    newest_complete_checkpoint,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS, SAVE_EVERY = 8, 2

@@ -60,9 +60,9 @@ def test_base_weights_frozen_lora_weights_changed_prompt_masked(base_hf_dir, tmp
     batch = next(iter(trainer.get_train_dataloader()))
     for ids, labels, mask in zip(batch["input_ids"].tolist(), batch["labels"].tolist(),
                                  batch["attention_mask"].tolist()):
-        learned = [i for i, l in enumerate(labels) if l != IGNORE_INDEX]
+        learned = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
         assert learned, "every example must have answer tokens to learn"
-        assert all(l == IGNORE_INDEX for l in labels[:learned[0]])  # prompt masked...
+        assert all(label == IGNORE_INDEX for label in labels[:learned[0]])  # prompt masked...
         assert tokenizer.decode(ids[:learned[0]]).endswith("<|im_start|>assistant\n")  # ...up to the answer
         assert all(labels[i] == ids[i] for i in learned)
         assert all(labels[i] == IGNORE_INDEX for i, m in enumerate(mask) if m == 0)  # padding masked

@@ -8,9 +8,10 @@ Append-only: each flush writes the rows added since the last flush (a rowid wate
 as new segment files (JSON lines, at most ``segment_max_rows`` rows each); an existing segment is
 never rewritten, except by ``Mirror.forget`` (``python -m loop.store forget``), which rewrites the
 segments holding a forgotten turn (on the Hub: one commit, then the repo's history squashed), and
-restore leaves out the rows of every turn in the forget ledger (``loop.core.forgotten``). Segment names start with a ULID, so sorting them by name replays them in the
-order they were written. Restore is idempotent (insert, or do nothing when the id is there), so
-replaying a segment twice, or into a store that already holds some of its rows, changes nothing.
+restore leaves out the rows of every turn in the forget ledger (``loop.core.forgotten``). Segment
+names start with a ULID, so sorting them by name replays them in the order they were written.
+Restore is idempotent (insert, or do nothing when the id is there), so replaying a segment twice,
+or into a store that already holds some of its rows, changes nothing.
 
 Restore never stops at a bad part: an unreadable segment (after retries), an unreadable line, a
 row without an id, a row the schema refuses, or a child row whose parent is in no segment (an
@@ -40,11 +41,31 @@ known to be mirrored, so nothing is written twice. Rows the restore brought in a
 id, so a partial store that is topped up by a restore does not send them back either.
 """
 
-from loop.core.mirror.mirror import (FORMAT, SEGMENT_MAX_ROWS, TABLES, FlushResult, Mirror, RestoreResult, SkippedRow,
-                                     mirror_from_config, target_from_config)
-from loop.core.mirror.targets import (DEFAULT_HUB_COMMIT_INTERVAL_S, RETRY_STATUSES, SEGMENT_DIR, HubBusyError,
-                                      HubDatasetTarget, LocalDirTarget, MirrorError, PublicRepoError, RetryPolicy,
-                                      Target, call_with_retry, retry_after_s)
+from loop.core.mirror.mirror import (
+                                     FORMAT,
+                                     SEGMENT_MAX_ROWS,
+                                     TABLES,
+                                     FlushResult,
+                                     Mirror,
+                                     RestoreResult,
+                                     SkippedRow,
+                                     mirror_from_config,
+                                     target_from_config,
+)
+from loop.core.mirror.targets import (
+                                     DEFAULT_HUB_COMMIT_INTERVAL_S,
+                                     RETRY_STATUSES,
+                                     SEGMENT_DIR,
+                                     HubBusyError,
+                                     HubDatasetTarget,
+                                     LocalDirTarget,
+                                     MirrorError,
+                                     PublicRepoError,
+                                     RetryPolicy,
+                                     Target,
+                                     call_with_retry,
+                                     retry_after_s,
+)
 
 __all__ = [
     "DEFAULT_HUB_COMMIT_INTERVAL_S", "FORMAT", "RETRY_STATUSES", "SEGMENT_DIR", "SEGMENT_MAX_ROWS", "TABLES",

@@ -39,8 +39,15 @@ caller that handles registry errors handles these. ``rollback(to=ID)`` replaces 
 from loop.core.registry.base import RegistryBase
 from loop.core.registry.published import published, record_published
 from loop.core.registry.registry import Registry, canary_arm
-from loop.core.registry.version import (VERSION_ID, InvalidVersionIdError, RegistryCorruptError, RegistryError,
-                                        Version, check_version_id, is_version_id)
+from loop.core.registry.version import (
+                                        VERSION_ID,
+                                        InvalidVersionIdError,
+                                        RegistryCorruptError,
+                                        RegistryError,
+                                        Version,
+                                        check_version_id,
+                                        is_version_id,
+)
 
 __all__ = [
     "VERSION_ID", "InvalidVersionIdError", "Registry", "RegistryBase", "RegistryCorruptError", "RegistryError",

@@ -19,8 +19,7 @@ from typing import Any
 
 from loop.core import paths
 from loop.core.io import atomic_write_text, fsync_path, sha256_file, utcnow
-from loop.core.registry.version import (RegistryCorruptError, RegistryError, Version, check_version_id,
-                                        is_version_id)
+from loop.core.registry.version import RegistryCorruptError, RegistryError, Version, check_version_id, is_version_id
 
 log = logging.getLogger(__name__)
 

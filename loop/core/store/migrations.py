@@ -49,7 +49,7 @@ def migrate(db: sqlite3.Connection) -> list[str]:
                     fn(db)
                     db.execute(
                         "INSERT INTO _migrations (name, applied_at) VALUES (?, ?)",
-                        (fn.__name__, dt.datetime.now(dt.timezone.utc).isoformat()),
+                        (fn.__name__, dt.datetime.now(dt.UTC).isoformat()),
                     )
                     applied.append(fn.__name__)
                 db.execute("COMMIT")

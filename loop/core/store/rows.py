@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from dataclasses import asdict, dataclass, field
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any, overload
 
 from loop.core.feedback import CleanFeedback, clean_feedback
@@ -86,7 +86,7 @@ class NewFeedback:
     @classmethod
     def clean(cls, turn_id: str, thumbs: str | None = None, reasons: list[str] | None = None,
               comment: str | None = None, correction: str | None = None, source: str = "app",
-              ) -> tuple["NewFeedback", CleanFeedback]:
+              ) -> tuple[NewFeedback, CleanFeedback]:
         """Validate and clean (``loop.core.feedback``; FeedbackError when malformed) into a new event."""
         clean = clean_feedback(thumbs, reasons, comment, correction)
         row = cls(new_id(), turn_id, clean.thumbs, clean.reasons, clean.comment, clean.correction, source, utcnow("microseconds"))

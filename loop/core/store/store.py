@@ -30,8 +30,8 @@ from loop.core import paths
 from loop.core.feedback import CleanFeedback
 from loop.core.io import new_id, utcnow
 from loop.core.store.migrations import migrate
-from loop.core.store.rows import (_INSERTERS, NewFeedback, NewRow, NewTurn, _insert_feedback, _insert_turn,
-                                  _row)
+from loop.core.store.rows import _INSERTERS, NewFeedback, NewRow, NewTurn, _insert_feedback, _insert_turn, _row
+
 
 class Store:
     """Conversations, turns, feedback events and annotation sync state."""
@@ -50,7 +50,7 @@ class Store:
         migrate(db)
 
     @classmethod
-    def open(cls, home: Path | None = None) -> "Store":
+    def open(cls, home: Path | None = None) -> Store:
         return cls(paths.store_path(home))
 
     def _conn(self) -> sqlite3.Connection:
@@ -300,7 +300,8 @@ class Store:
         db.execute("BEGIN IMMEDIATE")
         try:
             db.executemany(
-                """INSERT INTO sync_state (target, turn_id, content_hash, status, attempts, last_error, next_attempt_at, updated_at)
+                """INSERT INTO sync_state (target, turn_id, content_hash, status, attempts, last_error, next_attempt_at,
+                                          updated_at)
                    VALUES (?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT (target, turn_id) DO UPDATE SET
                        content_hash = excluded.content_hash,
