@@ -1,6 +1,7 @@
 """LoRA fine-tuning of the chat model on curated feedback: train, compare variants, evaluate.
 
-Knows nothing of Argilla or Gradio: it takes a snapshot of chat examples (JSON lines) and a base model.
+Knows nothing of Argilla or Gradio and imports only the core (`loop.core`) of the loop: it takes a snapshot of
+chat examples (JSON lines) and a base model.
 Heavy libraries (torch, transformers, TRL, PEFT) are imported only when a function needs them.
 
     from trainer.train import train          # (trainer.train is the module; the function lives in it)
