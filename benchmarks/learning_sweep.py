@@ -35,7 +35,8 @@ FIELDS = {"lr": ("learning_rate", float), "rank": ("lora_rank", int), "alpha": (
           "epochs": ("epochs", float), "replay": ("replay_ratio", float), "batch": ("batch_size", int),
           "sched": ("lr_scheduler", str), "warmup": ("warmup_ratio", float), "dropout": ("lora_dropout", float),
           "targets": ("target_modules", str), "neftune": ("neftune_noise_alpha", float),
-          "wd": ("weight_decay", float), "best": ("select_best_epoch", lambda v: v.lower() in ("1", "true", "yes"))}
+          "wd": ("weight_decay", float), "tol": ("regression_tolerance", float),
+          "kept": ("min_general_kept", float), "best": ("select_best_epoch", lambda v: v.lower() in ("1", "true", "yes"))}
 
 
 def parse_config(text: str) -> dict:
@@ -154,7 +155,8 @@ def run_one(scenario: dict, overrides: dict, seed: int, base: str, work: Path, h
                          zip(scenario["general_probes"], general_ok, base_ok) if before and not now],
         "train_s": round(train_s, 1),
         "best_epoch": (metrics.get("best_epoch") or {}).get("epoch"),
-        "epoch_scores": [(r["epoch"], round(r["eval_loss"], 4), round(r["regression_loss"], 4))
+        "judge_general_kept": metrics.get("general_kept"),
+        "epoch_scores": [(r["epoch"], round(r["eval_loss"], 4), round(r["regression_loss"], 4), r.get("general_kept"))
                          for r in metrics.get("epoch_scores") or [] if r.get("eval_loss") is not None
                          and r.get("regression_loss") is not None],
         "answers": list(zip([p["messages"][-1]["content"] for p in scenario["probes"]], probe_answers)),

@@ -45,6 +45,10 @@ class GateConfig:
     # The candidate's general-ability regression loss may be worse than the current's by at
     # most this fraction (0.05 = 5%): forgetting must not be the price of learning.
     regression_tolerance: float = 0.05
+    # The candidate must still give at least this share of the general answers the current version gives
+    # right (trainer/general_kept.py: the key of each answer, e.g. a capital's name, teacher-forced). A loss
+    # averaged over a set cannot see one answer changing; this can (docs/judging.md).
+    min_general_kept: float = 0.95
     # Also require the candidate's arena rating not to be below the current's (off by default:
     # a new version has no votes yet).
     use_arena: bool = False
@@ -56,6 +60,8 @@ class GateConfig:
         problems = []
         if self.regression_tolerance < 0:
             problems.append(f"gate.regression_tolerance must be >= 0, got {self.regression_tolerance}")
+        if not 0 <= self.min_general_kept <= 1:
+            problems.append(f"gate.min_general_kept must be in [0, 1], got {self.min_general_kept}")
         if self.min_improvement < 0:
             problems.append(f"gate.min_improvement must be >= 0, got {self.min_improvement}")
         if self.arena_min_games < 0:

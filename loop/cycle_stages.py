@@ -235,8 +235,9 @@ def stage_train(self, state: CycleState, force: bool) -> dict[str, Any]:
         Path(decided["eval_path"]) if decided.get("eval_path") else None,
         base_dir,
         state.dir / "variants",
-        # The trainer keeps the best epoch the gate would accept: one regression tolerance for both.
-        replace(self.config.trainer, regression_tolerance=self.config.gate.regression_tolerance),
+        # The trainer keeps the best epoch the gate would accept: one set of general-ability rules for both.
+        replace(self.config.trainer, regression_tolerance=self.config.gate.regression_tolerance,
+                min_general_kept=self.config.gate.min_general_kept),
         # The snapshot's pairs and labels, for the preference objectives of the grid (trainer/preference.py).
         preference_dir=Path(state.result("pull")["path"]),
     )
@@ -250,11 +251,12 @@ def stage_train(self, state: CycleState, force: bool) -> dict[str, Any]:
     # that learned most) cannot shadow one that learned and kept general ability; the lowest held-out loss
     # wins (training loss says nothing about generalisation: the seed's mistake). None left: no candidate,
     # never a variant picked by its place in the grid.
-    tolerance = self.config.gate.regression_tolerance
-    best = best_variant(results, regression_tolerance=tolerance)
+    tolerance, min_kept = self.config.gate.regression_tolerance, self.config.gate.min_general_kept
+    best = best_variant(results, regression_tolerance=tolerance, min_general_kept=min_kept)
     if best is None:
         raise _stop("no_candidate", "no variant both has a finite held-out loss and kept its regression loss "
-                    f"within +{tolerance:.1%}: " + "; ".join(_variant_note(r) for r in ok), out)
+                    f"within +{tolerance:.1%} and {min_kept:.0%} of its general answers: "
+                    + "; ".join(_variant_note(r) for r in ok), out)
     out["best"] = best.name
     return out
 
@@ -262,9 +264,10 @@ def stage_train(self, state: CycleState, force: bool) -> dict[str, Any]:
 def _variant_note(r) -> str:
     if r.eval_loss is None:
         return f"{r.name}: no held-out loss"
+    kept = f", general answers kept {r.general_kept:.0%}" if r.general_kept is not None else ""
     if r.regression_loss is not None and r.regression_loss_start:
         return (f"{r.name}: held-out {r.eval_loss:.4f}, regression "
-                f"{(r.regression_loss - r.regression_loss_start) / r.regression_loss_start:+.1%}")
+                f"{(r.regression_loss - r.regression_loss_start) / r.regression_loss_start:+.1%}{kept}")
     return f"{r.name}: held-out {r.eval_loss:.4f}, no regression loss"
 
 
@@ -338,6 +341,7 @@ def stage_gate(self, state: CycleState, force: bool) -> dict[str, Any]:
     candidate = {
         "heldout_loss": _metric(best, "eval_loss"),
         "regression_loss": _metric(best, "regression_loss"),
+        "general_kept": _metric(best, "general_kept"),
         "status": best.get("status"),
         "verification": state.result("export").get("verification"),
     }

@@ -5,7 +5,9 @@ All of these must hold (each failure is one reason in the decision):
      (the gate is on the quantised file, since quality lost in conversion is a known trap);
   2. both were scored on the same held-out set (when both carry ``heldout_hash``);
   3. held-out loss: ``current - candidate >= gate.min_improvement`` and strictly > 0;
-  4. regression loss (general ability): ``(candidate - current) / current <= gate.regression_tolerance``;
+  4. regression loss (general ability): ``(candidate - current) / current <= gate.regression_tolerance``,
+     and, when the candidate carries ``general_kept`` (trainer/general_kept.py), it is at least
+     ``gate.min_general_kept``;
   5. optionally (``gate.use_arena``): the candidate has at least ``gate.arena_min_games`` arena games
      and a rating not below the current version's.
 
@@ -151,6 +153,15 @@ def decide(
         else:
             refusals.append(f"regression loss {cand_r:.4f} vs {cur_r:.4f}: worse by {rel:+.1%}, "
                             f"beyond the tolerance +{gate.regression_tolerance:.1%}")
+
+    kept = metric(candidate_metrics, ("general_kept",))
+    numbers.update(candidate_general_kept=kept, min_general_kept=getattr(gate, "min_general_kept", None))
+    if kept is not None and getattr(gate, "min_general_kept", None) is not None:
+        if kept >= gate.min_general_kept:
+            passes.append(f"general answers kept: {kept:.0%} (needed {gate.min_general_kept:.0%})")
+        else:
+            refusals.append(f"general answers kept: {kept:.0%}, below {gate.min_general_kept:.0%}: the candidate "
+                            "no longer gives general answers the current version gave right")
 
     # 5. arena (optional)
     pending: list[str] = []

@@ -3,10 +3,12 @@
 How many passes a few dozen corrections need depends on the data (a new fact needs more than a change
 of style), and a fixed epoch count is right for one scenario and wrong for the next. So a run trains
 ``TrainConfig.epochs`` passes and, at the end of every epoch, scores the adapter on the cycle's judge:
-the held-out loss (held-out wordings of taught corrections) and the general-ability regression loss.
-An epoch is *eligible* when its regression loss is within ``TrainConfig.regression_tolerance`` of the
-starting weights' (the gate's own rule); the eligible epoch with the lowest held-out loss is kept. None
-eligible: the last epoch stands (the variant then fails the gate's regression rule on its own numbers).
+the held-out loss (held-out wordings of taught corrections), the general-ability regression loss and the
+share of general answers kept (trainer/general_kept.py). An epoch is *eligible* when its regression loss
+is within ``TrainConfig.regression_tolerance`` of the starting weights' and it kept at least
+``TrainConfig.min_general_kept`` of the general answers (the gate's own rules); the eligible epoch with the
+lowest held-out loss is kept. None eligible: the last epoch stands (the variant then fails the gate on its
+own numbers).
 
 Contract:
   - ``DIR/best_epoch/`` holds the best adapter so far (written to a temporary sibling and renamed, so a
@@ -39,8 +41,10 @@ def read_scores(output_dir: Path) -> dict:
         return {}
 
 
-def eligible(row: dict, start_regression: float | None, tolerance: float) -> bool:
+def eligible(row: dict, start_regression: float | None, tolerance: float, min_kept: float = 0.0) -> bool:
     if row.get("eval_loss") is None or not math.isfinite(row["eval_loss"]):
+        return False
+    if row.get("general_kept") is not None and row["general_kept"] < min_kept:
         return False
     if start_regression is None or row.get("regression_loss") is None:
         return True
@@ -52,12 +56,19 @@ def make_callback(output_dir: Path, tokenizer, held_out: list, regression: list,
     from transformers import TrainerCallback
 
     from trainer.evaluate import eval_loss
+    from trainer.general_kept import KeptProbe
 
     output_dir = Path(output_dir)
 
     class BestEpoch(TrainerCallback):
         def __init__(self):
             self.scores = read_scores(output_dir)  # resumed runs carry on from what was judged
+            self.kept_probe = None
+
+        def _kept(self, model) -> float | None:
+            if self.kept_probe is None:
+                self.kept_probe = KeptProbe.for_run(output_dir, model, tokenizer, regression, config.max_length)
+            return self.kept_probe.share(model)
 
         def _score(self, model, examples, **kw) -> float | None:
             if not examples:
@@ -86,16 +97,18 @@ def make_callback(output_dir: Path, tokenizer, held_out: list, regression: list,
             if not state.is_world_process_zero:
                 return
             row = {"epoch": round(state.epoch or 0, 3), "step": state.global_step,
-                   "eval_loss": self._score(model, held_out), "regression_loss": self._score(model, regression)}
+                   "eval_loss": self._score(model, held_out), "regression_loss": self._score(model, regression),
+                   "general_kept": self._kept(model)}
             self.scores["epochs"].append(row)
             start = self.scores["start"].get("regression_loss")
             best = self.scores.get("best")
-            if eligible(row, start, config.regression_tolerance) and (
+            if eligible(row, start, config.regression_tolerance, config.min_general_kept) and (
                     best is None or row["eval_loss"] < best["eval_loss"]):
                 _save_adapter_atomically(model, output_dir / BEST_DIR)
                 self.scores["best"] = row
-            log.info("epoch %s: held-out %s, regression %s (best: epoch %s)", row["epoch"], row["eval_loss"],
-                     row["regression_loss"], (self.scores.get("best") or {}).get("epoch"))
+            log.info("epoch %s: held-out %s, regression %s, general kept %s (best: epoch %s)", row["epoch"],
+                     row["eval_loss"], row["regression_loss"], row["general_kept"],
+                     (self.scores.get("best") or {}).get("epoch"))
             self._save()
 
         def _save(self):

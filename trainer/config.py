@@ -57,6 +57,9 @@ class TrainConfig:
     # An epoch whose regression loss rose more than this fraction above the starting weights' is never kept
     # (a cycle sets it to gate.regression_tolerance, so the trainer keeps what the gate would accept).
     regression_tolerance: float = 0.05
+    # An epoch that no longer gives at least this share of the general answers the starting weights gave
+    # right (trainer/general_kept.py) is never kept either (a cycle sets it to gate.min_general_kept).
+    min_general_kept: float = 0.95
     # Optimizer steps to run; > 0 overrides epochs (tests and smoke runs use a few).
     max_steps: int = -1
     # Examples per device per forward pass.
@@ -185,6 +188,8 @@ class TrainConfig:
             p.append(f"trainer.seed must be an integer >= 0, got {self.seed!r}")
         if not isinstance(self.regression_tolerance, (int, float)) or not self.regression_tolerance >= 0:
             p.append(f"trainer.regression_tolerance must be a number >= 0, got {self.regression_tolerance!r}")
+        if not isinstance(self.min_general_kept, (int, float)) or not 0 <= self.min_general_kept <= 1:
+            p.append(f"trainer.min_general_kept must be a number in [0, 1], got {self.min_general_kept!r}")
         if self.general_replay_answers not in ("self", "shipped"):
             p.append(f"trainer.general_replay_answers must be 'self' or 'shipped', got {self.general_replay_answers!r}")
         if not 0.0 <= self.replay_ratio < 1.0:

@@ -96,17 +96,26 @@ def build_training_set(new: list, replay_pool: list, ratio: float, seed: int) ->
     ``ratio`` is the share of the result drawn from ``replay_pool`` (0 = new examples only); the number
     replayed is capped by the pool's size. Pool examples whose id is among the new ones are not replayed
     (the new version wins). The result is shuffled deterministically by ``seed``.
+
+    The result depends on the examples' content and ``seed`` only, never on the order they came in or on
+    their ids: records get random ULIDs, so ordering by id would make the same curated data train a
+    different model on every machine (docs/judging.md).
     """
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"replay ratio must be in [0, 1), got {ratio!r}")
     new_ids = {example.get("id") for example in new if isinstance(example, dict)}
     pool = [example for example in replay_pool if example.get("id") is None or example.get("id") not in new_ids]
+    new, pool = sorted(new, key=_content_key), sorted(pool, key=_content_key)
     rng = random.Random(seed)
     wanted = round(len(new) * ratio / (1.0 - ratio)) if ratio > 0 else 0
     replayed = rng.sample(pool, min(wanted, len(pool)))
     mixed = list(new) + replayed
     rng.shuffle(mixed)
     return mixed
+
+
+def _content_key(example: dict) -> str:
+    return hashlib.sha256(json.dumps(example.get("messages"), sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def split_eval(examples: list, fraction: float, seed: int) -> tuple[list, list]:

@@ -332,6 +332,7 @@ def _report(trainer, guard, tokenizer, result, config: TrainConfig, output_dir: 
     import torch
 
     from trainer.best_epoch import read_scores, restore_best
+    from trainer.general_kept import KeptProbe
     from trainer.plots import plot_run
 
     history = trainer.state.log_history
@@ -356,6 +357,9 @@ def _report(trainer, guard, tokenizer, result, config: TrainConfig, output_dir: 
                 losses[name] = eval_loss(model, examples, tokenizer, config.max_length, config.batch_size)
                 losses[f"{name}_start"] = eval_loss(model, examples, tokenizer, config.max_length,
                                                     config.batch_size, disable_adapter=True)
+        kept_probe = KeptProbe.for_run(output_dir, model, tokenizer, regression, config.max_length)
+        losses["general_kept"] = kept_probe.share(model)
+        losses["general_right_start"] = len(kept_probe.keys)
     peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     metrics = {
         "status": "failed" if failed else "ok",
@@ -379,6 +383,9 @@ def _report(trainer, guard, tokenizer, result, config: TrainConfig, output_dir: 
         "eval_loss_start": _finite(losses.get("eval_loss_start")),
         "regression_loss": _finite(losses.get("regression_loss")),
         "regression_loss_start": _finite(losses.get("regression_loss_start")),
+        # Share of the general answers the starting weights gave right that are still given (None: none were).
+        "general_kept": _finite(losses.get("general_kept")),
+        "general_right_start": losses.get("general_right_start"),
         "tokens_per_s": tokens / runtime if runtime > 0 and tokens else None,
         "train_time_s": runtime,
         "wall_time_s": time.time() - started,

@@ -45,6 +45,7 @@ class VariantResult:
     regression_loss: float | None = None  # general-ability regression set: forgetting shows here
     eval_loss_start: float | None = None  # the same two losses of the starting weights, for comparison
     regression_loss_start: float | None = None
+    general_kept: float | None = None  # share of the starting weights' right general answers still given
     train_loss_final: float | None = None
     tokens_per_s: float | None = None
     wall_time_s: float | None = None
@@ -64,6 +65,7 @@ class VariantResult:
                    reason=metrics.get("reason"), objective=config.objective, eval_loss=metrics.get("eval_loss"),
                    regression_loss=metrics.get("regression_loss"), eval_loss_start=metrics.get("eval_loss_start"),
                    regression_loss_start=metrics.get("regression_loss_start"),
+                   general_kept=metrics.get("general_kept"),
                    train_loss_final=metrics.get("train_loss_final"), tokens_per_s=metrics.get("tokens_per_s"),
                    wall_time_s=metrics.get("wall_time_s"), peak_memory_mb=metrics.get("peak_memory_mb") or {},
                    preference=metrics.get("preference") or {}, metrics=metrics)
@@ -79,14 +81,18 @@ class VariantResult:
         return row
 
 
-def best_variant(results: list[VariantResult], regression_tolerance: float | None = None) -> VariantResult | None:
+def best_variant(results: list[VariantResult], regression_tolerance: float | None = None,
+                 min_general_kept: float | None = None) -> VariantResult | None:
     """The succeeded variant with the lowest held-out loss (ties: lower regression loss); None if none did.
 
     A failed variant can never be chosen, whatever its numbers say. With `regression_tolerance` (e.g. 0.05),
     variants whose regression loss rose more than that fraction above their starting weights' are left out
-    too, so a variant that learned the most by forgetting the most does not shadow one that would pass a gate.
+    too, and with `min_general_kept` those that lost more general answers (trainer/general_kept.py), so a
+    variant that learned the most by forgetting the most does not shadow one that would pass a gate.
     """
     def forgets_too_much(r: VariantResult) -> bool:
+        if min_general_kept is not None and r.general_kept is not None and r.general_kept < min_general_kept:
+            return True
         if regression_tolerance is None or r.regression_loss is None or r.regression_loss_start is None:
             return False
         return r.regression_loss > r.regression_loss_start * (1.0 + regression_tolerance)

@@ -97,10 +97,21 @@ def test_replay_mix_ratio_dedup_and_determinism():
     assert len(mixed) == 20 and sum(i.startswith("o") for i in ids) == 10
     assert ids.count("n0") == 1  # the pool's older copy of a new example is not replayed
     # Pinned: the same seed gives the same mix in every process (a resumed cycle retrains the same data).
-    assert ids[:8] == ["n2", "o8", "o18", "o4", "n8", "n1", "n5", "n4"]
+    assert ids[:8] == ["n3", "o11", "o5", "o7", "n8", "n4", "n9", "n7"]
     assert mixed != build_training_set(new, pool, ratio=0.5, seed=2)
     assert len(build_training_set(new, pool[:3], ratio=0.9, seed=1)) == 13  # capped by the pool
     assert sorted(e["id"] for e in build_training_set(new, pool, ratio=0.0, seed=1)) == sorted(e["id"] for e in new)
+
+
+def test_the_training_mix_depends_on_content_and_seed_never_on_input_order_or_ids():
+    # Curated records get random ULIDs, and snapshots list them by id: the same reviewed data must still
+    # train the same model on every machine.
+    new = [chat(f"new {i}", "a", id=f"n{i}") for i in range(12)]
+    pool = [chat(f"old {i}", "a", id=f"o{i}") for i in range(30)]
+    first = build_training_set(new, pool, ratio=0.5, seed=7)
+    renamed = [{**e, "id": f"x{i}"} for i, e in enumerate(reversed(new))]
+    second = build_training_set(renamed, list(reversed(pool)), ratio=0.5, seed=7)
+    assert [e["messages"] for e in first] == [e["messages"] for e in second]
 
 
 def test_split_and_hash_are_stable():

@@ -77,3 +77,8 @@ def test_failed_variant_is_never_best_whatever_its_numbers():
     assert best_variant([forgetful, careful]).name == "forgetful"  # held-out loss alone
     assert best_variant([forgetful, careful], regression_tolerance=0.05).name == "careful"
     assert best_variant([forgetful], regression_tolerance=0.05) is None
+    # A variant that lost general answers (trainer/general_kept.py) is left out like one that forgot by loss.
+    lost_answers = result("lost answers", "ok", 0.3, 1.0)
+    lost_answers.general_kept = 0.8
+    assert best_variant([lost_answers, careful], min_general_kept=0.95).name == "careful"
+    assert best_variant([lost_answers, careful]).name == "lost answers"
