@@ -51,7 +51,7 @@ class KeptProbe:
     answers: dict[str, str] = field(default_factory=dict)  # the starting model's answers, by example id
 
     @classmethod
-    def build(cls, model, tokenizer, examples: list[dict], max_length: int = 512) -> "KeptProbe":
+    def build(cls, model, tokenizer, examples: list[dict], max_length: int = 512) -> KeptProbe:
         """The starting model's greedy answers to ``examples`` (those with ``expect``) and their keys."""
         probe = cls()
         asked = [e for e in examples if e.get("expect")]
@@ -71,7 +71,7 @@ class KeptProbe:
         return probe
 
     @classmethod
-    def for_run(cls, output_dir: Path, model, tokenizer, examples: list[dict], max_length: int = 512) -> "KeptProbe":
+    def for_run(cls, output_dir: Path, model, tokenizer, examples: list[dict], max_length: int = 512) -> KeptProbe:
         """The run's probe: read from ``output_dir`` or built with the adapter off (the starting weights:
         LoRA leaves them untouched, so this holds at any step) and saved there."""
         path = Path(output_dir) / PROBE_FILE
@@ -143,7 +143,7 @@ def _span_tokens(tokenizer, input_ids: list[int], mask: list[int], span: tuple[i
     """Indices of the answer tokens that overlap the answer's character span ``span``."""
     answer_at = [i for i, m in enumerate(mask) if m]
     positions, consumed = [], 0
-    for n, index in enumerate(answer_at):
+    for _n, index in enumerate(answer_at):
         text = tokenizer.decode(input_ids[answer_at[0]:index + 1], skip_special_tokens=True)
         start, end = consumed, len(text)
         consumed = end

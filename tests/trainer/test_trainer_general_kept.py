@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from test_trainer_train import small_config
 
 from loop.config import GateConfig
 from loop.gate import decide
 from trainer.best_epoch import eligible
 from trainer.data import write_examples
 from trainer.general_kept import KeptProbe, is_right
-from test_trainer_train import small_config
 
 
 def test_an_answer_is_right_when_an_expected_pattern_matches_it():
