@@ -21,7 +21,7 @@ that has voted on every pair is told so instead of being asked again. The limit 
 
 The canary plot (``canary_figure``) shows the live canary's thumbs-down rate beside the current
 version's, cumulative since the canary started, each with its 95% credible interval (the numbers
-``python -m loop.versions canary`` prints and the cycle decides on: ``loop.rollout``); with no
+``python -m loop.versions canary`` prints and the cycle decides on: ``loop.core.canary``); with no
 canary running it shows the last one's outcome.
 
 Models are loaded through ``app.probe_runner.LlamaCache`` (a few kept loaded, keyed by version id

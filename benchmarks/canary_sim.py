@@ -1,4 +1,4 @@
-"""How often the canary rule (``loop.rollout.decide``) is wrong, and how many rated turns it takes.
+"""How often the canary rule (``loop.core.canary.decide``) is wrong, and how many rated turns it takes.
 
 Many simulated canaries with known true thumbs-down rates: each rated turn goes to the canary with
 probability ``share`` (else to the current version) and is a thumbs-down with that arm's true rate;
