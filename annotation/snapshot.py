@@ -32,7 +32,6 @@ too small to reach the floor).
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import os
@@ -44,7 +43,7 @@ from typing import Any
 
 from annotation.judge_split import split_for_judging, wording_key
 from loop.core import paths
-from loop.core.io import read_jsonl
+from loop.core.io import read_jsonl, utcnow
 
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
@@ -188,7 +187,7 @@ def write_snapshot(
     if not reused:
         manifest = {
             "hash": digest,
-            "created_at": dt.datetime.now(dt.UTC).isoformat(),
+            "created_at": utcnow("auto"),
             "format": "chat-jsonl-v1",
             "eval_percent": eval_percent,
             "counts": counts,

@@ -7,13 +7,13 @@ and no pid-file guessing. The file's content (pid, start time) only tells a wait
 
 from __future__ import annotations
 
-import datetime as dt
 import fcntl
 import json
 import os
 from pathlib import Path
 
 from loop.core.errors import LoopError
+from loop.core.io import utcnow
 
 
 class LockHeld(LoopError, RuntimeError):
@@ -45,7 +45,7 @@ class CycleLock:
                 "it holds the lock until it ends or dies"
             ) from None
         os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "since": dt.datetime.now(dt.UTC).isoformat()}).encode())
+        os.write(fd, json.dumps({"pid": os.getpid(), "since": utcnow("auto")}).encode())
         self._fd = fd
         return self
 

@@ -13,9 +13,10 @@ the second re-reads ``_migrations`` under that lock and skips what the first app
 
 from __future__ import annotations
 
-import datetime as dt
 import sqlite3
 from collections.abc import Callable
+
+from loop.core.io import utcnow
 
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = []
 
@@ -49,7 +50,7 @@ def migrate(db: sqlite3.Connection) -> list[str]:
                     fn(db)
                     db.execute(
                         "INSERT INTO _migrations (name, applied_at) VALUES (?, ?)",
-                        (fn.__name__, dt.datetime.now(dt.UTC).isoformat()),
+                        (fn.__name__, utcnow("auto")),
                     )
                     applied.append(fn.__name__)
                 db.execute("COMMIT")
