@@ -68,7 +68,7 @@ def make_callback(output_dir: Path, tokenizer, held_out: list, regression: list,
         def _kept(self, model) -> float | None:
             if self.kept_probe is None:
                 self.kept_probe = KeptProbe.for_run(output_dir, model, tokenizer, regression, config.max_length)
-            return self.kept_probe.share(model)
+            return self.kept_probe.share(model, tokenizer)
 
         def _score(self, model, examples, **kw) -> float | None:
             if not examples:

@@ -358,8 +358,8 @@ def _report(trainer, guard, tokenizer, result, config: TrainConfig, output_dir: 
                 losses[f"{name}_start"] = eval_loss(model, examples, tokenizer, config.max_length,
                                                     config.batch_size, disable_adapter=True)
         kept_probe = KeptProbe.for_run(output_dir, model, tokenizer, regression, config.max_length)
-        losses["general_kept"] = kept_probe.share(model)
-        losses["general_right_start"] = len(kept_probe.keys)
+        losses["general_kept"] = kept_probe.share(model, tokenizer)
+        losses["general_right_start"] = len(kept_probe.right)
     peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     metrics = {
         "status": "failed" if failed else "ok",

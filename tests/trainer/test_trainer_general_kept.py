@@ -28,21 +28,20 @@ def test_the_shipped_regression_set_says_what_every_answer_must_contain():
     assert all(is_right(e["messages"][-1]["content"], e["expect"]) for e in examples)
 
 
-def test_the_starting_weights_keep_every_answer_and_a_changed_key_is_lost(base_hf_dir):
+def test_the_starting_weights_keep_every_answer_and_a_wrong_answer_is_lost(base_hf_dir):
     from trainer.evaluate import load_for_eval, regression_examples
 
     model, tokenizer = load_for_eval(base_hf_dir)
     examples = regression_examples()[:6]
     probe = KeptProbe.build(model, tokenizer, examples, 128)
-    assert probe.asked == 6 and len(probe.keys) >= 4  # the base answers the capitals right
-    assert probe.share(model) == 1.0
-    # The same answer with another key at the key's place ("Lumen" for "Paris"): the model does not predict it.
-    key = probe.keys[0]
-    other = tokenizer.encode(" Lumen", add_special_tokens=False)[0]
-    key.input_ids = [other if i in key.positions else t for i, t in enumerate(key.input_ids)]
-    kept = probe.kept(model)
-    assert kept[key.example_id] is False and sum(kept.values()) == len(probe.keys) - 1
-    assert probe.share(model) == pytest.approx((len(probe.keys) - 1) / len(probe.keys))
+    assert probe.asked == 6 and len(probe.right) >= 4  # the base answers the capitals right
+    assert set(probe.answers) == {e["id"] for e in examples}
+    assert probe.share(model, tokenizer) == 1.0
+    # Were "Lumen" the only right answer to the first question, the same model would have lost it.
+    probe.right[0] = {**probe.right[0], "expect": ["lumen"]}
+    kept = probe.kept(model, tokenizer)
+    assert kept[probe.right[0]["id"]] is False and sum(kept.values()) == len(probe.right) - 1
+    assert probe.share(model, tokenizer) == pytest.approx((len(probe.right) - 1) / len(probe.right))
 
 
 def test_an_epoch_that_lost_general_answers_is_never_eligible():
