@@ -1,4 +1,4 @@
-"""The app's Versions tab: metrics across versions, side-by-side answers, and a blind arena.
+"""The app's Versions tab: every version on fixed measures, side-by-side answers, and a blind arena.
 
 Mount it inside the app's Blocks (within ``gr.Tabs()`` if the app uses tabs)::
 
@@ -18,6 +18,15 @@ and while an arena question is open, side by side refuses that same prompt.
 Votes are limited: one vote per pair of versions per browser session (Gradio's session). A session
 that has voted on every pair is told so instead of being asked again. The limit is kept in memory
 (``MAX_TRACKED_SESSIONS`` sessions, oldest forgotten first); a restart resets it.
+
+The measures plot (``metrics_figure``) and the table under it show every version, the base v1
+included, on the same fixed measures: regression loss on the regression set, pass rate on the fixed
+probe set, share of general answers right (cached in each ``version.json`` by ``python -m
+loop.versions measure`` and the cycle: loop/version_measures.py), the canary's thumbs-down rate when
+its canary was decided (``canary.jsonl``) and the arena rating when it has games. They are read,
+never computed here: the plot loads no model. A missing value is a gap and is named, never a 0. A
+cycle's held-out loss comes from that cycle's own held-out set, so it appears only in the table, as
+its gate compared it: candidate against the version it replaced.
 
 The canary plot (``canary_figure``) shows the live canary's thumbs-down rate beside the current
 version's, cumulative since the canary started, each with its 95% credible interval (the numbers
@@ -40,7 +49,7 @@ import gradio as gr
 
 from app.errors import user_safe
 from app.probe_runner import LlamaCache, ProbeAnswer
-from loop.core import arena, canary, metrics
+from loop.core import arena, canary, measures
 from loop.core.registry import RegistryError, Version
 
 ARENA_CHOICES = ["A is better", "B is better", "Tie"]
@@ -58,37 +67,107 @@ def _pair(a: str, b: str) -> tuple[str, str]:
     return (a, b) if a <= b else (b, a)
 
 
-def metrics_figure(versions: list[Version], ratings: dict[str, dict[str, Any]] | None = None,
-                   current: str | None = None) -> Any:
-    """Held-out and regression loss per version (left axis) and arena rating (right axis)."""
+# The fixed measures' cache in each version.json (``metrics["measures"]``, taken by ``python -m
+# loop.versions measure`` and by the cycle after a promotion) is read by the core's rules
+# (loop.core.measures): no model is loaded for the plot, and no conductor module is imported.
+FIXED_MEASURES = (("regression_loss", "regression loss"), ("probe_pass_rate", "probe pass rate"),
+                  ("general_right", "general answers right"))
+MEASURE_COLUMNS = ["version", "regression loss", "probe pass rate", "general answers right",
+                   "canary thumbs-down rate", "arena rating", "gate comparison on this cycle's held-out set"]
+
+
+def plot_data(versions: list[Version], ratings: dict[str, dict[str, Any]] | None = None,
+              canary_log: list[dict[str, Any]] | None = None, current: str | None = None,
+              running_canary: str | None = None) -> dict[str, Any]:
+    """Every version's fixed measures, canary and arena figures (None where missing, never 0), and its
+    gate comparison; a measure from another set than the newest one's is ``stale`` (loop.core.measures)."""
+    ids = [v.id for v in versions]
+    fixed = measures.shown(versions)
+    series: dict[str, list[float | None]] = {name: fixed[name]["values"] for name in measures.NAMES}
+    canaries = measures.canary_outcomes(canary_log or [])
+    series["canary_thumbs_down_rate"] = [canaries[i]["rate"] if i in canaries else None for i in ids]
+    ratings = ratings or {}
+    series["arena_rating"] = [ratings[i]["rating"] if ratings.get(i, {}).get("games") else None for i in ids]
+    return {"ids": ids, "current": current, "canary": running_canary, "series": series,
+            "stale": {name: fixed[name]["stale"] for name in measures.NAMES},
+            "sets": {name: fixed[name]["set"] for name in measures.NAMES},
+            "canary_rated": {i: canaries[i]["rated"] for i in canaries},
+            "arena_games": {i: ratings[i]["games"] for i in ids if ratings.get(i, {}).get("games")},
+            "gate": [measures.gate_comparison(v) for v in versions]}
+
+
+def _panel(ax: Any, xs: list[int], ids: list[str], lines: list[tuple[str, list[float | None], str]],
+           empty: str) -> None:
+    """Each series over every version; a missing value is a gap in the line and named, never drawn as 0."""
+    drawn = False
+    notes = []
+    for label, values, style in lines:
+        ys = [float("nan") if v is None else v for v in values]
+        if any(v is not None for v in values):
+            ax.plot(xs, ys, style, label=label)
+            drawn = True
+        gaps = [i for i, v in zip(ids, values) if v is None]
+        if gaps and len(gaps) < len(ids):
+            notes.append(f"{label}: missing for {', '.join(gaps)}")
+    if drawn:
+        ax.legend(loc="best", fontsize=7)
+    else:
+        ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes, fontsize=8)
+    if notes:
+        ax.text(0.01, 0.02, "; ".join(notes), transform=ax.transAxes, fontsize=6, color="grey", va="bottom")
+
+
+def metrics_figure(data: dict[str, Any]) -> Any:
+    """Three panels over every version (v1 included): regression loss; probe pass rate, general answers
+    right and canary thumbs-down rate; arena rating. From ``plot_data``: cached values only."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state in a server
 
-    fig = Figure(figsize=(7, 3.2), layout="constrained")
-    ax = fig.add_subplot()
-    ids = [v.id for v in versions]
+    ids, series, current = data["ids"], data["series"], data.get("current")
     xs = list(range(len(ids)))
-    drawn = False
-    for label, fn, style in (("held-out loss", metrics.heldout_loss, "o-"), ("regression loss", metrics.regression_loss, "s--")):
-        points = [(x, fn(v.metrics)) for x, v in zip(xs, versions) if fn(v.metrics) is not None]
-        if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], style, label=label)
-            drawn = True
-    ax.set_xticks(xs, [f"{i}*" if i == current else i for i in ids])
-    ax.set_xlabel("version (* = current)")
-    ax.set_ylabel("loss (lower is better)")
-    if ratings:
-        rated = [(x, ratings[v.id]["rating"]) for x, v in zip(xs, versions) if ratings.get(v.id, {}).get("games")]
-        if rated:
-            ax2 = ax.twinx()
-            ax2.plot([p[0] for p in rated], [p[1] for p in rated], "d:", color="tab:green", label="arena rating")
-            ax2.set_ylabel("arena rating")
-            ax2.legend(loc="upper right")
-            drawn = True
-    if drawn:
-        ax.legend(loc="upper left")
-    else:
-        ax.text(0.5, 0.5, "no metrics recorded yet", ha="center", va="center", transform=ax.transAxes)
+    fig = Figure(figsize=(7, 6.4), layout="constrained")
+    axes = fig.subplots(3, 1)  # not sharex: each panel keeps its version labels
+    hint = "not measured yet: python -m loop.versions measure --all"
+    _panel(axes[0], xs, ids, [("regression loss", series["regression_loss"], "s-")], hint)
+    axes[0].set_ylabel("nats/token\n(lower is better)", fontsize=8)
+    _panel(axes[1], xs, ids, [("probe pass rate", series["probe_pass_rate"], "o-"),
+                              ("general answers right", series["general_right"], "^-"),
+                              ("canary thumbs-down rate (lower is better)", series["canary_thumbs_down_rate"], "v:")],
+           hint)
+    axes[1].set_ylim(-0.05, 1.05)
+    axes[1].set_ylabel("share", fontsize=8)
+    _panel(axes[2], xs, ids, [("arena rating", series["arena_rating"], "d:")], "no arena games yet")
+    axes[2].set_ylabel("Elo scale", fontsize=8)
+    for ax in axes:
+        ax.set_xticks(xs, [f"{i}*" if i == current else i for i in ids])
+        ax.set_xlim(-0.5, max(len(ids) - 0.5, 0.5))
+    axes[2].set_xlabel("version (* = current); every version on the same fixed sets")
+    sets = [f"{s['set']} {str(s['hash'])[:8]}" for s in data.get("sets", {}).values() if s]
+    if sets:
+        axes[0].set_title("fixed sets: " + ", ".join(dict.fromkeys(sets)), fontsize=8)
     return fig
+
+
+def measures_rows(data: dict[str, Any]) -> list[list[Any]]:
+    """The table under the plot: one row per version, missing values named (never 0), and the cycle's
+    held-out figures only as its gate compared them."""
+    series = data["series"]
+    rows = []
+    for k, vid in enumerate(data["ids"]):
+        row: list[Any] = [f"{vid}*" if vid == data.get("current") else vid]
+        for name, _ in FIXED_MEASURES:
+            value = series[name][k]
+            if value is not None:
+                row.append(f"{value:.4f}" if name == "regression_loss" else f"{value:.1%}")
+            else:
+                row.append("stale: older set" if vid in data["stale"].get(name, []) else "not measured")
+        rate = series["canary_thumbs_down_rate"][k]
+        row.append(f"{rate:.1%} of {data['canary_rated'][vid]} rated" if rate is not None else
+                   "running (canary plot)" if vid == data.get("canary") else "not canaried")
+        rating = series["arena_rating"][k]
+        row.append(f"{rating:.0f} ({data['arena_games'][vid]} games)" if rating is not None else "no games")
+        row.append(data["gate"][k] or "- (no gate: not made by a cycle)")
+        rows.append(row)
+    return rows
 
 
 def canary_figure(data: dict[str, Any], points: list[dict[str, Any]]) -> Any:
@@ -163,8 +242,20 @@ class VersionsTab:
         except RegistryError:  # a damaged pointer: the tab still shows every version (the header says why)
             return None
 
+    def plot_data(self) -> dict[str, Any]:
+        """Cached measures, canary outcomes and arena ratings of every version: read, never measured."""
+        registry = self.ctx.registry
+        try:
+            running = registry.canary_id()
+        except RegistryError:
+            running = None
+        return plot_data(registry.list(), self.ratings(), registry.canary_log(), self.current_id(), running)
+
     def figure(self) -> Any:
-        return metrics_figure(self.ctx.registry.list(), self.ratings(), self.current_id())
+        return metrics_figure(self.plot_data())
+
+    def measures_table(self) -> list[list[Any]]:
+        return measures_rows(self.plot_data())
 
     def canary_data(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """The canary's status (``loop.core.canary.status``) and its rate timeline; a damaged pointer
@@ -284,7 +375,9 @@ def build_versions_tab(ctx: Any, *, label: str = "Versions") -> VersionsTab:
     figure, init_a, init_b, rows = logic.refresh()  # initial state; refreshed whenever the tab is opened
     with gr.Tab(label) as tab:
         gr.Markdown("Compare the model versions the loop has produced. The one marked * is serving the chat.")
-        plot = gr.Plot(value=figure, label="Metrics across versions")
+        plot = gr.Plot(value=figure, label="Every version on the same fixed measures")
+        table = gr.Dataframe(value=logic.measures_table(), headers=MEASURE_COLUMNS, interactive=False,
+                             label="Fixed measures, and each cycle's held-out loss as its gate compared it")
         canary_plot = gr.Plot(value=logic.canary_plot(), label="Canary: thumbs-down rate (95% intervals)")
         refresh_btn = gr.Button("Refresh", size="sm")
         with gr.Accordion("Side by side", open=True):
@@ -321,6 +414,8 @@ def build_versions_tab(ctx: Any, *, label: str = "Versions") -> VersionsTab:
     tab.select(user_safe(logic.refresh), None, outputs, api_visibility="private")
     refresh_btn.click(user_safe(logic.refresh), None, outputs, api_name="versions_refresh")
     tab.select(user_safe(logic.canary_plot), None, [canary_plot], api_visibility="private")
+    tab.select(user_safe(logic.measures_table), None, [table], api_visibility="private")
+    refresh_btn.click(user_safe(logic.measures_table), None, [table], api_visibility="private")
     refresh_btn.click(user_safe(logic.canary_plot), None, [canary_plot], api_visibility="private")
     sbs_btn.click(user_safe(logic.side_by_side), [sbs_prompt, pick_a, pick_b, arena_state], [sbs_a, sbs_b],
                   concurrency_id="generate", api_name="versions_side_by_side")
@@ -329,6 +424,6 @@ def build_versions_tab(ctx: Any, *, label: str = "Versions") -> VersionsTab:
     vote_btn.click(user_safe(arena_vote), [vote, arena_state], [arena_state, arena_msg, vote, board],
                    api_name="versions_arena_vote", api_visibility="undocumented")
     logic.tab = tab
-    logic.components = {"plot": plot, "canary_plot": canary_plot, "pick_a": pick_a, "pick_b": pick_b, "board": board,
-                        "vote": vote, "arena_a": arena_a, "arena_b": arena_b}
+    logic.components = {"plot": plot, "measures": table, "canary_plot": canary_plot, "pick_a": pick_a,
+                        "pick_b": pick_b, "board": board, "vote": vote, "arena_a": arena_a, "arena_b": arena_b}
     return logic

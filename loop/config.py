@@ -80,6 +80,9 @@ class CycleConfig:
     # An unfinished cycle is abandoned once one of its stages has failed (or been killed) this many
     # times: a stage that keeps failing must not block the loop for good (docs/loop.md).
     max_stage_attempts: int = 3
+    # After a promotion, take the new version's and its parent's fixed measures if missing (regression set,
+    # probe set, general answers; loop.version_measures): about 40 s on 2 cores, for the Versions tab.
+    measure_versions: bool = True
 
     def validate(self) -> list[str]:
         problems = []

@@ -14,7 +14,9 @@ when it did):
               its GGUF verification included (loop.gate)
     promote   register (once), then promote (once), then prune (loop.core.registry); with
               gate.use_arena the registered candidate waits here for its arena games; with
-              rollout.canary_share > 0 it becomes the canary instead (outcome "canary")
+              rollout.canary_share > 0 it becomes the canary instead (outcome "canary"); then the
+              new version and its parent get the fixed measures they miss (loop.version_measures;
+              a failure there is logged and never fails the cycle)
     publish   the promoted version to its publish target (loop.publish), if it is still current
     report    JSON + markdown with plots under $LOOP_HOME/reports
 
@@ -143,6 +145,11 @@ class Cycle:
                 state.save()
                 self.log(f"stage {name}: {entry['status']} in {entry['seconds']:.1f}s"
                          + (f" ({entry.get('reason')})" if entry.get("reason") else ""))
+                if name == "promote" and entry["status"] == "done" and self.config.cycle.measure_versions:
+                    # The new version and its parent on the fixed sets (Versions tab); never fails the cycle.
+                    from loop.version_measures import after_promotion
+
+                    after_promotion(self, entry["result"])
                 if entry["status"] == "stopped":
                     break
             return self._finish(state, force)

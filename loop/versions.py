@@ -2,7 +2,9 @@
 
     list                 every version: marks, lineage, quantisation, size, losses, verification
     show ID              one version in full
-    compare A B          both GGUFs answer the probe set greedily; answers side by side, metric deltas
+    compare A B          both GGUFs answer the probe set greedily, side by side; the fixed measures side by
+                         side (--measure takes missing ones first); held-out loss only as each one's gate saw it
+    measure ID...|--all  take the fixed measures a version misses, from its GGUF, and cache them
     rollback [--to ID]   point `current` at the previous version (or at ID): one atomic step
     pin ID / unpin ID    pinned versions are never pruned
     prune                apply the retention rule (registry.keep_versions)
@@ -32,7 +34,7 @@ from typing import Any
 from loop.config import load_config
 from loop.core import paths
 from loop.core.errors import LoopError, error_exit
-from loop.core.metrics import heldout_loss, regression_loss
+from loop.core.metrics import HELDOUT_KEYS, heldout_loss, regression_loss
 from loop.core.registry import Registry, RegistryCorruptError, Version
 
 
@@ -139,6 +141,11 @@ def show_text(version: Version, pointer: dict[str, Any] | None) -> str:
         lines.append(f"{'tainted':<14} {entry.get('at')}: {entry.get('reason')}")
     for section in ("variant", "snapshot_counts", "metrics", "verification"):
         block = data.get(section) or {}
+        if section == "metrics" and "measures" in block:  # the fixed measures' cache gets a block of its own
+            from loop.version_measures import measures_lines
+
+            lines += measures_lines(version)
+            block = {k: v for k, v in block.items() if k != "measures"}
         lines.append(f"{section}:" + ("" if block else " -"))
         for key, value in block.items():
             text = json.dumps(value) if isinstance(value, (dict, list)) else fmt(value)
@@ -150,8 +157,10 @@ def show_text(version: Version, pointer: dict[str, Any] | None) -> str:
 
 
 def numeric_metrics(version: Version) -> dict[str, float]:
+    """The version's numeric registry metrics, without its held-out loss: each cycle scores on its own
+    held-out set, so held-out figures are compared only inside their gate (``gate_comparison``)."""
     return {k: float(v) for k, v in (version.metrics or {}).items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in HELDOUT_KEYS}
 
 
 def compare_versions(
@@ -214,9 +223,34 @@ def compare_text(result: dict[str, Any], width: int | None = None) -> str:
             line_b = right[j] if j < len(right) else ""
             out.append(f"    {line_a:<{col}} | {line_b}".rstrip())
         out.append("")
+    if result.get("fixed"):
+        out += [fixed_text(result), "", "recorded at registration, and this run's probes:"]
     rows = [{"metric": k, "a": v["a"], "b": v["b"], "delta": v["delta"]} for k, v in result["metrics"].items()]
     out.append(format_table(rows, [("metric", "METRIC"), ("a", a), ("b", b), ("delta", f"DELTA ({b} - {a})")]))
     out.append("(losses: lower is better; logprob and tokens/s: higher is better)")
+    return "\n".join(out)
+
+
+def fixed_text(result: dict[str, Any]) -> str:
+    """The fixed block of ``versions compare`` for people."""
+    from loop.core.measures import LABELS, format_value
+
+    a, b = result["a"], result["b"]
+    rows = [{"measure": LABELS[name], "a": format_value(name, v["a"]), "b": format_value(name, v["b"]),
+             "delta": format_value(name, v["delta"], sign=True)} for name, v in result["fixed"].items()]
+    sets = result["fixed_sets"]
+    out = [f"fixed measures, the same sets for every version ({sets['regression']['set']} "
+           f"{sets['regression']['hash'][:12]}, {sets['probes']['set']} {sets['probes']['hash'][:12]}: "
+           f"{sets['probes']['checked']} checked probes):",
+           format_table(rows, [("measure", "MEASURE"), ("a", a), ("b", b), ("delta", f"DELTA ({b} - {a})")]),
+           "(regression loss, thumbs-down rate: lower is better; the rest: higher is better)"]
+    gaps = {vid: names for vid, names in result.get("fixed_missing", {}).items() if names}
+    if gaps:
+        out.append("not measured: " + "; ".join(f"{vid}: {', '.join(LABELS[n] for n in names)}"
+                                                 for vid, names in gaps.items())
+                   + f" (python -m loop.versions measure {' '.join(gaps)})")
+    out.append("held-out loss, each on its own cycle's held-out set (compared only at that gate):")
+    out += [f"  {vid}: {text or '- (no gate: not made by a cycle)'}" for vid, text in result["gate"].items()]
     return "\n".join(out)
 
 
@@ -257,6 +291,35 @@ def history_table(entries: list[dict[str, Any]]) -> str:
                                ("reason", "REASON")])
 
 
+def measure_command(registry: Registry, config: Any, ids: list[str], *, every: bool = False, force: bool = False,
+                    progress: bool = True, as_json: bool = False) -> int:
+    """``versions measure``: 0 when every version named has all its fixed measures, else 1."""
+    from loop.core.measures import LABELS, format_value
+    from loop.version_measures import measure_versions
+
+    if every:  # a version whose verification failed never served anyone (and its file may not load)
+        ids = [v.id for v in registry.list() if (v.verification or {}).get("passed", True)]
+    elif not ids:
+        print("error: name the versions to measure, or --all", file=sys.stderr)
+        return 2
+    for vid in ids:
+        registry.get(vid)  # every id checked before anything is measured (a RegistryError exits 1)
+    reports = measure_versions(registry, ids, config, force=force, progress=progress)
+    if as_json:
+        print(json.dumps(reports, indent=2, default=str))
+        return 1 if any("error" in r for r in reports) else 0
+    for r in reports:
+        if "error" in r:
+            print(f"{r['version']}: not measured: {r['error']}")
+            continue
+        how = ([f"measured {', '.join(r['measured'])}"] if r["measured"] else []) + (
+            [f"copied from {', '.join(sorted(set(r['copied'].values())))}"] if r["copied"] else []) + (
+            [f"cached {', '.join(r['cached'])}"] if r["cached"] else [])
+        print(f"{r['version']}: " + ", ".join(f"{LABELS[n]} {format_value(n, v)}" for n, v in r["values"].items())
+              + f"  ({'; '.join(how)})")
+    return 1 if any("error" in r for r in reports) else 0
+
+
 # -- the command -----------------------------------------------------------------------------------
 
 
@@ -264,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m loop.versions",
                                      description="Look at, compare, roll back, pin and prune model versions.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[2:12]))
+                                     epilog="\n".join(__doc__.splitlines()[2:14]))
     parser.add_argument("--config", help="TOML file (default: $LOOP_CONFIG or $LOOP_HOME/config.toml)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("list", help="every version")
@@ -278,6 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probes", help="JSON lines with 'prompt' or 'messages' (default: loop/core/probes.jsonl)")
     p.add_argument("--limit", type=int, help="use only the first N probes")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--measure", action="store_true", help="take the fixed measures A and B miss first")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("measure", help="take the fixed measures versions miss (regression set, probes) and cache them")
+    p.add_argument("ids", nargs="*", metavar="ID")
+    p.add_argument("--all", action="store_true", help="every version whose verification did not fail")
+    p.add_argument("--force", action="store_true", help="measure again even what is cached")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("rollback", help="make the previous version (or --to ID) current")
     p.add_argument("--to", help="version to roll back to (default: the previous one)")
@@ -331,10 +401,18 @@ def main(argv: list[str] | None = None) -> int:
             result = compare_versions(registry, args.a, args.b, probes=probes, probes_origin=origin,
                                       max_tokens=args.max_tokens, n_ctx=config.model.n_ctx,
                                       n_threads=config.model.n_threads or None)
+            from loop.core.store import Store
+            from loop.version_measures import fixed_comparison
+
+            result.update(fixed_comparison(registry, args.a, args.b, config, store=Store.open(config.home),
+                                           measure=args.measure))
             if args.json:
                 emit(result)
             else:
                 print(compare_text(result))
+        elif args.command == "measure":
+            return measure_command(registry, config, args.ids, every=args.all, force=args.force,
+                                   progress=not args.quiet, as_json=args.json)
         elif args.command == "rollback":
             entry = registry.rollback(args.to, reason=args.reason)
             if args.json:

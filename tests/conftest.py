@@ -28,6 +28,8 @@ def loop_home(tmp_path, monkeypatch) -> Path:
         if key.startswith("LOOP_") and "__" in key:  # config overrides from the caller's shell
             monkeypatch.delenv(key)
     monkeypatch.delenv("LOOP_CONFIG", raising=False)
+    # Measuring versions after a promotion adds ~40 s to every promoting cycle; the tests of it switch it on.
+    monkeypatch.setenv("LOOP_CYCLE__MEASURE_VERSIONS", "false")
     monkeypatch.delenv("ARGILLA_API_URL", raising=False)
     monkeypatch.delenv("ARGILLA_API_KEY", raising=False)
     return home
@@ -56,3 +58,32 @@ def base_hf_dir(bundled_gguf) -> Path:
 
 # The real local Argilla stack for any test that asks for it (tests/argilla_fixtures.py says how).
 from argilla_fixtures import argilla_stack, new_stack_config, stack_home  # noqa: E402,F401
+
+
+@pytest.fixture(scope="session")
+def requantized_gguf(bundled_gguf, tmp_path_factory) -> Path:
+    """A second real model: the bundled Q4_1 file requantised to Q4_0 by llama.cpp (another file, other numbers)."""
+    import ctypes
+
+    import llama_cpp
+
+    out = tmp_path_factory.mktemp("q40") / "smollm2-Q4_0.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    params.allow_requantize = True
+    assert llama_cpp.llama_model_quantize(str(bundled_gguf).encode(), str(out).encode(), ctypes.byref(params)) == 0
+    return out
+
+
+@pytest.fixture
+def candidate_gguf(bundled_gguf, tmp_path) -> Path:
+    """A cycle's exported GGUF, stood in for by the base's very bytes (hard-linked where the disk allows)."""
+    import shutil
+
+    out = tmp_path / "export" / "model-Q4_1.gguf"
+    out.parent.mkdir()
+    try:
+        os.link(bundled_gguf, out)
+    except OSError:
+        shutil.copyfile(bundled_gguf, out)
+    return out

@@ -5,9 +5,7 @@ Two real models: the bundled SmolLM2 Q4_1 GGUF and the same weights requantised 
 
 from __future__ import annotations
 
-import ctypes
 import random
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -17,18 +15,6 @@ from loop.core.registry import Registry
 from loop.core.store import Store
 
 PROMPT = "Write a short story about a lighthouse keeper and a storm."
-
-
-@pytest.fixture(scope="module")
-def requantized_gguf(bundled_gguf, tmp_path_factory) -> Path:
-    import llama_cpp
-
-    out = tmp_path_factory.mktemp("q40") / "smollm2-Q4_0.gguf"
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
-    params.allow_requantize = True
-    assert llama_cpp.llama_model_quantize(str(bundled_gguf).encode(), str(out).encode(), ctypes.byref(params)) == 0
-    return out
 
 
 @pytest.fixture

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ctypes
 import random
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -77,19 +75,6 @@ def test_ratings_are_transitive_and_list_versions_without_votes():
 # -- the Versions tab, with the real model --------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def requantized_gguf(bundled_gguf, tmp_path_factory) -> Path:
-    """A second real model: the bundled Q4_1 file requantised to Q4_0 by llama.cpp (under a second)."""
-    import llama_cpp
-
-    out = tmp_path_factory.mktemp("q40") / "smollm2-Q4_0.gguf"
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
-    params.allow_requantize = True
-    assert llama_cpp.llama_model_quantize(str(bundled_gguf).encode(), str(out).encode(), ctypes.byref(params)) == 0
-    return out
-
-
 def test_versions_tab_arena_side_by_side_and_plot(bundled_gguf, requantized_gguf, monkeypatch):
     import gradio as gr
 
@@ -134,6 +119,8 @@ def test_versions_tab_arena_side_by_side_and_plot(bundled_gguf, requantized_gguf
     fig = tab.figure()
     ax = fig.axes[0]
     assert [label.get_text() for label in ax.get_xticklabels()] == [f"{v1.id}*", v2.id, bad.id]
-    assert {line.get_label() for line in ax.get_lines()} == {"held-out loss", "regression loss"}
-    assert len(fig.axes) == 2  # the arena rating axis appears once there are votes
+    # Held-out losses come from each cycle's own held-out set: never plotted across versions (only
+    # the fixed measures are, and none is cached here); the arena panel has its line once there are votes.
+    assert not any("held-out" in line.get_label() for a in fig.axes for line in a.get_lines())
+    assert [line.get_label() for line in fig.axes[2].get_lines()] == ["arena rating"]
     tab.cache.close()

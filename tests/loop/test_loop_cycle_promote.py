@@ -28,18 +28,6 @@ from loop.cycle_state import CycleState
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def candidate_gguf(bundled_gguf, tmp_path) -> Path:
-    """A stand-in for the exported GGUF, on the home's file system so the registry can hard-link it."""
-    out = tmp_path / "export" / "model-Q4_1.gguf"
-    out.parent.mkdir()
-    try:
-        os.link(bundled_gguf, out)
-    except OSError:
-        shutil.copyfile(bundled_gguf, out)
-    return out
-
-
 def _registry() -> Registry:
     return Registry()
 
