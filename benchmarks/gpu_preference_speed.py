@@ -46,7 +46,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.gpu_train_speed import ARCHS
+from benchmarks.gpu_train_speed import ARCHS, emit_report, env_info, release_memory
 
 OBJECTIVES = ("dpo", "kto", "sft-padded", "sft")  # sft (the fast path, Liger patches modules) last
 SPECIAL_BOS, SPECIAL_USER, SPECIAL_ASSISTANT, SPECIAL_EOS = 1, 2, 3, 4
@@ -248,9 +248,7 @@ def run_objective(objective: str, precision: str, arch: str, base_path: Path, pa
         "setup_s": round(setup_s, 1), "device": torch.cuda.get_device_name() if cuda else "cpu",
     }
     del trainer, guard
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
+    release_memory()
     return row
 
 
@@ -286,23 +284,12 @@ def worker(ns) -> list[dict]:
 
 # --------------------------------------------------------------------------------------------------------- suite
 def suite(ns) -> None:
-    import torch
-
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
     deadline = time.perf_counter() + ns.budget_s
-    info = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
-    from importlib.metadata import PackageNotFoundError, version
-
-    for dist in ("transformers", "trl", "peft", "accelerate", "bitsandbytes", "liger-kernel", "datasets"):
-        try:
-            info[dist] = version(dist)
-        except PackageNotFoundError:
-            info[dist] = "missing"
-    (out / "env.json").write_text(json.dumps(info, indent=1))
-    print(json.dumps(info), flush=True)
+    info = env_info(out, ("transformers", "trl", "peft", "accelerate", "bitsandbytes", "liger-kernel", "datasets"),
+                    gpus=False)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0"),
            "PYTHONUNBUFFERED": "1"}
     for precision in ns.precisions.split(","):
@@ -344,11 +331,7 @@ def report(results: Path, info: dict | None = None, dest: Path | None = None) ->
             f"| {r['objective']} | {r['precision']} | {r['real_tokens_per_s']:,.0f} | "
             f"{r['forward_tokens_per_s']:,.0f} | {r['steps_per_s']:.2f} | {r['sequences_per_step']:.1f} | "
             f"{r['real_tokens_per_step']:,.0f} | {pad} | {peak} | {r['loss_first']:.3f}→{r['loss_last']:.3f} |")
-    text = "\n".join(lines)
-    if dest:
-        Path(dest).write_text(text + "\n")
-    print(text)
-    return text
+    return emit_report(lines, dest)
 
 
 def _add_run_args(p: argparse.ArgumentParser, *, steps: int, sft_steps: int, warmup: int, n_pairs: int) -> None:

@@ -27,7 +27,6 @@ A CPU dry run: `LOOP_CUDA_FAST=force python -m benchmarks.gpu_time_to_quality wo
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 import tempfile
@@ -35,7 +34,18 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from benchmarks.gpu_train_speed import ARCHS, LORA_RANK, _run, build_model, eval_loss, matmul_peak
+from benchmarks.gpu_train_speed import (
+    ARCHS,
+    LORA_RANK,
+    _run,
+    emit_report,
+    env_info,
+    eval_loss,
+    matmul_peak,
+    release_memory,
+    sft_setup,
+    stat_totals,
+)
 
 NS = SimpleNamespace
 # name -> the config object handed to cuda_fast.apply (None: the baseline, apply is not called). Fields not set
@@ -65,55 +75,16 @@ def run_config(name: str, arch: str, n_train: int, n_eval: int, max_length: int,
                target: tuple[float, float] | None, peak_tflops: float | None) -> dict:
     """One configuration's run. `target`: (baseline's final loss, target loss); None for the baseline itself."""
     import torch
-    from datasets import Dataset
-    from peft import LoraConfig
     from transformers import TrainerCallback
-    from trl import SFTConfig, SFTTrainer
 
-    from benchmarks.gpu_data import make_examples, tokenizer_stub
     from benchmarks.gpu_flops import step_flops
     from trainer import cuda_fast
 
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    model = build_model(arch, "none", Path(tempfile.gettempdir()))
-    vocab = ARCHS[arch]["vocab_size"]
-    max_len = min(2048, ARCHS[arch]["max_position_embeddings"])
-    def rows(n, seed):  # pre-truncated, as trainer/data.py does
-        return [{k: v[:max_length] for k, v in r.items()} for r in make_examples(n, vocab, seed=seed, max_len=max_len)]
-
-    train_rows, eval_rows = rows(n_train, 1), rows(n_eval, 2)
-    args = SFTConfig(
-        output_dir=tempfile.mkdtemp(prefix=f"ttq-{name}-"), max_length=max_length, learning_rate=2e-4,
-        num_train_epochs=1, logging_steps=5, save_strategy="no", report_to="none", seed=42, disable_tqdm=True,
-        bf16=cuda, use_cpu=not cuda, **CONFIG_EXTRA.get(name, {}),
-    )
-    peft_config = LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules="all-linear", task_type="CAUSAL_LM")
-    dataset = Dataset.from_list(train_rows)
-    sft_kwargs = dict(args=args, train_dataset=dataset, peft_config=peft_config, processing_class=tokenizer_stub())
     fast_cfg = CONFIGS[name]
-    cuda_fast.disable_fused_lora()
-    if fast_cfg is not None:
-        sft_kwargs, model = cuda_fast.apply(sft_kwargs, model, fast_cfg)
-    ac = getattr(args, "activation_checkpointing", None)
-    checkpointing = bool(args.gradient_checkpointing if ac is None else ac)
-
-    stats = []  # per micro-batch, tensors (no host sync while training)
-
-    class Counting(SFTTrainer):
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            ids = inputs["input_ids"]
-            if "attention_mask" in inputs:
-                lengths = inputs["attention_mask"].sum(-1)
-            elif "cu_seq_lens_q" in inputs:
-                lengths = inputs["cu_seq_lens_q"].diff()
-            else:
-                lengths = torch.tensor([ids.numel()])
-            labels = (inputs["labels"][:, 1:] != -100).sum()
-            stats.append((ids.numel(), lengths.sum(), (lengths.double() ** 2).sum(), labels))
-            return super().training_step(model, inputs, num_items_in_batch)
+    setup = sft_setup(arch, "none", n_train, n_eval, max_length, Path(tempfile.gettempdir()), fast_cfg,
+                      f"ttq-{name}-", CONFIG_EXTRA.get(name, {}))
+    cuda, model, args, checkpointing, stats = setup.cuda, setup.model, setup.args, setup.checkpointing, setup.stats
+    eval_rows = setup.eval_rows
 
     def sync():
         if cuda:
@@ -138,7 +109,7 @@ def run_config(name: str, arch: str, n_train: int, n_eval: int, max_length: int,
             curve.append((state.global_step, now - clock["start"] - clock["paused"], loss))
             clock["paused"] += time.perf_counter() - now
 
-    trainer = Counting(model=model, callbacks=[Evaluate()], **sft_kwargs)
+    trainer = setup.trainer_class(model=model, callbacks=[Evaluate()], **setup.sft_kwargs)
     start_loss = eval_loss(trainer.model, eval_rows)
     sync()
     clock["start"] = time.perf_counter()
@@ -151,7 +122,7 @@ def run_config(name: str, arch: str, n_train: int, n_eval: int, max_length: int,
     exact, goal = target
     reached = next(((step, t, loss) for step, t, loss in curve if loss <= goal), None)
     reached_exact = next((t for step, t, loss in curve if loss <= exact), None)
-    tot = torch.tensor([[float(a), float(b), float(c), float(d)] for a, b, c, d in stats]).sum(0)
+    tot = stat_totals(stats)
     slots, real, sum_sq, label_tokens = (float(x) for x in tot)
     flops = step_flops(ARCHS[arch], real, label_tokens, sum_sq, LORA_RANK, checkpointing)
     row = {
@@ -169,10 +140,8 @@ def run_config(name: str, arch: str, n_train: int, n_eval: int, max_length: int,
         "curve": [(s, round(t, 3), round(v, 5)) for s, t, v in curve],
         "device": torch.cuda.get_device_name() if cuda else "cpu",
     }
-    del trainer, model
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
+    del trainer, model, setup
+    release_memory()
     return row
 
 
@@ -212,22 +181,10 @@ PLANS = {
 
 
 def suite(ns) -> None:
-    import torch
-
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "suite.log", "a")
-    info = {"device": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(), "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d")}
-    from importlib.metadata import PackageNotFoundError, version
-
-    for dist in ("transformers", "trl", "peft", "accelerate", "liger-kernel", "triton", "datasets"):
-        try:
-            info[dist] = version(dist)
-        except PackageNotFoundError:
-            info[dist] = "missing"
-    (out / "env.json").write_text(json.dumps(info, indent=1))
-    print(json.dumps(info), flush=True)
+    env_info(out, ("transformers", "trl", "peft", "accelerate", "liger-kernel", "triton", "datasets"))
     if ns.checks:  # correctness of the kernels before any timing
         _run([sys.executable, "-m", "benchmarks.gpu_checks", "--out", str(out / "checks.json"), "--archs", ns.checks],
              log, 240, {"CUDA_VISIBLE_DEVICES": "0"})
@@ -260,11 +217,7 @@ def report(results: Path, dest: Path | None = None) -> str:
             f"| {r['arch']} | {r['config']} | {r['steps']} | {r['tokens_per_microbatch']:,.0f} | "
             f"{r['learning_rate']:.3g} | {r['real_tokens_per_s']:,.0f} | {mfu} | {r['train_s']:.1f} | "
             f"{r['final_loss']:.4f} | {when} | {sooner} | {exact} |")
-    text = "\n".join(lines)
-    if dest:
-        Path(dest).write_text(text + "\n")
-    print(text)
-    return text
+    return emit_report(lines, dest)
 
 
 def main(argv=None) -> None:

@@ -119,46 +119,47 @@ def eval_loss(model, examples, batch: int = 8) -> float:
     return total / max(count, 1)
 
 
-def run_config(name: str, arch: str, quant: str, n_train: int, n_eval: int, warmup: int, max_length: int,
-               cache_dir: Path, extra: dict | None = None) -> dict:
+def sft_setup(arch: str, quant: str, n_train: int, n_eval: int, max_length: int, cache_dir: Path, fast_cfg,
+              prefix: str, sft_extra: dict | None = None, lora_extra: dict | None = None) -> SimpleNamespace:
+    """What every SFT benchmark run sets up alike (gpu_time_to_quality too): the randomly initialised model,
+    pre-truncated synthetic rows, TRL's default SFTConfig with LoRA r=16 and (`fast_cfg` not None) the fast path
+    applied; `trainer_class` is an SFTTrainer that appends each micro-batch's (slots, real tokens, sum of
+    squared lengths, label tokens) to `stats`, as tensors (no host sync while training)."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from benchmarks.gpu_data import length_stats, make_examples, tokenizer_stub
+    from benchmarks.gpu_data import make_examples, tokenizer_stub
     from trainer import cuda_fast
 
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    t_setup = time.perf_counter()
     model = build_model(arch, quant, cache_dir)
     vocab = ARCHS[arch]["vocab_size"]
     max_len = min(2048, ARCHS[arch]["max_position_embeddings"])
-    # pre-truncated like trainer/data.py does (the "padding-free" configuration requires it; TRL would cut the same)
-    train_rows = [{k: v[:max_length] for k, v in r.items()} for r in make_examples(n_train, vocab, seed=1, max_len=max_len)]
-    eval_rows = [{k: v[:max_length] for k, v in r.items()} for r in make_examples(n_eval, vocab, seed=2, max_len=max_len)]
-    out_dir = tempfile.mkdtemp(prefix=f"bench-{name}-")
+
+    def rows(n, seed):  # pre-truncated like trainer/data.py does ("padding-free" requires it; TRL would cut the same)
+        return [{k: v[:max_length] for k, v in r.items()} for r in make_examples(n, vocab, seed=seed, max_len=max_len)]
+
+    train_rows, eval_rows = rows(n_train, 1), rows(n_eval, 2)
     args = SFTConfig(
-        output_dir=out_dir, max_length=max_length, learning_rate=2e-4, num_train_epochs=1, logging_steps=5,
-        save_strategy="no", report_to="none", seed=42, disable_tqdm=True, bf16=cuda, use_cpu=not cuda,
-        **{**(extra or {}), **CONFIG_EXTRA.get(name, {}).get("sft", {})},
+        output_dir=tempfile.mkdtemp(prefix=prefix), max_length=max_length, learning_rate=2e-4, num_train_epochs=1,
+        logging_steps=5, save_strategy="no", report_to="none", seed=42, disable_tqdm=True, bf16=cuda,
+        use_cpu=not cuda, **(sft_extra or {}),
     )
     peft_config = LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules="all-linear", task_type="CAUSAL_LM",
-                             **CONFIG_EXTRA.get(name, {}).get("lora", {}))
+                             **(lora_extra or {}))
     sft_kwargs = dict(args=args, train_dataset=Dataset.from_list(train_rows), peft_config=peft_config,
                       processing_class=tokenizer_stub())
-    fast_cfg = CONFIGS[name]
     cuda_fast.disable_fused_lora()
     if fast_cfg is not None:
         sft_kwargs, model = cuda_fast.apply(sft_kwargs, model, fast_cfg)
     ac = getattr(args, "activation_checkpointing", None)  # transformers >= 5.2x reads this one
     checkpointing = bool(args.gradient_checkpointing if ac is None else ac)
-
-    stats = []  # per optimizer step: tensors (no host sync while training)
+    stats = []
 
     class Counting(SFTTrainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
@@ -173,6 +174,34 @@ def run_config(name: str, arch: str, quant: str, n_train: int, n_eval: int, warm
             stats.append((ids.numel(), lengths.sum(), (lengths.double() ** 2).sum(), labels))
             return super().training_step(model, inputs, num_items_in_batch)
 
+    return SimpleNamespace(cuda=cuda, model=model, args=args, sft_kwargs=sft_kwargs, eval_rows=eval_rows,
+                           checkpointing=checkpointing, stats=stats, trainer_class=Counting, vocab=vocab,
+                           max_len=max_len)
+
+
+def stat_totals(stats: list):
+    """The sums of `sft_setup`'s per-micro-batch stats, a tensor of 4."""
+    import torch
+
+    return torch.tensor([[float(a), float(b), float(c), float(d)] for a, b, c, d in stats]).sum(0)
+
+
+def run_config(name: str, arch: str, quant: str, n_train: int, n_eval: int, warmup: int, max_length: int,
+               cache_dir: Path, extra: dict | None = None) -> dict:
+    import torch
+    from transformers import TrainerCallback
+
+    from benchmarks.gpu_data import length_stats, make_examples
+    from trainer import cuda_fast
+
+    t_setup = time.perf_counter()
+    fast_cfg = CONFIGS[name]
+    setup = sft_setup(arch, quant, n_train, n_eval, max_length, cache_dir, fast_cfg, f"bench-{name}-",
+                      {**(extra or {}), **CONFIG_EXTRA.get(name, {}).get("sft", {})},
+                      CONFIG_EXTRA.get(name, {}).get("lora", {}))
+    cuda, model, args, checkpointing, stats = setup.cuda, setup.model, setup.args, setup.checkpointing, setup.stats
+    vocab, max_len, eval_rows = setup.vocab, setup.max_len, setup.eval_rows
+
     timing = {}
 
     class Timer(TrainerCallback):
@@ -182,7 +211,7 @@ def run_config(name: str, arch: str, quant: str, n_train: int, n_eval: int, warm
                     torch.cuda.synchronize()
                 timing[state.global_step] = time.perf_counter()
 
-    trainer = Counting(model=model, callbacks=[Timer()], **sft_kwargs)
+    trainer = setup.trainer_class(model=model, callbacks=[Timer()], **setup.sft_kwargs)
     setup_s = time.perf_counter() - t_setup
     result = trainer.train()
     steps = trainer.state.global_step
@@ -190,7 +219,7 @@ def run_config(name: str, arch: str, quant: str, n_train: int, n_eval: int, warm
         raise RuntimeError(f"too few steps ({steps}) for {warmup} warm-up steps")
     seconds = timing[steps] - timing[warmup]
     measured = stats[warmup:steps]
-    tot = torch.tensor([[float(a), float(b), float(c), float(d)] for a, b, c, d in measured]).sum(0)
+    tot = stat_totals(measured)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         t = tot.to(f"cuda:{_local_rank()}") if cuda else tot
         torch.distributed.all_reduce(t)
@@ -218,11 +247,18 @@ def run_config(name: str, arch: str, quant: str, n_train: int, n_eval: int, warm
         "data": length_stats(make_examples(n_train, vocab, seed=1, max_len=max_len), max_length),
         "device": torch.cuda.get_device_name() if cuda else "cpu",
     }
-    del trainer, model
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
+    del trainer, model, setup
+    release_memory()
     return row
+
+
+def release_memory() -> None:
+    """After a run's objects are deleted: collect them, and give their GPU memory back to the card."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def worker(ns) -> None:
@@ -282,6 +318,30 @@ def _run(cmd: list[str], log, timeout: int, env: dict | None = None) -> int:
     return rc
 
 
+def env_info(out: Path, dists: tuple[str, ...], gpus: bool = True, matmul: bool = False) -> dict:
+    """The device (GPU count), torch, the date and the versions of `dists` (+ the bf16 matmul peak), written to
+    OUT/env.json and printed: every benchmark suite's record of where it ran."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    info = {"device": torch.cuda.get_device_name(0) if cuda else "cpu"}
+    if gpus:
+        info["gpus"] = torch.cuda.device_count()
+    info.update(torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in dists:
+        try:
+            info[dist] = version(dist)
+        except PackageNotFoundError:
+            info[dist] = "missing"
+    if matmul:
+        info["bf16_matmul_tflops"] = matmul_peak()
+    (out / "env.json").write_text(json.dumps(info, indent=1))
+    print(json.dumps(info), flush=True)
+    return info
+
+
 PLANS = {
     # (what, arch, quant, configs, n_train, timeout). what: "checks" (gpu_checks, `arch` = its --archs),
     # "1gpu" (worker on GPU 0), "2gpu" (worker through accelerate on two processes), "prod" (the production
@@ -323,18 +383,8 @@ def suite(ns) -> None:
     log = open(out / "suite.log", "a")
     py = sys.executable
     deadline = time.perf_counter() + ns.budget_s
-    info = {"device": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(),
-            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
-    from importlib.metadata import PackageNotFoundError, version
-
-    for dist in ("transformers", "trl", "peft", "accelerate", "liger-kernel", "bitsandbytes", "triton", "datasets"):
-        try:
-            info[dist] = version(dist)
-        except PackageNotFoundError:
-            info[dist] = "missing"
-    info["bf16_matmul_tflops"] = matmul_peak()
-    (out / "env.json").write_text(json.dumps(info, indent=1))
-    print(json.dumps(info), flush=True)
+    info = env_info(out, ("transformers", "trl", "peft", "accelerate", "liger-kernel", "bitsandbytes", "triton",
+                          "datasets"), matmul=True)
     nccl = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
     for what, arch, quant, configs, n_train, timeout in PLANS[ns.plan]:
         left = deadline - time.perf_counter()
@@ -398,6 +448,11 @@ def report(results: Path, info: dict | None, dest: Path | None = None) -> str:
             f"{r['tokens_per_microbatch']:,.0f} | {'yes' if r['gradient_checkpointing'] else 'no'} | {losses} | "
             f"{held} |"
         )
+    return emit_report(lines, dest)
+
+
+def emit_report(lines: list[str], dest: Path | None) -> str:
+    """A benchmark's report: its lines printed, written to `dest` when given, and returned as one text."""
     text = "\n".join(lines)
     if dest:
         Path(dest).write_text(text + "\n")

@@ -47,7 +47,7 @@ What it switches on, and why each part is safe
    own FlashAttention-2 varlen kernel (`aten::_flash_attention_forward` with `cu_seqlens`, causal, GQA native), so
    each example attends only to itself and the cost is sum(len_i^2), not (sum len_i)^2. Padded batches (evaluation,
    generation) go to SDPA with the usual mask. Without CUDA the same function attends example by example (slow,
-   exact): that is what the CPU test checks.
+   exact): that is what the CPU test checks. (trainer/cuda_attention.py)
 3. Fused LoRA linear: PEFT computes `base(x) + B(A(dropout(x))) * s` as five kernels plus casts, each a full pass
    over the layer's activations. For vanilla LoRA on a bf16/fp16 `nn.Linear` (LoRA dropout allowed) we run one
    autograd function: `y = x W^T; y += s (x A^T) B^T` (the add rides in the GEMM epilogue), and in backward
@@ -55,9 +55,12 @@ What it switches on, and why each part is safe
    a third of the memory traffic. QLoRA's 4-bit base layers keep PEFT's path.
 4. Liger Kernel's RMSNorm, RoPE and SwiGLU (fused Triton kernels). Its fused linear cross-entropy is not used:
    TRL >= 1.x already computes the loss through its own chunked fused LM head without materialising the logits.
-5. No gradient checkpointing when the activations of one micro-batch fit in memory (estimated below): recomputing
-   the forward costs about a third of the step for nothing when memory is there.
+5. No gradient checkpointing when the activations of one micro-batch fit in memory (estimated in
+   trainer/cuda_sizing.py): recomputing the forward costs about a third of the step for nothing when memory is there.
 torch.compile is not switched on: with varying packed shapes it recompiled and did not pay (docs/gpu-speed.md).
+
+Modules: this one holds `apply`, the fused LoRA and the Liger switch; the varlen attention is in
+trainer/cuda_attention.py and the micro-batch sizing in trainer/cuda_sizing.py, their names importable from here.
 """
 
 from __future__ import annotations
@@ -68,125 +71,30 @@ from typing import Any
 
 import torch
 
+from trainer.cuda_attention import (  # noqa: F401 - re-exported: callers use cuda_fast.<name>
+    ATTN_IMPLEMENTATION,
+    _flash_varlen,
+    _per_example_sdpa,
+    register_varlen_attention,
+    use_varlen_attention,
+    varlen_attention_forward,
+    varlen_attention_mask,
+)
+from trainer.cuda_sizing import (  # noqa: F401 - re-exported; _batching reads tokens_per_microbatch from here
+    DEFAULT_LR_SCALING,
+    DEFAULT_MAX_TOKENS_PER_MICROBATCH,
+    DEFAULT_MIN_STEPS_PER_EPOCH,
+    LR_SCALING_RULES,
+    MAX_LR_SCALE,
+    DatasetStats,
+    activation_bytes_per_token,
+    dataset_stats,
+    lr_scale,
+    microbatch_for_dataset,
+    tokens_per_microbatch,
+)
+
 log = logging.getLogger(__name__)
-
-ATTN_IMPLEMENTATION = "loop_varlen"
-DEFAULT_MAX_TOKENS_PER_MICROBATCH = 16384
-
-
-# ----------------------------------------------------------------------------------------------- varlen attention
-def _boundaries_from_position_ids(position_ids: torch.Tensor, batch: int, seq: int) -> tuple[torch.Tensor, int]:
-    """cu_seqlens (int32) of the flattened (batch*seq) tokens: a new example starts where the position does not
-    continue the previous one, and at every row start. One host sync; the collator normally saves us this."""
-    pos = position_ids.expand(batch, seq).reshape(-1)
-    starts = torch.ones_like(pos, dtype=torch.bool)
-    starts[1:] = pos[1:] != pos[:-1] + 1
-    starts[::seq] = True
-    idx = starts.nonzero().flatten().to(torch.int32)
-    cu = torch.cat([idx, torch.tensor([pos.numel()], dtype=torch.int32, device=pos.device)])
-    return cu, int((cu[1:] - cu[:-1]).max())
-
-
-_GQA_NATIVE = True  # set False once if this PyTorch's kernel refuses fewer key/value heads than query heads
-
-
-def _flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, dropout):
-    """PyTorch's bundled FlashAttention-2, varlen and causal. q: (T, Hq, D), k/v: (T, Hkv, D)."""
-    global _GQA_NATIVE
-    if k.shape[1] != q.shape[1] and not _GQA_NATIVE:
-        groups = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    try:
-        return torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_q, cu_k, max_q, max_k, dropout, True, False, scale=scale
-        )[0]
-    except RuntimeError:
-        if k.shape[1] == q.shape[1] or not _GQA_NATIVE:
-            raise
-        _GQA_NATIVE = False
-        return _flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, dropout)
-
-
-def _per_example_sdpa(q, k, v, cu, scale):
-    """Reference path (CPU, odd dtypes): causal SDPA example by example. q: (T, Hq, D)."""
-    groups = q.shape[1] // k.shape[1]
-    outs = []
-    bounds = cu.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
-        if groups > 1:
-            ks, vs = ks.repeat_interleave(groups, 0), vs.repeat_interleave(groups, 0)
-        outs.append(
-            torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1)
-        )
-    return torch.cat(outs, 0)
-
-
-def varlen_attention_forward(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """Attention function for transformers' `AttentionInterface` (q/k/v come as (B, H, S, D); returns (B, S, H, D))."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    batch, heads, seq, dim = query.shape
-    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
-    max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
-    position_ids = kwargs.get("position_ids")
-    same_len = key.shape[2] == seq
-    if cu_q is None or not same_len:
-        # Padded batches, generation with a cache, or a plain single sequence: SDPA with the usual mask.
-        if attention_mask is not None or not same_len or seq == 1 or position_ids is None:
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                          scaling=scaling, **kwargs)
-        cu_q, max_q = _boundaries_from_position_ids(position_ids, batch, seq)
-        cu_k, max_k = cu_q, max_q
-    if cu_k is None:
-        cu_k, max_k = cu_q, max_q
-    cu_q, cu_k = cu_q.to(device=query.device, dtype=torch.int32), cu_k.to(device=query.device, dtype=torch.int32)
-    max_q, max_k = int(max_q), int(max_k)
-    q = query.transpose(1, 2).reshape(batch * seq, heads, dim)
-    k = key.transpose(1, 2).reshape(batch * seq, key.shape[1], dim)
-    v = value.transpose(1, 2).reshape(batch * seq, value.shape[1], dim)
-    scale = scaling if scaling is not None else dim**-0.5
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and dim <= 256:
-        out = _flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, dropout if module.training else 0.0)
-    else:
-        out = _per_example_sdpa(q, k, v, cu_q, scale)
-    return out.view(batch, seq, heads, dim), None
-
-
-def varlen_attention_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any):
-    """Mask builder paired with `varlen_attention_forward`: a padded batch gets SDPA's mask; a padding-free
-    batch (no 2D mask) gets none, since the boundaries travel as `cu_seq_lens`/`position_ids`."""
-    if attention_mask is None:
-        return None
-    from transformers.masking_utils import sdpa_mask
-
-    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
-
-
-def register_varlen_attention() -> str:
-    """Register `"loop_varlen"` with transformers (idempotent) and return its name."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(ATTN_IMPLEMENTATION, varlen_attention_forward)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, varlen_attention_mask)
-    return ATTN_IMPLEMENTATION
-
-
-def use_varlen_attention(model: torch.nn.Module) -> None:
-    """Switch a (possibly PEFT-wrapped) transformers model to the varlen attention."""
-    register_varlen_attention()
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.set_attn_implementation(ATTN_IMPLEMENTATION)
 
 
 # --------------------------------------------------------------------------------------------------- fused LoRA
@@ -310,39 +218,6 @@ def apply_liger(model: torch.nn.Module) -> bool:
     return True
 
 
-# --------------------------------------------------------------------------------------------- micro-batch size
-def activation_bytes_per_token(text_config: Any, checkpointing: bool) -> float:
-    """Rough bytes kept for backward per token (bf16), from what each block saves with the kernels above:
-    about 7.5 x hidden + 3 x intermediate values per layer, or one hidden state per layer with checkpointing
-    (plus one layer being recomputed). Generous by ~1.5x; only used to size micro-batches."""
-    h = text_config.hidden_size
-    i = getattr(text_config, "intermediate_size", 4 * h)
-    layers = text_config.num_hidden_layers
-    per_layer = 7.5 * h + 3 * i
-    values = layers * h * 2 + per_layer if checkpointing else layers * per_layer
-    return 1.5 * 2 * values
-
-
-def tokens_per_microbatch(model: torch.nn.Module, max_length: int, requested: int | None = None,
-                          device: int | None = None) -> tuple[int, bool]:
-    """(tokens per micro-batch, gradient checkpointing needed) for this card; a multiple of `max_length`."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    text_config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
-    if not torch.cuda.is_available():
-        return max(max_length, (requested or 4 * max_length) // max_length * max_length), False
-    free, total = torch.cuda.mem_get_info(device)
-    weights = sum(p.numel() * p.element_size() for p in base.parameters())
-    if next(base.parameters()).device.type == "cuda":
-        weights = 0  # already counted as used
-    budget_bytes = 0.6 * free - weights - 2 * 2**30  # room for the LM-head chunks, optimizer, allocator slack
-    cap = requested or DEFAULT_MAX_TOKENS_PER_MICROBATCH
-    for checkpointing in (False, True):
-        fit = int(budget_bytes // activation_bytes_per_token(text_config, checkpointing))
-        tokens = min(cap, fit) // max_length * max_length
-        if tokens >= max_length:
-            return tokens, checkpointing
-    return max_length, True
-
 
 # ------------------------------------------------------------------------------------------------------- apply
 def _flag(config: Any, name: str, default: bool) -> bool:
@@ -424,64 +299,6 @@ def _batching(args: _Fields, model: Any, config: Any, stats: DatasetStats | None
     args.gradient_checkpointing = bool(args.checkpointing() and checkpointing)
     return f"packing({tokens} tokens/micro-batch, checkpointing={args.checkpointing()}{note})"
 
-
-# ------------------------------------------------------------------------------------ sizing to the data
-DEFAULT_MIN_STEPS_PER_EPOCH = 24
-DEFAULT_LR_SCALING = "linear"
-MAX_LR_SCALE = 4.0  # a bound on the rule, not part of it: never more than 4x the configured rate
-LR_SCALING_RULES = ("none", "sqrt", "linear")
-
-
-class DatasetStats:
-    """Examples and tokens (each cut at max_length) of the training rows."""
-
-    def __init__(self, examples: int, tokens: int):
-        self.examples, self.tokens = examples, tokens
-        self.mean_tokens = tokens / examples if examples else 0.0
-
-
-def dataset_stats(rows: Any, max_length: int) -> DatasetStats | None:
-    """Stats of tokenised rows (list of dicts or a `datasets.Dataset` with `input_ids`); None when unknown."""
-    if rows is None:
-        return None
-    try:
-        if hasattr(rows, "column_names"):  # datasets.Dataset: read the one column, not every row
-            if "input_ids" not in rows.column_names:
-                return None
-            lengths = [len(ids) for ids in rows["input_ids"]]
-        else:
-            lengths = [len(row["input_ids"]) for row in rows]
-    except (KeyError, TypeError):
-        return None
-    if not lengths:
-        return None
-    return DatasetStats(len(lengths), sum(min(n, max_length) for n in lengths))
-
-
-def microbatch_for_dataset(total_tokens: int, max_length: int, cap_tokens: int, min_steps: int,
-                           parallel: int = 1, floor_tokens: float = 0) -> int:
-    """Tokens per micro-batch (a multiple of max_length, at most `cap_tokens`) that give one epoch of
-    `total_tokens` at least `min_steps` optimizer steps when `parallel` micro-batches (accumulation x
-    processes) make one step; min_steps <= 0 keeps `cap_tokens`. Never below `floor_tokens` (the configured
-    batch's tokens, to the nearest bin: smaller micro-batches would only be slower per token) nor one bin."""
-    cap = max(max_length, cap_tokens // max_length * max_length)
-    if min_steps <= 0:
-        return cap
-    wanted = int(total_tokens / (min_steps * max(1, parallel))) // max_length * max_length
-    floor = max(max_length, round(floor_tokens / max_length) * max_length)
-    return min(cap, max(floor, wanted))
-
-
-def lr_scale(tokens_per_microbatch: float, configured_tokens: float, rule: str) -> float:
-    """Learning-rate factor for micro-batches of `tokens_per_microbatch` tokens in place of the configured
-    batch's `configured_tokens` (batch_size x mean example length): ratio ("linear") or ratio^1/2 ("sqrt"),
-    at most MAX_LR_SCALE; 1 for "none"."""
-    if rule not in LR_SCALING_RULES:
-        raise ValueError(f"fast_lr_scaling must be one of {LR_SCALING_RULES}, got {rule!r}")
-    if rule == "none" or configured_tokens <= 0 or tokens_per_microbatch <= 0:
-        return 1.0
-    ratio = tokens_per_microbatch / configured_tokens
-    return min(MAX_LR_SCALE, ratio**0.5 if rule == "sqrt" else ratio)
 
 
 def _world_size() -> int:

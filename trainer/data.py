@@ -34,7 +34,22 @@ def load_examples(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
+    records, problems = checked_jsonl(path, example_problem)
     examples: list[dict] = []
+    for number, record in records:
+        record.setdefault("id", f"{path.stem}-{number}")
+        examples.append(record)
+    if problems:
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise DataError(f"{len(problems)} bad example(s) in {path}:\n  {shown}{more}")
+    return examples
+
+
+def checked_jsonl(path: Path, problem_of) -> tuple[list[tuple[int, dict]], list[str]]:
+    """(line number, record) of every record of a JSON-lines file that `problem_of` finds no problem in, and
+    "path:line: problem" for every other non-blank line (not JSON, or `problem_of`'s answer)."""
+    records: list[tuple[int, dict]] = []
     problems: list[str] = []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
@@ -45,17 +60,12 @@ def load_examples(path: str | Path) -> list[dict]:
             except json.JSONDecodeError as exc:
                 problems.append(f"{path}:{number}: not JSON ({exc.msg})")
                 continue
-            problem = example_problem(record)
+            problem = problem_of(record)
             if problem:
                 problems.append(f"{path}:{number}: {problem}")
-                continue
-            record.setdefault("id", f"{path.stem}-{number}")
-            examples.append(record)
-    if problems:
-        shown = "\n  ".join(problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise DataError(f"{len(problems)} bad example(s) in {path}:\n  {shown}{more}")
-    return examples
+            else:
+                records.append((number, record))
+    return records, problems
 
 
 def example_problem(record: object) -> str | None:

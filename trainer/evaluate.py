@@ -62,8 +62,6 @@ def eval_loss(model_or_dir, examples: list[dict], tokenizer=None, max_length: in
     `model_or_dir` is a loaded causal LM (plain or PEFT; `tokenizer` required) or a directory for
     load_for_eval. `disable_adapter=True` scores a PEFT model's base weights (the starting point).
     """
-    import torch
-
     if isinstance(model_or_dir, (str, Path)):
         model, tokenizer = load_for_eval(model_or_dir, base=base)
     else:
@@ -73,38 +71,60 @@ def eval_loss(model_or_dir, examples: list[dict], tokenizer=None, max_length: in
     rows = tokenize_examples(tokenizer, examples, max_length).rows
     if not rows:
         return math.nan
+    scored = masked_nll(model, [row["input_ids"] for row in rows], [answer_mask(row) for row in rows],
+                        pad_id(tokenizer), batch_size, disable_adapter)
+    total, count = sum(nll for nll, _ in scored), sum(n for _, n in scored)
+    return total / count if count else math.nan
+
+
+def answer_mask(row: dict) -> list[int]:
+    """1 where a tokenised row's label is learned (the answer), 0 over the prompt."""
+    return [int(label != IGNORE_INDEX) for label in row["labels"]]
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def masked_nll(model, sequences: list[list[int]], loss_masks: list[list[int]], pad: int, batch_size: int = 4,
+               disable_adapter: bool = False) -> list[tuple[float, int]]:
+    """(summed negative log-likelihood, token count) of each sequence over the tokens its mask marks.
+
+    The trainer's one padded-batch cross-entropy: the held-out and regression losses (``eval_loss``) and the
+    preference measure (``trainer.preference_measure.answer_logprobs``) are both read from it. Sequences are
+    right-padded with `pad` in batches of `batch_size`; position t predicts token t + 1, so a mask's first
+    entry never counts. `disable_adapter=True` scores a PEFT model's base weights. The model is put in eval
+    mode for the call and back in training mode after it if it was.
+    """
+    import torch
+
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    total, count = 0.0, 0
+    out: list[tuple[float, int]] = []
     was_training = model.training
     model.eval()
     adapter_off = model.disable_adapter() if disable_adapter else nullcontext()
     try:
         with torch.no_grad(), adapter_off:
-            for start in range(0, len(rows), batch_size):
-                batch = rows[start:start + batch_size]
-                width = max(len(row["input_ids"]) for row in batch)
-                ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            for start in range(0, len(sequences), batch_size):
+                batch, masks = sequences[start:start + batch_size], loss_masks[start:start + batch_size]
+                width = max(len(ids) for ids in batch)
+                ids = torch.full((len(batch), width), pad, dtype=torch.long)
                 attention = torch.zeros((len(batch), width), dtype=torch.long)
-                labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-                for i, row in enumerate(batch):
-                    n = len(row["input_ids"])
-                    ids[i, :n] = torch.tensor(row["input_ids"])
-                    attention[i, :n] = 1
-                    labels[i, :n] = torch.tensor(row["labels"])
+                scored = torch.zeros((len(batch), width), dtype=torch.bool)
+                for i, (row, mask) in enumerate(zip(batch, masks)):
+                    ids[i, :len(row)] = torch.tensor(row)
+                    attention[i, :len(row)] = 1
+                    scored[i, :len(mask)] = torch.tensor(mask, dtype=torch.bool)
                 logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits.float()
                 # Position t predicts token t + 1.
-                shift_logits = logits[:, :-1, :].reshape(-1, logits.size(-1))
-                shift_labels = labels[:, 1:].reshape(-1).to(device)
-                loss = torch.nn.functional.cross_entropy(
-                    shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum"
-                )
-                total += loss.item()
-                count += int((shift_labels != IGNORE_INDEX).sum())
+                targets, target_mask = ids[:, 1:].to(device), scored[:, 1:].to(device)
+                nll = torch.nn.functional.cross_entropy(logits[:, :-1, :].transpose(1, 2), targets,
+                                                        reduction="none") * target_mask
+                out.extend(zip(nll.sum(-1).tolist(), target_mask.sum(-1).tolist()))
     finally:
         if was_training:
             model.train()
-    return total / count if count else math.nan
+    return out
 
 
 def load_general_replay(config=None) -> list[dict]:
