@@ -56,10 +56,10 @@ class TrainConfig:
     select_best_epoch: bool = True
     # An epoch whose regression loss rose more than this fraction above the starting weights' is never kept
     # (a cycle sets it to gate.regression_tolerance, so the trainer keeps what the gate would accept).
-    regression_tolerance: float = 0.05
+    regression_tolerance: float = 0.5
     # An epoch that no longer gives at least this share of the general answers the starting weights gave
     # right (trainer/general_kept.py) is never kept either (a cycle sets it to gate.min_general_kept).
-    min_general_kept: float = 0.95
+    min_general_kept: float = 0.6
     # Optimizer steps to run; > 0 overrides epochs (tests and smoke runs use a few).
     max_steps: int = -1
     # Examples per device per forward pass.

@@ -35,7 +35,7 @@ FAST = {
     "LOOP_CYCLE__MIN_NEW_EXAMPLES": "4",
     "LOOP_ANNOTATION__EVAL_PERCENT": "25",
     # The unit under test is the loop, not the learning: accept a small regression here
-    # (tests/loop/test_loop_demo_learning.py and benchmarks/scenarios/ measure learning against the real 5% gate).
+    # (tests/loop/test_loop_demo_learning.py and benchmarks/scenarios/ measure learning against the real gate).
     "LOOP_GATE__REGRESSION_TOLERANCE": "0.5",
 }
 
