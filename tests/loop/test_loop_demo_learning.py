@@ -2,8 +2,9 @@
 
 Each run is a fresh LOOP_HOME, so turn and record ids are new random ULIDs: neither the judge nor the
 training mix may depend on them (tests/trainer/test_trainer_data.py checks the mix's order itself). The
-cycle runs with the shipped defaults (real grid, real gate); the probes are the scenario's held-out questions, which appear nowhere in the training data. Three draws, ~5 min each on
-2 cores: benchmarks/scenarios/run.py measures the same on unseen scenarios.
+cycle runs with the shipped defaults (real grid, real gate); the probes are the scenario's held-out
+questions, which appear nowhere in the training data. Three draws, ~5 min each on 2 cores:
+benchmarks/scenarios/run.py measures the same on unseen scenarios.
 """
 
 from __future__ import annotations
