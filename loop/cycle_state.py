@@ -1,5 +1,10 @@
-"""The persisted state of one cycle, the signals a stage uses to end or pause it, and what the
-registry says this cycle did (the version it registered, the promotion that made it current).
+"""The persisted state of one cycle, the base of every stage's result, the signals a stage uses to
+end or pause it, and what the registry says this cycle did (the version it registered, the
+promotion that made it current).
+
+A stage's result is a dataclass (``loop.cycle_results``) stored in ``state.json`` as the plain
+dict ``to_dict()`` writes and read back with ``from_dict()``; keys a result type does not name are
+kept as they were, so a state file written by an older cycle resumes unchanged.
 
 The registry is the truth about promotion, not ``state.json``: a process killed between
 ``Registry.promote`` and the next state save has promoted, and its history line says so.
@@ -9,19 +14,56 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 from loop.core.errors import LoopError
 from loop.core.io import atomic_write_text, new_id, utcnow
 
 
-class StopCycle(LoopError):
-    """A stage decided the cycle ends here (not an error): the reason goes in the report."""
+def omitted_when_none(**kwargs: Any) -> Any:
+    """A result field written only when it holds something (the key an older cycle also left out)."""
+    return field(default=None, metadata={"omit_none": True}, **kwargs)
 
-    def __init__(self, outcome: str, reason: str):
+
+R = TypeVar("R", bound="StageResult")
+
+
+@dataclass(kw_only=True)
+class StageResult:
+    """What one stage did, persisted as ``state.json``'s ``stages.<stage>.result``.
+
+    ``to_dict()`` writes one key per field (a field made with ``omitted_when_none`` only when set);
+    ``from_dict()`` reads them back, every field defaulted, and keeps the keys it does not name in
+    ``extra`` so that writing it again loses nothing."""
+
+    stage: ClassVar[str] = ""
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dict(self.extra)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name != "extra" and not (value is None and f.metadata.get("omit_none")):
+                out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls: type[R], data: dict[str, Any] | None) -> R:
+        rest = dict(data or {})
+        known = {f.name: rest.pop(f.name) for f in fields(cls) if f.name != "extra" and f.name in rest}
+        return cls(**known, extra=rest)
+
+
+class StopCycle(LoopError):
+    """A stage decided the cycle ends here (not an error): the reason goes in the report, and
+    ``result`` (what the stage found before it stopped) in the stage's entry."""
+
+    def __init__(self, outcome: str, reason: str, result: StageResult | None = None):
         self.outcome = outcome
         self.reason = reason
+        self.result = result
         super().__init__(reason)
 
 
@@ -29,10 +71,10 @@ class WaitCycle(LoopError):
     """A stage cannot finish yet and is not failing (a candidate waiting for arena games): the cycle
     stays unfinished, the stage is retried by the next run, and nothing counts as a failure."""
 
-    def __init__(self, outcome: str, reason: str, result: dict[str, Any] | None = None):
+    def __init__(self, outcome: str, reason: str, result: StageResult | None = None):
         self.outcome = outcome
         self.reason = reason
-        self.result = result or {}
+        self.result = result
         super().__init__(reason)
 
 
@@ -75,7 +117,12 @@ class CycleState:
         return self.data["stages"].get(name, {})
 
     def result(self, name: str) -> dict[str, Any]:
+        """A stage's result as stored (a plain dict; ``{}`` before it ran)."""
         return self.stage(name).get("result", {})
+
+    def read(self, kind: type[R]) -> R:
+        """The result of stage ``kind.stage`` as its type (every field defaulted before it ran)."""
+        return kind.from_dict(self.result(kind.stage))
 
     def failures(self, name: str) -> int:
         return int((self.data.get("failures") or {}).get(name, 0))

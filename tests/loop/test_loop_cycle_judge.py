@@ -9,7 +9,9 @@ import pytest
 
 from annotation.snapshot import write_snapshot
 from loop.config import load_config
-from loop.cycle import Cycle
+from loop.cycle_pipeline import CycleContext
+from loop.cycle_stages import stage_decide
+from loop.cycle_stages_build import stage_train
 from loop.cycle_state import CycleState, StopCycle
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,12 +36,16 @@ def _decide(examples, counts=None):
     config = load_config()
     snap = write_snapshot(examples, counts or {}, eval_percent=config.annotation.eval_percent,
                           min_held_out=config.annotation.min_held_out)
-    cycle = Cycle(config, progress=False)
+    ctx = CycleContext.create(config, progress=False)
     state = CycleState.new(config.home / "cycles", False)
     state.data["stages"]["pull"] = {"status": "done", "result": {
         "path": str(snap.path), "hash": snap.hash, "counts": snap.counts, "judge": snap.manifest.get("judge"),
         "train_path": str(snap.train_path), "eval_path": str(snap.eval_path)}}
-    return cycle, state, lambda force=False: cycle.stage_decide(state, force)
+    def decide(force=False):
+        ctx.force = force
+        return stage_decide(ctx, state)
+
+    return ctx, state, decide
 
 
 @pytest.mark.parametrize("force", [False, True])
@@ -65,8 +71,8 @@ def test_data_too_small_to_judge_stops_before_training_even_when_forced(examples
 def test_the_demo_data_is_judged_on_a_held_out_wording_of_every_fact():
     _, state, decide = _decide(_demo_examples())
     result = decide()
-    assert result["judge"]["held_out_examples"] == 8 and result["judge"]["paraphrase_wordings"] == 8
-    assert result["curated_eval"] == 8 and Path(result["train_path"]).is_file()
+    assert result.judge["held_out_examples"] == 8 and result.judge["paraphrase_wordings"] == 8
+    assert result.curated_eval == 8 and Path(result.train_path).is_file()
 
 
 def _variant(name, eval_loss, regression, regression_start=1.0):
@@ -79,16 +85,17 @@ def _variant(name, eval_loss, regression, regression_start=1.0):
 
 
 def test_no_variant_is_chosen_by_its_place_in_the_grid(monkeypatch):
-    cycle, state, decide = _decide(_demo_examples())
-    state.data["stages"]["decide"] = {"status": "done", "result": decide()}
+    monkeypatch.setenv("LOOP_GATE__REGRESSION_TOLERANCE", "0.05")  # the rule under test, whatever the default
+    ctx, state, decide = _decide(_demo_examples())
+    state.data["stages"]["decide"] = {"status": "done", "result": decide().to_dict()}
     import trainer.variants
 
     # Every variant forgot more than the gate allows: no candidate, and the reason names each one.
     monkeypatch.setattr(trainer.variants, "run_variants", lambda *a, **k: [
         _variant("first", 0.5, 1.2), _variant("second", None, 1.0)])
-    monkeypatch.setattr("loop.cycle_stages._current_hf_dir", lambda self, vid=None: Path("/nonexistent"))
+    monkeypatch.setattr("loop.cycle_stages_build._current_hf_dir", lambda ctx, vid=None: Path("/nonexistent"))
     with pytest.raises(StopCycle) as stop:
-        cycle.stage_train(state, False)
+        stage_train(ctx, state)
     assert stop.value.outcome == "no_candidate"
     assert "first: held-out 0.5000, regression +20.0%" in stop.value.reason
     assert "second: no held-out loss" in stop.value.reason
@@ -96,7 +103,7 @@ def test_no_variant_is_chosen_by_its_place_in_the_grid(monkeypatch):
     # Otherwise the lowest held-out loss among those within the tolerance wins, wherever it stands.
     monkeypatch.setattr(trainer.variants, "run_variants", lambda *a, **k: [
         _variant("first", 0.9, 1.0), _variant("forgetful", 0.1, 1.5), _variant("last", 0.4, 1.01)])
-    assert cycle.stage_train(state, False)["best"] == "last"
+    assert stage_train(ctx, state).best == "last"
 
 
 def _general(answer="SHIPPED ANSWER"):

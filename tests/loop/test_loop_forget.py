@@ -64,20 +64,21 @@ def test_after_forget_the_marker_is_nowhere_under_loop_home_nor_in_argilla_and_t
     # cycle trains from the untainted ancestor although nothing new arrived.
     from annotation.pull import pull_snapshot
     from annotation.push import push
-    from loop.cycle import Cycle
+    from loop.cycle_pipeline import CycleContext
+    from loop.cycle_stages import stage_decide
     from loop.cycle_state import CycleState
 
     assert push(th.config, store=Store.open(), progress=False).created == 0
     snap = pull_snapshot(th.config, progress=False)
     assert MARKER not in "".join(p.read_text() for p in snap.path.iterdir() if p.is_file())
-    cycle = Cycle(th.config, progress=False)
+    ctx = CycleContext.create(th.config, progress=False)
     state = CycleState.new(loop_home / "cycles", False)
     state.data["stages"]["pull"] = {"status": "done", "result": {
         "hash": snap.hash, "counts": snap.counts, "judge": snap.manifest.get("judge") or {},
         "train_path": str(snap.train_path), "eval_path": str(snap.eval_path)}}
-    decided = cycle.stage_decide(state, False)
-    assert decided["trained_from"] == "v1" and decided["current_version"] == th.version.id
-    assert MARKER not in Path(decided["train_path"]).read_text()
+    decided = stage_decide(ctx, state)
+    assert decided.trained_from == "v1" and decided.current_version == th.version.id
+    assert MARKER not in Path(decided.train_path).read_text()
 
 
 def test_forgetting_an_unknown_id_says_so_and_changes_nothing(loop_home, capsys):

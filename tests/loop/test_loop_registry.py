@@ -177,7 +177,8 @@ def test_prune_keeps_current_previous_pinned_and_newest(tmp_path):
 SETUP = """
     import os, sys, time, json
     from pathlib import Path
-    import loop.registry as R
+    import loop.core.registry as R
+    import loop.core.registry.base as B  # where the registry's writes are looked up: the crash points
     reg = R.Registry()
     marker = Path(os.environ["LOOP_HOME"]) / "at-crash-point"
     def stop_here(*_a, **_k):
@@ -213,12 +214,12 @@ def test_kill_while_replacing_pointer_leaves_old_one(tmp_path, loop_home):
     v1, v2 = make_versions(reg, tmp_path, 2)
     reg.promote(v1, reason="first")
     proc = child(SETUP + f"""
-    real_replace = R.os.replace
+    real_replace = B.os.replace
     def replace(src, dst):
         if str(dst).endswith("current.json"):
             stop_here()   # the new pointer is written and fsynced to a temp file, not renamed yet
         real_replace(src, dst)
-    R.os.replace = replace
+    B.os.replace = replace
     reg.promote("{v2}", reason="crash test")
     """, loop_home)
     wait_for(loop_home / "at-crash-point", proc)
@@ -236,12 +237,12 @@ def test_kill_while_registering_never_lists_a_partial_version(tmp_path, loop_hom
     (v1,) = make_versions(reg, tmp_path, 1)
     src = tiny_gguf(tmp_path / "next.gguf", "next")
     proc = child(SETUP + f"""
-    real_write = R.atomic_write_text
+    real_write = B.atomic_write_text
     def write(path, text):
         if path.name == "version.json":
             stop_here()   # GGUF copied and hashed, description not written, not renamed into place
         real_write(path, text)
-    R.atomic_write_text = write
+    B.atomic_write_text = write
     reg.register("{src}", base_model="tiny")
     """, loop_home)
     wait_for(loop_home / "at-crash-point", proc)
@@ -258,7 +259,7 @@ def test_readers_never_see_a_partial_version_while_registering(tmp_path, loop_ho
     reg = Registry()
     src = tiny_gguf(tmp_path / "m.gguf", "m")
     proc = child(f"""
-    import loop.registry as R
+    import loop.core.registry as R
     reg = R.Registry()
     for i in range(40):
         reg.register("{src}", base_model="tiny")

@@ -238,6 +238,8 @@ def _gated_cycle(registry: Registry, candidate: Path):
 def test_with_a_canary_share_the_gated_candidate_becomes_the_canary_and_no_new_candidate_trains_until_it_is_settled(
         two_versions, bundled_gguf, tmp_path, monkeypatch):
     from loop.cycle import Cycle
+    from loop.cycle_pipeline import CycleContext
+    from loop.cycle_stages import stage_canary, stage_decide
     from loop.cycle_state import StopCycle
 
     registry, v1, _ = two_versions
@@ -250,23 +252,23 @@ def test_with_a_canary_share_the_gated_candidate_becomes_the_canary_and_no_new_c
     assert registry.canary_id() == vid and registry.current_id() == v1
     assert "published when the canary is promoted" in summary["stages"]["publish"]["result"]["skipped"]
 
-    cycle = Cycle(load_config(), progress=False, log=lambda m: None)
+    ctx = CycleContext.create(load_config(), force=True, progress=False, log=lambda m: None)
     with pytest.raises(StopCycle) as stop:
-        cycle.stage_decide(state, True)  # --force too
+        stage_decide(ctx, state)  # --force too
     assert stop.value.outcome == "canary_pending" and vid in stop.value.reason
 
     store = Store.open()
     _rate(store, vid, ["up"] * 12)
     _rate(store, v1, ["down"] * 12)
-    result = cycle.stage_canary(state, False)
-    assert result["action"] == "promoted" and registry.current_id() == vid and registry.canary_id() is None
+    result = stage_canary(ctx, state)
+    assert result.action == "promoted" and registry.current_id() == vid and registry.canary_id() is None
 
 
 def test_the_canary_stage_does_nothing_without_a_canary(two_versions):
-    from loop.cycle import STAGES, Cycle
+    from loop.cycle import STAGE_NAMES, Cycle
 
-    assert STAGES[0] == "canary"
-    assert Cycle(load_config(), progress=False).stage_canary(None, False) == {"canary": None}
+    assert STAGE_NAMES[0] == "canary"
+    assert Cycle(load_config(), progress=False).stage_canary() == {"canary": None}
 
 
 def test_versions_canary_shows_both_rates_with_intervals_and_list_marks_the_canary(two_versions, capsys):
