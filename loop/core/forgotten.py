@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from loop.core import paths
+from loop.core.io import read_jsonl
 
 LEDGER = "forgotten.jsonl"
 
@@ -26,18 +27,9 @@ def ledger_path(home: Path | None = None) -> Path:
 
 def forgotten_ids(home: Path | None = None) -> set[str]:
     """Every turn id ever forgotten in this home (empty when nothing was)."""
-    path = ledger_path(home)
-    if not path.is_file():
-        return set()
-    out = set()
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a torn last line from a crash mid-append; the ids before it still count
-        if isinstance(row, dict) and isinstance(row.get("turn_id"), str):
-            out.add(row["turn_id"])
-    return out
+    # A torn last line from a crash mid-append is skipped; the ids before it still count.
+    rows = read_jsonl(ledger_path(home), missing_ok=True, skip_torn=True)
+    return {row["turn_id"] for row in rows if isinstance(row, dict) and isinstance(row.get("turn_id"), str)}
 
 
 def record_forgotten(turn_ids: Iterable[str], at: str, home: Path | None = None) -> None:

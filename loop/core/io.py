@@ -58,14 +58,25 @@ def atomic_write_text(path: Path, text: str) -> None:
     fsync_path(path.parent)
 
 
-def read_jsonl(path: str | os.PathLike[str], *, missing_ok: bool = False) -> list[dict[str, Any]]:
+def read_jsonl(path: str | os.PathLike[str], *, missing_ok: bool = False,
+               skip_torn: bool = False) -> list[dict[str, Any]]:
     """Every JSON object of a JSON-lines file, blank lines skipped. A file that is not there raises
-    FileNotFoundError, or gives ``[]`` with ``missing_ok``.
+    FileNotFoundError, or gives ``[]`` with ``missing_ok``. With ``skip_torn``, a line that is not JSON
+    is skipped instead of raising: an append-only log's torn last line from a crash mid-append.
 
     Lines are split by the file's line endings only, never at U+2028 and the like (``str.splitlines``
     would cut a record whose text holds one: ``json.dumps(..., ensure_ascii=False)`` writes them raw).
     """
     if missing_ok and not Path(path).is_file():
         return []
+    out = []
     with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        for line in fh:
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                if not skip_torn:
+                    raise
+    return out

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from loop.core import paths
-from loop.core.io import atomic_write_text, fsync_path, sha256_file, utcnow
+from loop.core.io import atomic_write_text, fsync_path, read_jsonl, sha256_file, utcnow
 from loop.core.registry.version import RegistryCorruptError, RegistryError, Version, check_version_id, is_version_id
 
 log = logging.getLogger(__name__)
@@ -231,15 +231,8 @@ class RegistryBase:
         return pointer["version"] if pointer else None
 
     def history(self) -> builtins.list[dict[str, Any]]:
-        if not self.history_file.is_file():
-            return []
-        out = []
-        for line in self.history_file.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a torn last line from a crash mid-append: the pointer is the truth
-        return out
+        # A torn last line from a crash mid-append is skipped: the pointer is the truth.
+        return read_jsonl(self.history_file, missing_ok=True, skip_torn=True)
 
     def _append_history(self, entry: dict[str, Any]) -> None:
         with open(self.history_file, "ab+") as f:
@@ -376,15 +369,8 @@ class RegistryBase:
         return pointer["version"] if pointer else None
 
     def canary_log(self) -> builtins.list[dict[str, Any]]:
-        if not self.canary_log_file.is_file():
-            return []
-        out = []
-        for line in self.canary_log_file.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a torn last line: the pointer is the truth
-        return out
+        # A torn last line is skipped: the pointer is the truth.
+        return read_jsonl(self.canary_log_file, missing_ok=True, skip_torn=True)
 
     # -- retention -------------------------------------------------------------------------------
 
