@@ -109,11 +109,6 @@ class Cycle:
             failed_stage = self.pipeline().run(self.ctx, state)
             return self._summary(state, failed_stage)
 
-    def stage_canary(self, state: CycleState | None = None, force: bool = False) -> dict[str, Any]:
-        """The canary stage alone, as a dict: what ``tests/app/test_app_canary.py`` runs between rated
-        answers (``force`` is not read; the signature is the one that caller uses)."""
-        return stage_canary(self.ctx, state).to_dict()
-
     def _summary(self, state: CycleState, failed_stage: str | None = None) -> dict[str, Any]:
         stages = {
             name: {k: v for k, v in s.items() if k not in ("traceback",)}

@@ -55,6 +55,7 @@ def _judge_until_decided(http: httpx.Client, disliked: str, rng: random.Random, 
     """Ask in new conversations and rate each answer (down 85% of the time on ``disliked``'s answers,
     15% on the other's), running the cycle's canary stage every 8 answers until it acts."""
     from loop.cycle import Cycle
+    from loop.cycle_stages import stage_canary
 
     cycle = Cycle(load_config(), progress=False, log=lambda m: None)
     seen: dict[str, int] = {}
@@ -64,7 +65,7 @@ def _judge_until_decided(http: httpx.Client, disliked: str, rng: random.Random, 
         p_down = 0.85 if turn["version"] == disliked else 0.15
         call(http, "feedback", [turn["turn_id"], "down" if rng.random() < p_down else "up", [], "", ""], 120)
         if i % 8 == 0:
-            result = cycle.stage_canary(None, False)
+            result = stage_canary(cycle.ctx, None).to_dict()
             if result.get("action") in ("promoted", "rolled_back"):
                 return {**result, "asks": i, "seen": seen}
     raise AssertionError(f"no decision after {max_asks} rated answers: {seen}")

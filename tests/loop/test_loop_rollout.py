@@ -266,9 +266,10 @@ def test_with_a_canary_share_the_gated_candidate_becomes_the_canary_and_no_new_c
 
 def test_the_canary_stage_does_nothing_without_a_canary(two_versions):
     from loop.cycle import STAGE_NAMES, Cycle
+    from loop.cycle_stages import stage_canary
 
     assert STAGE_NAMES[0] == "canary"
-    assert Cycle(load_config(), progress=False).stage_canary() == {"canary": None}
+    assert stage_canary(Cycle(load_config(), progress=False).ctx, None).to_dict() == {"canary": None}
 
 
 def test_versions_canary_shows_both_rates_with_intervals_and_list_marks_the_canary(two_versions, capsys):
