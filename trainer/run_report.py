@@ -81,7 +81,12 @@ def report(trainer, guard, tokenizer, result, config: TrainConfig, output_dir: P
                 losses[f"{name}_start"] = eval_loss(model, examples, tokenizer, config.max_length,
                                                     config.batch_size, disable_adapter=True)
         kept_probe = KeptProbe.for_run(output_dir, model, tokenizer, regression, config.max_length)
-        losses["general_kept"] = kept_probe.share(model, tokenizer)
+        # The epoch judge already answered the general prompts with these very weights (the restored best
+        # epoch, or the last one when it ended the run): greedy answers do not change, so reuse its figure.
+        epochs = read_scores(output_dir).get("epochs") or []
+        judged = best_epoch or next((r for r in epochs if r.get("step") == trainer.state.global_step), None)
+        losses["general_kept"] = (judged["general_kept"] if judged and "general_kept" in judged
+                                  else kept_probe.share(model, tokenizer))
         losses["general_right_start"] = len(kept_probe.right)
     peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     metrics = {

@@ -43,6 +43,7 @@ def test_the_best_epoch_is_kept_when_later_epochs_judge_worse(base_hf_dir, tmp_p
     assert best["step"] < 6 and metrics["best_epoch"]["step"] == best["step"]
     # What was saved is the best epoch's adapter, not the last epoch's.
     assert metrics["eval_loss"] == pytest.approx(best["eval_loss"], rel=1e-4)
+    assert metrics["general_kept"] == best["general_kept"]  # the judged epoch's general answers, reported as judged
     assert eval_loss(run / "adapter", held_out, max_length=64) == pytest.approx(best["eval_loss"], rel=1e-4)
     assert json.loads((run / "best_epoch.json").read_text())["best"]["step"] == best["step"]
 
