@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields, replace
 DEFAULT_LEARNING_RATES = (1e-3,)
 DEFAULT_RANKS = (16,)
 # Values accepted by TrainConfig.cuda_precision.
-CUDA_PRECISIONS = ("qlora", "bf16")
+CUDA_PRECISIONS = ("qlora", "bf16", "fp32")
 # Learning-rate schedules accepted by TrainConfig.lr_scheduler (names understood by transformers).
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 # How the GPU fast path scales the learning rate with its micro-batch size (trainer/cuda_fast.py).
@@ -110,8 +110,9 @@ class TrainConfig:
     general_replay_answers: str = "self"
     # General-ability regression set (chat JSON lines); "" means the set shipped in trainer/regression_set.jsonl.
     regression_set: str = ""
-    # On CUDA: "qlora" (4-bit NF4 base through bitsandbytes, bf16 compute) or "bf16" (bf16 base, bf16 LoRA).
-    # CPU runs are always float32 LoRA.
+    # On CUDA: "qlora" (4-bit NF4 base through bitsandbytes, bf16 compute), "bf16" (bf16 base, bf16 LoRA) or
+    # "fp32" (float32 base and LoRA with padded batches, no fast path: the CPU path's arithmetic and steps per
+    # epoch on a GPU, so a tuning sweep run there chooses what CPU cycles will do). CPU runs are always fp32.
     cuda_precision: str = "qlora"
     # NEFTune: uniform noise of this scale on the input embeddings while training (0 = off). Noise on the
     # embeddings keeps a small set of corrections from being learned as exact token strings.

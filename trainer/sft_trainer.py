@@ -37,7 +37,7 @@ def build_trainer(base_path: str, tokenizer, train_rows: list, eval_rows: list, 
         packing=False,
         neftune_noise_alpha=config.neftune_noise_alpha or None,
     )
-    if cuda:
+    if cuda and config.cuda_precision != "fp32":
         _apply_cuda_fast(sft_kwargs, model, config, train_rows)
     callbacks = run_callbacks(model, config)
     trainer = SFTTrainer(
@@ -84,7 +84,7 @@ def trainer_args(config: TrainConfig, output_dir: Path, cuda: bool) -> dict:
         report_to="none",
         max_length=config.max_length,
         gradient_checkpointing=config.gradient_checkpointing,
-        bf16=cuda,
+        bf16=cuda and config.cuda_precision != "fp32",
         use_cpu=not cuda,
         ddp_find_unused_parameters=False,  # LoRA: every adapter gets a gradient; skip DDP's graph walk
         dataloader_num_workers=0,
@@ -180,7 +180,8 @@ def load_model(base_path: str, config: TrainConfig, cuda: bool):
             raise TrainingError(
                 f"QLoRA needs the bitsandbytes package ({exc}); install it or set train.cuda_precision = 'bf16'"
             ) from exc
-    return AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.bfloat16, device_map=device_map)
+    dtype = torch.float32 if config.cuda_precision == "fp32" else torch.bfloat16
+    return AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, device_map=device_map)
 
 
 def _apply_cuda_fast(sft_kwargs: dict, model, config: TrainConfig, train_rows: list) -> None:
