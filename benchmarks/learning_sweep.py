@@ -9,15 +9,21 @@ general probes measure what was kept. The whole loop on the served GGUF is bench
 
 Only scenarios marked "tune" belong here: the unseen ones judge the result and must not choose it.
 
+On a GPU (``--device cuda``) every run trains with ``cuda_precision = "fp32"``: float32 weights and padded
+batches, the CPU path's arithmetic and steps per epoch, so what a sweep there chooses is what CPU cycles do;
+``--jobs N`` runs N trainings at once (one process each). ``--unseen`` lets unseen scenarios in, to report
+chosen defaults on them; their rows are marked and must never choose.
+
 Usage:
   python benchmarks/learning_sweep.py --scenario zephyr --config "lr=1e-3,rank=16,epochs=3" \\
-      --config "lr=1e-3,rank=16,epochs=5" --seeds 0 1 2 [--out sweep.jsonl]
+      --config "lr=1e-3,rank=16,epochs=5" --seeds 0 1 2 [--out sweep.jsonl] [--device cuda --jobs 8]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import sys
@@ -36,7 +42,8 @@ FIELDS = {"lr": ("learning_rate", float), "rank": ("lora_rank", int), "alpha": (
           "sched": ("lr_scheduler", str), "warmup": ("warmup_ratio", float), "dropout": ("lora_dropout", float),
           "targets": ("target_modules", str), "neftune": ("neftune_noise_alpha", float),
           "wd": ("weight_decay", float), "tol": ("regression_tolerance", float),
-          "kept": ("min_general_kept", float), "best": ("select_best_epoch", lambda v: v.lower() in ("1", "true", "yes"))}
+          "kept": ("min_general_kept", float), "greplay": ("general_replay", str),
+          "best": ("select_best_epoch", lambda v: v.lower() in ("1", "true", "yes"))}
 
 
 def parse_config(text: str) -> dict:
@@ -66,17 +73,35 @@ def curated_examples(scenario: dict) -> list[dict]:
     return out
 
 
-def answer_probes(model, tokenizer, probes: list[dict], max_new_tokens: int = 64) -> list[str]:
+DEVICE = "cpu"
+
+
+def load_model(model_dir, base: str | None = None):
+    """(model, tokenizer) of the trainer's evaluation loader, on the sweep's device."""
+    from trainer.evaluate import load_for_eval
+
+    model, tokenizer = load_for_eval(model_dir, base=base)
+    return model.to(DEVICE), tokenizer
+
+
+def answer_probes(model, tokenizer, probes: list[dict], max_new_tokens: int = 64, batch: int = 32) -> list[str]:
+    """Greedy answers, `batch` prompts at a time (left-padded; the answers match one-at-a-time decoding up to
+    float rounding)."""
     import torch
 
+    prompts = [tokenizer.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=True,
+                                             return_dict=True)["input_ids"] for p in probes]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers = []
-    for probe in probes:
-        ids = tokenizer.apply_chat_template(probe["messages"], add_generation_prompt=True, return_tensors="pt",
-                                            return_dict=True)
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start:start + batch]
+        width = max(len(ids) for ids in chunk)
+        ids = torch.tensor([[pad] * (width - len(x)) + list(x) for x in chunk], device=model.device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk], device=model.device)
         with torch.no_grad():
-            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.eos_token_id)
-        answers.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=pad)
+        answers.extend(tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out)
     return answers
 
 
@@ -88,28 +113,27 @@ def base_general(scenario: dict, base: str) -> list[bool]:
     if scenario["name"] not in _BASE_GENERAL:
         from scenarios.checks import passes
 
-        from trainer.evaluate import load_for_eval
-
-        model, tokenizer = load_for_eval(base)
+        model, tokenizer = load_model(base)
         answers = answer_probes(model, tokenizer, scenario["general_probes"])
         _BASE_GENERAL[scenario["name"]] = [passes(p["check"], a) for p, a in zip(scenario["general_probes"], answers)]
     return _BASE_GENERAL[scenario["name"]]
 
 
-_SELF_REPLAY: list[dict] = []
+_SELF_REPLAY: dict[str, list[dict]] = {}
 
 
 def self_replay(config, base: str) -> list[dict]:
     """The general replay prompts answered by the starting model itself (greedy), instead of the shipped answers."""
-    if not _SELF_REPLAY:
-        from trainer.evaluate import load_for_eval, load_general_replay
+    if config.general_replay not in _SELF_REPLAY:
+        from trainer.evaluate import load_general_replay
 
-        model, tokenizer = load_for_eval(base)
+        model, tokenizer = load_model(base)
         general = load_general_replay(config)
         answers = answer_probes(model, tokenizer, [{"messages": e["messages"][:-1]} for e in general], 96)
-        _SELF_REPLAY.extend({"id": e["id"], "messages": e["messages"][:-1] + [{"role": "assistant", "content": a}]}
-                            for e, a in zip(general, answers) if a.strip())
-    return list(_SELF_REPLAY)
+        _SELF_REPLAY[config.general_replay] = [
+            {"id": e["id"], "messages": e["messages"][:-1] + [{"role": "assistant", "content": a}]}
+            for e, a in zip(general, answers) if a.strip()]
+    return list(_SELF_REPLAY[config.general_replay])
 
 
 def run_one(scenario: dict, overrides: dict, seed: int, base: str, work: Path, holdout: str = "judge",
@@ -119,7 +143,7 @@ def run_one(scenario: dict, overrides: dict, seed: int, base: str, work: Path, h
     from annotation.judge_split import split_for_judging
     from trainer.config import TrainConfig
     from trainer.data import build_training_set
-    from trainer.evaluate import load_for_eval, load_general_replay
+    from trainer.evaluate import load_general_replay
     from trainer.train import train
 
     examples = curated_examples(scenario)
@@ -128,20 +152,25 @@ def run_one(scenario: dict, overrides: dict, seed: int, base: str, work: Path, h
     # "none" trains on the judge's examples too: what holding them out costs in recall.
     train_set = examples if holdout == "none" else [e for e in examples if e["id"] not in split.held_out_ids]
     config = replace(TrainConfig(), seed=seed, save_steps=10_000, **overrides)
+    if DEVICE == "cuda":
+        config = replace(config, cuda_precision="fp32")
     general = self_replay(config, base) if replay_source == "self" else load_general_replay(config)
     mixed = build_training_set(train_set, general, config.replay_ratio, seed)
     run_dir = work / f"run-{time.monotonic_ns()}"
     started = time.perf_counter()
     metrics = train(mixed, run_dir, base=base, eval_data=held_out, config=config)
     train_s = time.perf_counter() - started
-    model, tokenizer = load_for_eval(run_dir / "adapter", base=base)
+    model, tokenizer = load_model(run_dir / "adapter", base=base)
+    base_ok = base_general(scenario, base)
+    by_scale = {str(scale): _scored_at_scale(model, tokenizer, scenario, base_ok, scale, config)
+                for scale in SCALES if scale != 1.0}
+    _scale_adapter(model, 1.0)
     probe_answers = answer_probes(model, tokenizer, scenario["probes"])
     general_answers = answer_probes(model, tokenizer, scenario["general_probes"])
     general_ok = [passes(p["check"], a) for p, a in zip(scenario["general_probes"], general_answers)]
-    base_ok = base_general(scenario, base)
     kept = [now for now, before in zip(general_ok, base_ok) if before]
     return {
-        "scenario": scenario["name"], "config": overrides,
+        "scenario": scenario["name"], "split": scenario.get("split"), "config": overrides, "device": DEVICE,
         "seed": seed, "holdout": holdout, "replay_source": replay_source, "train_examples": len(mixed),
         "held_out": len(held_out), "steps": metrics.get("steps"),
         "eval_loss_start": metrics.get("eval_loss_start"), "eval_loss": metrics.get("eval_loss"),
@@ -159,48 +188,108 @@ def run_one(scenario: dict, overrides: dict, seed: int, base: str, work: Path, h
         "epoch_scores": [(r["epoch"], round(r["eval_loss"], 4), round(r["regression_loss"], 4), r.get("general_kept"))
                          for r in metrics.get("epoch_scores") or [] if r.get("eval_loss") is not None
                          and r.get("regression_loss") is not None],
+        "by_scale": by_scale,
         "answers": list(zip([p["messages"][-1]["content"] for p in scenario["probes"]], probe_answers)),
     }
 
 
+SCALES: list[float] = [1.0]
+
+
+def _scale_adapter(model, scale: float) -> None:
+    """Scale every LoRA update to `scale` times its trained size (weight-space interpolation towards the start)."""
+    for module in model.modules():
+        scaling = getattr(module, "scaling", None)
+        if isinstance(scaling, dict):
+            originals = module.__dict__.setdefault("_sweep_scaling", dict(scaling))
+            for name, value in originals.items():
+                scaling[name] = value * scale
+
+
+def _scored_at_scale(model, tokenizer, scenario: dict, base_ok: list[bool], scale: float, config) -> dict:
+    from scenarios.checks import passes
+
+    from trainer.evaluate import load_regression_set
+    from trainer.general_kept import KeptProbe
+
+    with model.disable_adapter():
+        probe = KeptProbe.build(model, tokenizer, load_regression_set(config))
+    _scale_adapter(model, scale)
+    probes = answer_probes(model, tokenizer, scenario["probes"])
+    general = answer_probes(model, tokenizer, scenario["general_probes"])
+    ok = [passes(p["check"], a) for p, a in zip(scenario["general_probes"], general)]
+    kept = [now for now, before in zip(ok, base_ok) if before]
+    return {"probe_pass": sum(passes(p["check"], a) for p, a in zip(scenario["probes"], probes)) / len(probes),
+            "general_kept": sum(kept) / len(kept) if kept else None,
+            "judge_general_kept": probe.share(model, tokenizer)}
+
+
+def _worker(task: tuple) -> dict:
+    """One run in a worker process (--jobs): its own torch, its own caches, one CPU thread."""
+    global DEVICE
+    global SCALES
+    name, text, seed, base, work, holdout, replay_source, device, scales = task
+    DEVICE, SCALES = device, scales
+    import torch
+
+    torch.set_num_threads(1)
+    return run_one(load_scenario(name), parse_config(text), seed, base, Path(work), holdout, replay_source)
+
+
 def main(argv: list[str] | None = None) -> int:
+    global DEVICE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", action="append", required=True)
     parser.add_argument("--config", action="append", required=True, help='e.g. "lr=1e-3,rank=16,epochs=3"')
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--holdout", choices=["judge", "none"], default="judge",
                         help="none: also train on the judge's held-out examples (measures what holding out costs)")
-    parser.add_argument("--replay-source", choices=["shipped", "self"], default="shipped",
-                        help="self: replay the general prompts with the starting model's own answers")
+    parser.add_argument("--replay-source", choices=["shipped", "self"], default="self",
+                        help="self (the trainer's default): replay the general prompts with the starting model's own "
+                             "answers; shipped: the replay file's answers")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, one process each")
+    parser.add_argument("--unseen", action="store_true",
+                        help="let unseen scenarios in, to report chosen defaults on them (never to choose)")
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0],
+                        help="also score each adapter with its update scaled by these factors (by_scale)")
     parser.add_argument("--out", default=None, help="append one JSON line per run here")
     args = parser.parse_args(argv)
     from trainer.base_model import resolve_base
 
-    base = resolve_base(None)
+    DEVICE = args.device
+    base = str(resolve_base(None))
+    for name in args.scenario:
+        if load_scenario(name).get("split") != "tune" and not args.unseen:
+            parser.error(f"{name} is not a tuning scenario: unseen scenarios judge the defaults, never choose them "
+                         "(--unseen reports on them)")
     rows = []
     with tempfile.TemporaryDirectory(prefix="sweep-") as work:
-        for name in args.scenario:
-            scenario = load_scenario(name)
-            if scenario.get("split") != "tune":
-                parser.error(f"{name} is not a tuning scenario: unseen scenarios judge the defaults, never choose them")
-            for text in args.config:
-                for seed in args.seeds:
-                    row = run_one(scenario, parse_config(text), seed, base, Path(work), args.holdout,
-                                  args.replay_source)
-                    rows.append(row)
-                    print(json.dumps({k: v for k, v in row.items() if k != "answers"}), flush=True)
-                    if args.out:
-                        with open(args.out, "a", encoding="utf-8") as fh:
-                            fh.write(json.dumps(row) + "\n")
+        tasks = [(name, text, seed, base, work, args.holdout, args.replay_source, args.device, args.scales)
+                 for seed in args.seeds for text in args.config for name in args.scenario]  # a cut-off run
+        # still has whole seeds
+        if args.jobs > 1:
+            pool = multiprocessing.get_context("spawn").Pool(args.jobs)
+            results = pool.imap_unordered(_worker, tasks)
+        else:
+            results = map(_worker, tasks)
+        for row in results:
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "answers"}), flush=True)
+            if args.out:
+                with open(args.out, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(row) + "\n")
     by_config: dict[str, list[dict]] = {}
     for row in rows:
         by_config.setdefault(f"{row['scenario']} {json.dumps(row['config'])}", []).append(row)
-    for key, group in by_config.items():
+    for key, group in sorted(by_config.items()):
         probe = [r["probe_pass"] for r in group]
         general = [r["general_pass"] for r in group]
         kept = [r["general_kept"] for r in group if r["general_kept"] is not None]
+        judge = [r["judge_general_kept"] for r in group if r["judge_general_kept"] is not None]
         print(f"{key}: probe mean {statistics.mean(probe):.2f} min {min(probe):.2f} | general mean "
-              f"{statistics.mean(general):.2f} | kept min {min(kept) if kept else float('nan'):.2f} | n={len(group)}")
+              f"{statistics.mean(general):.2f} | kept min {min(kept) if kept else float('nan'):.2f} | "
+              f"regression-set kept mean {statistics.mean(judge) if judge else float('nan'):.2f} | n={len(group)}")
     return 0
 
 
