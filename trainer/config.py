@@ -149,10 +149,6 @@ class TrainConfig:
             return "all-linear"
         return [name.strip() for name in self.target_modules.split(",") if name.strip()]
 
-    def with_overrides(self, **changes) -> TrainConfig:
-        """A copy with the given fields changed (None values are ignored, handy for CLI flags)."""
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
-
     def validate(self) -> list[str]:
         """Every problem with this config, all at once (empty list when valid)."""
         p: list[str] = []
