@@ -2,7 +2,9 @@
 
 `StackConfig` configures the local Argilla stack (`annotation.server`). The dataset/push/pull settings
 (`AnnotationConfig`) live beside it in this module. `load_annotation_config` loads both with the shared
-sections; the conductor's root config (`loop.config`) holds them among all the others.
+sections (`AnnotationRootConfig`); the conductor's root config (`loop.config.LoopConfig`) holds them among
+all the others. The functions of this package take `AnnotationSettings`: the section, a root holding it, or
+None for the defaults.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
-from loop.core.config import CORE_SECTIONS, Config, load_sections
+from loop.core.config import CoreConfig, load_root
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
@@ -205,8 +208,28 @@ class AnnotationConfig:
         return problems
 
 
-def as_annotation_config(config: object = None) -> AnnotationConfig:
-    """Accept an AnnotationConfig, the loop's composed config (its ``annotation`` section) or None."""
+class HasAnnotation(Protocol):
+    """A root configuration holding the ``annotation`` section (``AnnotationRootConfig``, the loop's)."""
+
+    @property
+    def annotation(self) -> AnnotationConfig: ...
+
+
+# What the annotation functions take as their configuration: the section, a root holding it, or None
+# (the defaults).
+AnnotationSettings = AnnotationConfig | HasAnnotation | None
+
+
+@dataclass(frozen=True)
+class AnnotationRootConfig(CoreConfig):
+    """What the ``annotation`` CLIs run with: the shared sections plus ``stack`` and ``annotation``."""
+
+    stack: StackConfig
+    annotation: AnnotationConfig
+
+
+def as_annotation_config(config: AnnotationSettings = None) -> AnnotationConfig:
+    """Accept an AnnotationConfig, a root config holding one (its ``annotation`` section) or None."""
     if config is None:
         return AnnotationConfig()
     if isinstance(config, AnnotationConfig):
@@ -218,7 +241,7 @@ def as_annotation_config(config: object = None) -> AnnotationConfig:
 
 
 def load_annotation_config(path: str | os.PathLike[str] | None = None,
-                           env: Mapping[str, str] | None = None) -> Config:
+                           env: Mapping[str, str] | None = None) -> AnnotationRootConfig:
     """The shared sections plus ``stack`` and ``annotation``, validated (``loop.core.config`` says from
     where); what the ``annotation`` CLIs run with."""
-    return load_sections({**CORE_SECTIONS, "stack": StackConfig, "annotation": AnnotationConfig}, path, env)
+    return load_root(AnnotationRootConfig, path, env)

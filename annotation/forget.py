@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from annotation.config import AnnotationConfig, as_annotation_config
+from annotation.config import AnnotationConfig, AnnotationSettings, as_annotation_config
 from annotation.pull import read_all
 from annotation.schema import CURRENT, find_dataset
 
@@ -42,7 +42,7 @@ def find_records(client, config: AnnotationConfig, turn_ids: Iterable[str]) -> l
     return found
 
 
-def delete_records(client, config: Any, turn_ids: Iterable[str]) -> list[dict[str, Any]]:
+def delete_records(client, config: AnnotationSettings, turn_ids: Iterable[str]) -> list[dict[str, Any]]:
     """Delete the records of these turns (with their responses and suggestions); returns what was deleted."""
     cfg = as_annotation_config(config)
     found = find_records(client, cfg, turn_ids)
@@ -58,7 +58,7 @@ def delete_records(client, config: Any, turn_ids: Iterable[str]) -> list[dict[st
     return found
 
 
-def search_text(client, config: Any, text: str) -> list[dict[str, Any]]:
+def search_text(client, config: AnnotationSettings, text: str) -> list[dict[str, Any]]:
     """Records of the lineage's datasets whose text matches ``text`` in Argilla's search index."""
     cfg = as_annotation_config(config)
     hits = []

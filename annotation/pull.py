@@ -43,7 +43,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from annotation.config import AnnotationConfig, as_annotation_config, load_annotation_config
+from annotation.config import AnnotationConfig, AnnotationSettings, as_annotation_config, load_annotation_config
 from annotation.judge_split import normalise
 from annotation.schema import CURRENT, SchemaMismatchError, find_dataset, read_version
 from annotation.snapshot import Snapshot, latest_snapshot, load_snapshot, write_snapshot
@@ -296,7 +296,7 @@ def submit_review(client, record_server_id, *, quality: int | None = None, corre
     client.api.records.create_record_response(record_server_id, UserResponseModel(values=values, status=status, user_id=me.id))
 
 
-def pull_snapshot(config: Any = None, *, client=None, previous: Snapshot | str | Path | None | bool = None,
+def pull_snapshot(config: AnnotationSettings = None, *, client=None, previous: Snapshot | str | Path | None | bool = None,
                   home: Path | None = None, progress: bool = True) -> Snapshot:
     """Pull reviewed records and write a snapshot under $LOOP_HOME/snapshots (see annotation.snapshot).
 

@@ -33,7 +33,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from annotation.config import AnnotationConfig, as_annotation_config, load_annotation_config
+from annotation.config import AnnotationConfig, AnnotationSettings, as_annotation_config, load_annotation_config
 from annotation.priority import Ranked, rank_turn, select
 from annotation.schema import SCHEMA_VERSION, build_record, ensure_dataset, review_url, to_argilla
 from annotation.scrub import SCRUBBER_VERSION, Scrubber
@@ -224,7 +224,8 @@ def plan(store, target: str, config: AnnotationConfig, now: dt.datetime, report:
     return jobs
 
 
-def push(config: Any = None, store=None, client=None, *, now: dt.datetime | None = None, progress: bool = True) -> PushReport:
+def push(config: AnnotationSettings = None, store=None, client=None, *, now: dt.datetime | None = None,
+         progress: bool = True) -> PushReport:
     """Push what changed to Argilla and return what happened.
 
     Raises ``annotation.client.ArgillaUnavailable`` only when Argilla cannot be reached at all

@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from loop.core.config import Config
+    from loop.core.config import CoreConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         return error_exit(exc)
 
 
-def _serve(args: argparse.Namespace, config: Config, started: float) -> int:
+def _serve(args: argparse.Namespace, config: CoreConfig, started: float) -> int:
     # Get the model ready (bootstrap, mirror restore, load, first token) on a thread while the
     # main thread imports Gradio and builds the page: together they are most of the start time.
     from app.engine import Engine

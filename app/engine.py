@@ -2,7 +2,7 @@
 
 The engine is also the ``ctx`` other tabs are built with (``app.versions_tab.build_versions_tab(ctx)``):
 
-    ctx.config                 loop.config.Config (``ctx.config.app``, ``ctx.config.model``, ...)
+    ctx.config                 loop.core.config.CoreConfig (``ctx.config.app``, ``ctx.config.model``, ...)
     ctx.store                  loop.core.store.Store (thread-safe: one connection per thread)
     ctx.writer                 app.writer.StoreWriter: the same writes, group-committed
     ctx.registry               loop.core.registry.Registry
@@ -56,7 +56,7 @@ from app.policy import clean_message, clean_system_prompt, dropped_notice, fit_h
 from app.serving import ModelUnavailable, Served, ServedModels, _stat_signature
 from app.writer import StoreWriter, WriteFailed, WriterClosed, WriteTimeout
 from loop.core import paths
-from loop.core.config import Config, load_config
+from loop.core.config import CoreConfig, load_config
 from loop.core.registry import Registry, RegistryError
 from loop.core.store import Store
 
@@ -119,7 +119,7 @@ class _InFlight:
 class Engine(ServedModels):
     def __init__(
         self,
-        config: Config | None = None,
+        config: CoreConfig | None = None,
         *,
         store: Store | None = None,
         registry: Registry | None = None,

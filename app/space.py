@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from loop.core import paths
-from loop.core.config import Config, load_config
+from loop.core.config import CoreConfig, load_config
 from loop.core.errors import LoopError, error_exit
 from loop.core.io import sha256_file
 from loop.core.registry import Registry, Version
@@ -135,7 +135,7 @@ if __name__ == "__main__":
 '''
 
 
-def build_space(out: str | Path, config: Config | None = None, *, max_copy_mb: float = DEFAULT_MAX_COPY_MB,
+def build_space(out: str | Path, config: CoreConfig | None = None, *, max_copy_mb: float = DEFAULT_MAX_COPY_MB,
                 title: str = "Chat feedback loop") -> dict[str, Any]:
     """Write the Space folder for the registry's current version; returns what was written."""
     config = config or load_config()
@@ -214,7 +214,7 @@ def push_space(out: str | Path, repo_id: str, api: Any | None = None, *, public:
     return {"space": repo_id, "private": not public, "commit": getattr(info, "oid", None)}
 
 
-def install_space_model(space_dir: str | Path, config: Config | None = None, api: Any | None = None) -> Version:
+def install_space_model(space_dir: str | Path, config: CoreConfig | None = None, api: Any | None = None) -> Version:
     """On the Space: make the pointed-to GGUF the registry's current version (idempotent)."""
     space_dir = Path(space_dir)
     config = config or load_config()

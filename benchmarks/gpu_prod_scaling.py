@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from loop.core.config import toml_text
+
 SYLLABLES = [c + v for c in "bcdfghklmnprstvwz" for v in "aeiou"] + ["the", "and", "of", "to", "in", "is"]
 
 
@@ -80,10 +82,10 @@ def _train(cmd: list[str], out_dir: Path, env: dict, timeout: int) -> dict:
 
 
 def run(ns) -> None:
-    common = ["-m", "trainer.train", "--data", ns.data, "--base", ns.base, "--max-steps", str(ns.steps),
-              "--save-steps", "100000", "--max-length", "1024", "--batch-size", "8", "--config-json", ns.config]
-    Path(ns.config).write_text(json.dumps({"cuda_precision": ns.precision, "lora_dropout": ns.dropout,
-                                           "learning_rate": 2e-4, "eval_fraction": 0.02}))
+    settings = {"max_steps": ns.steps, "save_steps": 100000, "max_length": 1024, "batch_size": 8,
+                "cuda_precision": ns.precision, "lora_dropout": ns.dropout, "learning_rate": 2e-4, "eval_fraction": 0.02}
+    common = ["-m", "trainer.train", "--data", ns.data, "--base", ns.base,
+              *[arg for name, value in settings.items() for arg in ("--set", f"trainer.{name}={toml_text(value)}")]]
     nccl = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
     rows = []
     for gpus in (1, 2):
@@ -119,7 +121,6 @@ def main(argv=None) -> None:
     r.add_argument("--data", required=True)
     r.add_argument("--out", required=True)
     r.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "prod-scaling"))
-    r.add_argument("--config", default=os.path.join(tempfile.gettempdir(), "prod-scaling-config.json"))
     r.add_argument("--steps", type=int, default=40)
     r.add_argument("--precision", default="bf16", choices=["bf16", "qlora"])
     r.add_argument("--dropout", type=float, default=0.05)

@@ -12,11 +12,11 @@ from pathlib import Path
 
 from loop.config import load_config
 from loop.core.bootstrap import base_gguf, ensure_base_version, hf_base_dir
-from loop.core.config import Config
+from loop.core.config import CoreConfig
 from loop.core.errors import LoopError, error_exit
 
 
-def ensure_hf_base(config: Config | None = None) -> Path:
+def ensure_hf_base(config: CoreConfig | None = None) -> Path:
     """Derive Hugging Face-format weights from the base GGUF once (needs the trainer extra)."""
     config = config or load_config()
     if config.model.hf_base:

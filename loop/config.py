@@ -2,10 +2,12 @@
 
 The loader and the shared sections live in the core (``loop.core.config``, which says where the
 values come from); the app, annotation and the trainer each keep their own section beside their
-code. Only the conductor knows them all, so this is where they are put together, and the one load
-that refuses a section nobody owns. The conductor's own sections (gate, cycle, schedule) are here.
+code. Only the conductor knows them all, so this is where they are put together as ``LoopConfig``
+(one typed field per section), and the one load that refuses a section nobody owns. The conductor's
+own sections (gate, cycle, schedule) are here.
 
-``python -m loop.config [--config FILE]`` prints the effective configuration, or every problem in it.
+``python -m loop.config [--config FILE] [--set section.field=value ...]`` prints the effective
+configuration, or every problem in it.
 """
 
 from __future__ import annotations
@@ -13,25 +15,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from annotation.config import AnnotationConfig, StackConfig
 from loop.core.config import (
-    AppConfig,
-    Config,
     ConfigError,
-    ModelConfig,
-    RegistryConfig,
+    CoreConfig,
     RolloutConfig,
     config_file,
-    load_sections,
+    load_root,
 )
 from loop.core.errors import LoopError, error_exit
 from trainer.config import TrainConfig
 from trainer.export_config import ExportConfig
 
-__all__ = ["SECTIONS", "Config", "ConfigError", "CycleConfig", "GateConfig", "RolloutConfig", "ScheduleConfig",
+__all__ = ["ConfigError", "LoopConfig", "CycleConfig", "GateConfig", "RolloutConfig", "ScheduleConfig",
            "config_file", "load_config", "main"]
 
 
@@ -127,35 +126,40 @@ class ScheduleConfig:
         return problems
 
 
-# Every section, in the order `python -m loop.config` prints them.
-SECTIONS: dict[str, type] = {
-    "model": ModelConfig,
-    "app": AppConfig,
-    "gate": GateConfig,
-    "registry": RegistryConfig,
-    "cycle": CycleConfig,
-    "schedule": ScheduleConfig,
-    "rollout": RolloutConfig,
-    "stack": StackConfig,
-    "annotation": AnnotationConfig,
-    "trainer": TrainConfig,
-    "export": ExportConfig,
-}
+@dataclass(frozen=True)
+class LoopConfig(CoreConfig):
+    """Every section, typed (``config.trainer.learning_rate``): the conductor's configuration.
+
+    The shared sections come from ``CoreConfig``; a new section is one more field here (its name is
+    the TOML table), which is all the loader needs to read, override and validate it.
+    """
+
+    gate: GateConfig
+    cycle: CycleConfig
+    schedule: ScheduleConfig
+    stack: StackConfig
+    annotation: AnnotationConfig
+    trainer: TrainConfig
+    export: ExportConfig
 
 
-def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
+def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
+                overrides: Sequence[str] = ()) -> LoopConfig:
     """Load, coerce and validate every section; raise ConfigError listing every problem (an unknown
-    section included)."""
-    return load_sections(SECTIONS, path, env, complete=True)
+    section included). ``overrides``: ``section.field=value`` items applied last (``--set``)."""
+    return load_root(LoopConfig, path, env, complete=True, overrides=overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m loop.config [--config FILE]`: print the effective config or every problem."""
+    """`python -m loop.config [--config FILE] [--set section.field=value ...]`: print the effective config or
+    every problem."""
     parser = argparse.ArgumentParser(prog="python -m loop.config", description=main.__doc__)
     parser.add_argument("--config", help="TOML file (default: $LOOP_CONFIG or $LOOP_HOME/config.toml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override one setting, after the file and the environment (value: a TOML literal)")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, overrides=args.overrides)
     except LoopError as exc:
         return error_exit(exc)
     print(json.dumps({"home": str(cfg.home), "source": cfg.source, **cfg.as_dict()}, indent=2, default=str))

@@ -53,7 +53,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from loop.config import Config, load_config
+from loop.config import LoopConfig, load_config
 from loop.core.errors import LoopError, error_exit
 from loop.cycle_pipeline import CycleContext, Pipeline, Stage
 from loop.cycle_results import DecideResult, PromoteResult, ReportResult
@@ -81,7 +81,7 @@ _ANY_CURRENT = ("canary", "publish", "report")
 
 
 class Cycle:
-    def __init__(self, config: Config, *, force: bool = False, progress: bool = True,
+    def __init__(self, config: LoopConfig, *, force: bool = False, progress: bool = True,
                  log: Callable[[str], None] | None = None):
         self.config = config
         self.force = force
@@ -159,7 +159,7 @@ def _outcome(state: CycleState) -> str:
     return "promoted" if promoted.promoted else "canary" if promoted.canary else "not_promoted"
 
 
-def run_cycle(config: Config | None = None, *, force: bool = False) -> dict[str, Any]:
+def run_cycle(config: LoopConfig | None = None, *, force: bool = False) -> dict[str, Any]:
     return Cycle(config or load_config(), force=force).run()
 
 

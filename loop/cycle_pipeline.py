@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loop.config import LoopConfig
 from loop.core.io import utcnow
 from loop.cycle_state import CycleState, StageResult, StopCycle, WaitCycle
 
@@ -39,7 +40,7 @@ from loop.cycle_state import CycleState, StageResult, StopCycle, WaitCycle
 class CycleContext:
     """What every stage may use; one per run of a cycle."""
 
-    config: Any  # loop.config.Config
+    config: LoopConfig
     registry: Any  # loop.core.registry.Registry
     log: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr, flush=True))
     force: bool = False  # --force, or the cycle was started with it
@@ -47,7 +48,7 @@ class CycleContext:
     _store: Any = field(default=None, init=False, repr=False)
 
     @classmethod
-    def create(cls, config, *, force: bool = False, progress: bool = True,
+    def create(cls, config: LoopConfig, *, force: bool = False, progress: bool = True,
                log: Callable[[str], None] | None = None) -> CycleContext:
         from loop.core import paths
         from loop.core.registry import Registry

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from loop.config import Config, load_config
+from loop.config import LoopConfig, load_config
 from loop.core import paths
 from loop.core.errors import LoopError, error_exit
 
@@ -57,7 +57,7 @@ def load_samples(store, path: Path = SCENARIO / "sample_conversations.jsonl", mo
     return len(rows)
 
 
-def scripted_review(config: Config, store, stack) -> dict[str, int]:
+def scripted_review(config: LoopConfig, store, stack) -> dict[str, int]:
     """Submit reviews as the annotator user, the way a careful reviewer would for this data."""
     import argilla as rg
 

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loop.config import LoopConfig
 from loop.core import paths
 from loop.core.errors import LoopError
 from loop.core.forgotten import forgotten_ids, record_forgotten
@@ -196,7 +197,7 @@ def taint_versions(registry: Registry, home: Path, turns: set[str], at: str) -> 
     return out
 
 
-def forget(config, turn_ids: list[str] = (), conversation_ids: list[str] = (), clients: list[str] = (), *,
+def forget(config: LoopConfig, turn_ids: list[str] = (), conversation_ids: list[str] = (), clients: list[str] = (), *,
            argilla_client=None, hub_api=None) -> Receipt:
     """Forget these turns, conversations and clients everywhere (the module docstring has the order).
 

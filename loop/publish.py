@@ -27,7 +27,7 @@ from typing import Any
 
 from loop.config import load_config
 from loop.core import paths
-from loop.core.config import Config
+from loop.core.config import CoreConfig
 from loop.core.errors import LoopError, error_exit
 from loop.core.io import utcnow
 from loop.core.registry import Registry, RegistryError, Version, record_published
@@ -85,7 +85,7 @@ def _commit_oid(info: Any) -> str | None:
     return getattr(info, "oid", None) or (info.get("oid") if isinstance(info, dict) else None)
 
 
-def publish(version: Version | str, config: Config, api: Any = None, *, registry: Registry | None = None) -> dict[str, Any]:
+def publish(version: Version | str, config: CoreConfig, api: Any = None, *, registry: Registry | None = None) -> dict[str, Any]:
     """Publish ``version``; returns what was done (also appended to registry/published.jsonl).
 
     ``api`` is an ``HfApi``-compatible object (tests pass a fake); made here when a Hub target is

@@ -40,7 +40,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from loop.config import Config, config_file, load_config
+from loop.config import LoopConfig, config_file, load_config
 from loop.core import paths
 from loop.core.errors import LoopError, error_exit
 
@@ -70,7 +70,7 @@ def run_cycle_subprocess(config_path: str | None = None, extra_args: list[str] |
     return report
 
 
-def _trigger(config: Config):
+def _trigger(config: LoopConfig):
     from apscheduler.triggers.cron import CronTrigger
     from apscheduler.triggers.interval import IntervalTrigger
 
@@ -79,7 +79,7 @@ def _trigger(config: Config):
     return IntervalTrigger(minutes=config.schedule.interval_minutes, timezone="UTC")
 
 
-def build_scheduler(config: Config, job=run_cycle_subprocess, blocking: bool = True,
+def build_scheduler(config: LoopConfig, job=run_cycle_subprocess, blocking: bool = True,
                     config_path: str | os.PathLike | None = None):
     """A scheduler with a persistent SQLite job store and the cycle job (replacing any old one).
 
@@ -183,7 +183,7 @@ def start_webhook(port: int, threshold: int, wake, *, secret: str) -> ThreadingH
     return server
 
 
-def register_webhook(config: Config, url: str) -> str:
+def register_webhook(config: LoopConfig, url: str) -> str:
     """Make Argilla post `record.completed` events to `url` and return the secret it signs them with.
 
     A webhook already registered for `url` is reused (and re-enabled / given the event if it lacks them), so

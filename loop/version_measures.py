@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loop.config import LoopConfig
 from loop.core.io import sha256_file, utcnow
 from loop.core.measures import KEY, LABELS, NAMES, entry, format_value, gate_comparison
 from loop.core.registry import Registry, RegistryError, Version
@@ -116,16 +117,17 @@ class FixedSets:
         return {"version": METHOD, setting[0]: setting[1]}
 
 
-def load_sets(config: Any = None, *, regression_path: str | Path | None = None,
+def load_sets(config: LoopConfig | None = None, *, regression_path: str | Path | None = None,
               probes_path: str | Path | None = None) -> FixedSets:
-    """The fixed sets as they are now (``config`` is a ``loop.config.Config``; needs the trainer package)."""
+    """The fixed sets as they are now (``config``: its ``trainer.regression_set``; needs the trainer package)."""
     from loop.core import probes
     from loop.core.io import read_jsonl
+    from trainer.config import TrainConfig
     from trainer.evaluate import REGRESSION_SET, regression_examples
     from trainer.general_kept import ANSWER_TOKENS
 
-    trainer_cfg = getattr(config, "trainer", None)
-    regression_path = Path(regression_path or getattr(trainer_cfg, "regression_set", "") or REGRESSION_SET)
+    trainer_cfg = config.trainer if config is not None else TrainConfig()
+    regression_path = Path(regression_path or trainer_cfg.regression_set or REGRESSION_SET)
     examples = [{k: e[k] for k in ("id", "messages", "expect") if k in e} for e in regression_examples(regression_path)]
     probes_path = Path(probes_path or probes.PROBES_FILE)
     checked, unchecked = [], 0
@@ -139,7 +141,7 @@ def load_sets(config: Any = None, *, regression_path: str | Path | None = None,
             unchecked += 1
     return FixedSets(FixedSet(regression_path.name, examples), FixedSet(probes_path.name, checked),
                      unchecked_probes=unchecked, answer_tokens=ANSWER_TOKENS,
-                     max_length=int(getattr(trainer_cfg, "max_length", 512) or 512))
+                     max_length=trainer_cfg.max_length)
 
 
 # -- the cache --------------------------------------------------------------------------------------
@@ -306,7 +308,7 @@ def measure_version(registry: Registry, vid: str, sets: FixedSets, *, force: boo
         return report
 
 
-def measure_versions(registry: Registry, ids: list[str], config: Any, *, sets: FixedSets | None = None,
+def measure_versions(registry: Registry, ids: list[str], config: LoopConfig, *, sets: FixedSets | None = None,
                      force: bool = False, progress: bool = True,
                      log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """``measure_version`` for each id; a version that cannot be measured gets ``{"version", "error"}``
@@ -365,7 +367,7 @@ def scorecard(registry: Registry, vids: list[str], sets: FixedSets, store: Any =
 EXTRA = ("canary_thumbs_down_rate", "arena_rating")
 
 
-def fixed_comparison(registry: Registry, a: str, b: str, config: Any, *, store: Any = None,
+def fixed_comparison(registry: Registry, a: str, b: str, config: LoopConfig, *, store: Any = None,
                      measure: bool = False) -> dict[str, Any]:
     """``versions compare``'s fixed block: A and B on the fixed measures (``measure``: take missing ones
     first), the canary and arena figures, and each one's gate comparison on its own held-out set."""

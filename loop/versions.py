@@ -31,7 +31,7 @@ import textwrap
 from collections.abc import Sequence
 from typing import Any
 
-from loop.config import load_config
+from loop.config import LoopConfig, load_config
 from loop.core import paths
 from loop.core.errors import LoopError, error_exit
 from loop.core.metrics import HELDOUT_KEYS, heldout_loss, regression_loss
@@ -291,7 +291,7 @@ def history_table(entries: list[dict[str, Any]]) -> str:
                                ("reason", "REASON")])
 
 
-def measure_command(registry: Registry, config: Any, ids: list[str], *, every: bool = False, force: bool = False,
+def measure_command(registry: Registry, config: LoopConfig, ids: list[str], *, every: bool = False, force: bool = False,
                     progress: bool = True, as_json: bool = False) -> int:
     """``versions measure``: 0 when every version named has all its fixed measures, else 1."""
     from loop.core.measures import LABELS, format_value

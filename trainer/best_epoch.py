@@ -27,6 +27,8 @@ import os
 import shutil
 from pathlib import Path
 
+from trainer.config import TrainConfig
+
 log = logging.getLogger(__name__)
 
 BEST_DIR = "best_epoch"
@@ -51,7 +53,7 @@ def eligible(row: dict, start_regression: float | None, tolerance: float, min_ke
     return row["regression_loss"] <= start_regression * (1.0 + tolerance)
 
 
-def make_callback(output_dir: Path, tokenizer, held_out: list, regression: list, config):
+def make_callback(output_dir: Path, tokenizer, held_out: list, regression: list, config: TrainConfig):
     """A TrainerCallback that scores each epoch (defined here so importing this module stays light)."""
     from transformers import TrainerCallback
 

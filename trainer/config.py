@@ -3,12 +3,18 @@
 `TrainConfig` configures one LoRA fine-tuning run (`trainer.train`); `VariantGrid` says which
 learning-rate x rank x objective variants a cycle tries (`trainer.variants`). Defaults are chosen for the bundled
 SmolLM2-135M-Instruct on a CPU and a few dozen curated corrections; docs/trainer.md says why.
+`load_train_config` reads the `[trainer]` section the way every layer reads its own (`loop.core.config`: the
+file, the environment, then `--set`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+
+from loop.core.config import RootConfig, load_root
 
 # The default variant grid: one point. Measured on the tuning scenarios (docs/trainer.md, "Defaults"): with
 # epoch selection on the judge, 1e-3 at rank 16 learns a few dozen corrections in about six passes, 2e-4 teaches
@@ -143,10 +149,6 @@ class TrainConfig:
         if self.target_modules == "all-linear":
             return "all-linear"
         return [name.strip() for name in self.target_modules.split(",") if name.strip()]
-
-    def with_overrides(self, **changes) -> TrainConfig:
-        """A copy with the given fields changed (None values are ignored, handy for CLI flags)."""
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def validate(self) -> list[str]:
         """Every problem with this config, all at once (empty list when valid)."""
@@ -291,3 +293,17 @@ def variant_name(learning_rate: float, rank: int, objective: str = "sft") -> str
 def config_field_names(cls) -> list[str]:
     """Names of a config dataclass's fields (the composed loop config uses them for overrides)."""
     return [f.name for f in fields(cls)]
+
+
+@dataclass(frozen=True)
+class TrainerRootConfig(RootConfig):
+    """What ``python -m trainer.train`` loads: the ``trainer`` section alone (the run needs no other)."""
+
+    trainer: TrainConfig
+
+
+def load_train_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
+                      overrides: Sequence[str] = ()) -> TrainConfig:
+    """The ``[trainer]`` section of the config file, then ``LOOP_TRAINER__*``, then ``overrides``
+    (``trainer.field=value``), validated by the core's loader: a ConfigError names every bad key at once."""
+    return load_root(TrainerRootConfig, path, env, overrides=overrides).trainer

@@ -96,7 +96,7 @@ def require_enough(examples: list, min_examples: int, what: str = "training") ->
     if len(examples) < min_examples:
         raise DataError(
             f"the {what} data has {len(examples)} example(s), fewer than min_examples={min_examples}: "
-            "collect more curated examples first (or lower train.min_examples)"
+            "collect more curated examples first (or lower trainer.min_examples)"
         )
 
 

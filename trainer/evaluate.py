@@ -13,6 +13,7 @@ import os
 from contextlib import nullcontext
 from pathlib import Path
 
+from trainer.config import TrainConfig
 from trainer.data import IGNORE_INDEX, load_examples, tokenize_examples
 
 REGRESSION_SET = Path(__file__).with_name("regression_set.jsonl")
@@ -23,7 +24,7 @@ def regression_examples(path: str | Path | None = None) -> list[dict]:
     return load_examples(Path(path) if path else REGRESSION_SET)
 
 
-def load_regression_set(config=None) -> list[dict]:
+def load_regression_set(config: TrainConfig | None = None) -> list[dict]:
     """The regression set a TrainConfig names (config.regression_set; "" or None = the shipped one)."""
     return regression_examples(getattr(config, "regression_set", None) or None)
 
@@ -127,7 +128,7 @@ def masked_nll(model, sequences: list[list[int]], loss_masks: list[list[int]], p
     return out
 
 
-def load_general_replay(config=None) -> list[dict]:
+def load_general_replay(config: TrainConfig | None = None) -> list[dict]:
     """The general-ability replay examples (``TrainConfig.general_replay``); [] when switched off."""
     choice = getattr(config, "general_replay", "") if config is not None else ""
     if choice == "off":

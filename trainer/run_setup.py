@@ -147,9 +147,9 @@ def is_oom(exc: BaseException) -> bool:
 
 def oom_advice(exc: BaseException, config: TrainConfig) -> str:
     return (
-        "the GPU ran out of memory. Lower, in this order: train.batch_size (now "
-        f"{config.batch_size}; raise train.grad_accum to keep the effective batch), train.max_length (now "
-        f"{config.max_length}), train.lora_rank (now {config.lora_rank}); or use train.cuda_precision = 'qlora' "
-        f"(now {config.cuda_precision!r}) and train.gradient_checkpointing = true (now "
+        "the GPU ran out of memory. Lower, in this order: trainer.batch_size (now "
+        f"{config.batch_size}; raise trainer.grad_accum to keep the effective batch), trainer.max_length (now "
+        f"{config.max_length}), trainer.lora_rank (now {config.lora_rank}); or use trainer.cuda_precision = 'qlora' "
+        f"(now {config.cuda_precision!r}) and trainer.gradient_checkpointing = true (now "
         f"{config.gradient_checkpointing}). ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
     )

@@ -145,7 +145,7 @@ def _callbacks():
                 control.should_evaluate = False
 
     class _NanInjector(TrainerCallback):
-        """Testing hook (train.inject_nan_at_step): NaN embeddings from that step on, through the real path."""
+        """Testing hook (trainer.inject_nan_at_step): NaN embeddings from that step on, through the real path."""
 
         def __init__(self, model, step: int):
             self.step, self.active = step, False
@@ -178,7 +178,7 @@ def load_model(base_path: str, config: TrainConfig, cuda: bool):
                                                         quantization_config=quantization)
         except ImportError as exc:
             raise TrainingError(
-                f"QLoRA needs the bitsandbytes package ({exc}); install it or set train.cuda_precision = 'bf16'"
+                f"QLoRA needs the bitsandbytes package ({exc}); install it or set trainer.cuda_precision = 'bf16'"
             ) from exc
     dtype = torch.float32 if config.cuda_precision == "fp32" else torch.bfloat16
     return AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, device_map=device_map)

@@ -23,12 +23,11 @@ import logging
 import os
 import sys
 import time
-from dataclasses import fields
 from functools import partial
 from pathlib import Path
 
-from loop.core.errors import ConfigError, LoopError, error_exit
-from trainer.config import OBJECTIVES, TrainConfig
+from loop.core.errors import LoopError, error_exit
+from trainer.config import TrainConfig, load_train_config
 from trainer.data import (
     DataError,
     build_training_set,
@@ -113,16 +112,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--base", help="HF model directory or id to start from (default: the bundled SmolLM2)")
     parser.add_argument("--eval", help="held-out examples (default: hold out eval_fraction of --data)")
     parser.add_argument("--replay", help="earlier curated examples to mix in at replay_ratio")
-    parser.add_argument("--config-json", help="a JSON object of TrainConfig fields (flags below override it)")
-    parser.add_argument("--objective", choices=OBJECTIVES, help="train.objective (trainer/preference.py)")
+    parser.add_argument("--config", help="TOML file whose [trainer] table configures the run (default: $LOOP_CONFIG "
+                                          "or $LOOP_HOME/config.toml; LOOP_TRAINER__<FIELD> variables override it)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="trainer.FIELD=VALUE",
+                        help="override one TrainConfig field, after the file and the environment; VALUE is a TOML "
+                             "literal (40, 1e-3, true, [16, 64]; a bare word is a string). Repeatable.")
     parser.add_argument("--preference", help="directory with pairs.jsonl/labels.jsonl (+ eval_*), e.g. a snapshot")
-    flags = {"--lr": ("learning_rate", float), "--rank": ("lora_rank", int), "--alpha": ("lora_alpha", int),
-             "--max-steps": ("max_steps", int), "--epochs": ("epochs", float), "--save-steps": ("save_steps", int),
-             "--max-length": ("max_length", int), "--batch-size": ("batch_size", int),
-             "--grad-accum": ("grad_accum", int), "--seed": ("seed", int), "--min-examples": ("min_examples", int),
-             "--replay-ratio": ("replay_ratio", float)}
-    for flag, (name, kind) in flags.items():
-        parser.add_argument(flag, dest=name, type=kind, help=f"train.{name}")
     parser.add_argument("--force", action="store_true",
                         help="discard a different run found in --output and start over")
     parser.add_argument("--json", action="store_true", help="print metrics.json to stdout when done")
@@ -130,26 +125,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    base = TrainConfig()
-    if args.config_json:
-        raw = json.loads(Path(args.config_json).read_text())
-        known = {f.name for f in fields(TrainConfig)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ConfigError(f"unknown TrainConfig field(s) in {args.config_json}: {unknown}")
-        base = TrainConfig(**raw)
-    overrides = {f.name: getattr(args, f.name, None) for f in fields(TrainConfig)}
-    return base.with_overrides(**overrides)
+    """The run's TrainConfig: --config's [trainer] table, the environment, then every --set (ConfigError: all
+    the bad keys at once)."""
+    return load_train_config(args.config, overrides=args.overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:  # every bad key at once, before the training stack is imported
+        config = config_from_args(args)
+    except LoopError as exc:
+        return error_exit(exc, 2)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from trainer.preference import PreferenceSkipped, train_objective
 
     try:
-        config = config_from_args(args)
         metrics = train_objective(args.data, args.output, base=args.base, eval_data=args.eval, replay=args.replay,
                                   preference=args.preference, config=config, force=args.force)
     except PreferenceSkipped as exc:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from loop.core.config import toml_table
 from trainer.config import TrainConfig, VariantGrid
 
 log = logging.getLogger(__name__)
@@ -219,10 +220,10 @@ def _spawn(entry, gpu: int, train_path, eval_path, base: str, out_root: Path, re
     name, variant_config = entry
     run_dir = out_root / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = run_dir / "variant_config.json"  # the child's full TrainConfig (the CLI flags cover a part)
-    config_path.write_text(json.dumps(asdict(variant_config)))
+    config_path = run_dir / "variant_config.toml"  # the child's whole TrainConfig, read by the same loader
+    config_path.write_text(toml_table("trainer", variant_config))
     command = [sys.executable, "-m", "trainer.train", "--data", str(train_path), "--output", str(run_dir),
-               "--base", base, "--config-json", str(config_path)]
+               "--base", base, "--config", str(config_path)]
     if eval_path:
         command += ["--eval", str(eval_path)]
     if replay_path:
@@ -231,7 +232,10 @@ def _spawn(entry, gpu: int, train_path, eval_path, base: str, out_root: Path, re
         command += ["--preference", str(preference_dir)]
     if force:
         command.append("--force")
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
+    # The environment's LOOP_TRAINER__* overrides are in the file already; over it they would undo the variant's
+    # own learning rate, rank or objective.
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("LOOP_TRAINER__")}
+    env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     with open(run_dir / "train.log", "ab") as log_file:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
 

@@ -14,7 +14,7 @@ import importlib.util
 from pathlib import Path
 
 from loop.core import paths
-from loop.core.config import Config, load_config
+from loop.core.config import CoreConfig, load_config
 from loop.core.errors import LoopError
 from loop.core.registry import Registry, Version
 
@@ -41,11 +41,11 @@ def find_bundled_gguf() -> Path:
     )
 
 
-def base_gguf(config: Config) -> Path:
+def base_gguf(config: CoreConfig) -> Path:
     return Path(config.model.base_gguf).expanduser() if config.model.base_gguf else find_bundled_gguf()
 
 
-def ensure_base_version(config: Config | None = None, registry: Registry | None = None) -> Version:
+def ensure_base_version(config: CoreConfig | None = None, registry: Registry | None = None) -> Version:
     """Register the base GGUF as the first version and make it current, once."""
     config = config or load_config()
     registry = registry or Registry(paths.registry_dir(config.home))
@@ -78,7 +78,7 @@ def _quantization_of(gguf: Path) -> str:
     return "unknown"
 
 
-def hf_base_dir(config: Config) -> Path:
+def hf_base_dir(config: CoreConfig) -> Path:
     """Where the trainer's starting weights for the BASE model live (derived once, cached)."""
     if config.model.hf_base:
         local = Path(config.model.hf_base).expanduser()

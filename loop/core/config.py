@@ -9,26 +9,33 @@ Sources, later wins:
   1. dataclass defaults;
   2. the TOML file: ``--config PATH``, else ``$LOOP_CONFIG``, else ``$LOOP_HOME/config.toml`` if present;
   3. environment: ``LOOP_<SECTION>__<FIELD>=value`` (e.g. ``LOOP_TRAINER__MAX_STEPS=40``);
-     lists are comma-separated (``LOOP_TRAINER__LEARNING_RATES=1e-3,5e-4``).
+     lists are comma-separated (``LOOP_TRAINER__LEARNING_RATES=1e-3,5e-4``);
+  4. a command line's ``--set section.field=value`` (e.g. ``--set trainer.max_steps=40``), the value
+     read as a TOML literal (a bare word is a string).
+Every problem names its key as the TOML spells it (``trainer.max_steps``), whichever source set it.
 
-Who loads which sections (the core imports nothing above it, so it cannot name the others):
-  * ``load_config`` here: the shared sections (``CORE_SECTIONS``: model, app, registry, rollout),
+What a load returns is a root: a frozen ``RootConfig`` subclass with one typed field per section
+(``config.trainer.learning_rate`` type-checks); its fields are the sections the loader reads. Who
+loads which (the core imports nothing above it, so it cannot name the others):
+  * ``load_config`` here: ``CoreConfig``, the shared sections (model, app, registry, rollout),
     which is all the app needs. Sections of the file it does not know belong to other layers and
     are left to them.
-  * a part loads the shared sections plus its own (``annotation.config.load_annotation_config``).
-  * the conductor assembles the root, every section, and is the one load that also refuses an
-    unknown section (``loop.config.load_config``, ``python -m loop.config``).
+  * a part loads its own root, the shared sections plus its own (``annotation.config.AnnotationRootConfig``)
+    or only its own (``trainer.config.TrainerRootConfig``).
+  * the conductor's ``loop.config.LoopConfig`` holds every section, and is the one load that also
+    refuses an unknown section (``loop.config.load_config``, ``python -m loop.config``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +43,8 @@ from loop.core import paths
 from loop.core.errors import ConfigError
 
 __all__ = [
-    "CORE_SECTIONS", "AppConfig", "Config", "ConfigError", "ModelConfig", "RegistryConfig", "RolloutConfig",
-    "config_file", "load_config", "load_sections",
+    "AppConfig", "ConfigError", "CoreConfig", "ModelConfig", "RegistryConfig", "RolloutConfig",
+    "RootConfig", "config_file", "load_config", "load_root", "toml_literal", "toml_table", "toml_text",
 ]
 
 
@@ -188,31 +195,40 @@ class RolloutConfig:
         return problems
 
 
-# The sections every layer may read; the conductor adds the others (loop.config).
-CORE_SECTIONS: dict[str, type] = {
-    "model": ModelConfig,
-    "app": AppConfig,
-    "registry": RegistryConfig,
-    "rollout": RolloutConfig,
-}
+@dataclass(frozen=True)
+class RootConfig:
+    """A loaded configuration: where it came from, and its sections as typed fields.
 
-
-@dataclass
-class Config:
-    """All sections; ``home`` is $LOOP_HOME."""
+    A subclass adds one field per section (``trainer: TrainConfig``); the field's name is the TOML table
+    and the environment's ``LOOP_<SECTION>__``, its type the section's dataclass. ``load_root`` fills it.
+    ``home`` is $LOOP_HOME; ``source`` the file read, or "defaults".
+    """
 
     home: Path
-    sections: dict[str, Any] = field(default_factory=dict)
-    source: str = "defaults"
+    source: str
 
-    def __getattr__(self, name: str) -> Any:
-        sections = self.__dict__.get("sections", {})
-        if name in sections:
-            return sections[name]
-        raise AttributeError(f"config has no section {name!r}")
+    @classmethod
+    def section_types(cls) -> dict[str, type]:
+        """Section name -> its dataclass, in field order (the base's sections first)."""
+        hints = typing.get_type_hints(cls)
+        own = {f.name for f in dataclasses.fields(RootConfig)}
+        return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name not in own}
 
     def as_dict(self) -> dict[str, Any]:
-        return {name: dataclasses.asdict(sec) for name, sec in self.sections.items()}
+        """Every section as plain values (what ``python -m loop.config`` prints)."""
+        return {name: dataclasses.asdict(getattr(self, name)) for name in self.section_types()}
+
+
+@dataclass(frozen=True)
+class CoreConfig(RootConfig):
+    """The shared sections: all the app loads, and the base of every part's and the conductor's root."""
+
+    model: ModelConfig
+    app: AppConfig
+    registry: RegistryConfig
+    rollout: RolloutConfig
+
+R = typing.TypeVar("R", bound=RootConfig)
 
 
 def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
@@ -295,6 +311,52 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
     return out
 
 
+def _set_overrides(overrides: Sequence[str], problems: list[str]) -> dict[str, dict[str, Any]]:
+    """``section.field=value`` items (a command line's ``--set``); each value read as a TOML literal."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in overrides:
+        key, eq, raw = item.partition("=")
+        section, dot, fieldname = key.strip().partition(".")
+        if not (eq and dot and section and fieldname):
+            problems.append(f"--set {item!r}: expected section.field=value (e.g. trainer.max_steps=40)")
+            continue
+        out.setdefault(section, {})[fieldname] = toml_literal(raw.strip())
+    return out
+
+
+def toml_literal(text: str) -> Any:
+    """``text`` read as a TOML value (``40``, ``1e-3``, ``true``, ``[1e-3, 5e-4]``, ``"a b"``); text that is
+    no TOML value is the string itself, so ``objective=dpo`` needs no quotes through a shell."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def toml_text(value: Any) -> str:
+    """``value`` (a bool, number, string, list of them, or None) written as a TOML value; ``toml_literal``
+    reads it back. None, which TOML has no word for, is written "none": the loader reads that as unset."""
+    if value is None:
+        return '"none"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)  # inf and nan are spelled the same in TOML
+    if isinstance(value, str):
+        # a JSON string is a TOML basic string, except that TOML wants DEL escaped too
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_text(item) for item in value) + "]"
+    raise TypeError(f"no TOML form for {type(value).__name__}: {value!r}")
+
+
+def toml_table(name: str, section: Any) -> str:
+    """A section dataclass as a ``[name]`` TOML table the loader reads back to an equal section."""
+    lines = [f"[{name}]"]
+    lines += [f"{f.name} = {toml_text(getattr(section, f.name))}" for f in dataclasses.fields(section) if f.init]
+    return "\n".join(lines) + "\n"
+
+
 def config_file(explicit: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Path | None:
     env = os.environ if env is None else env
     if explicit:
@@ -305,19 +367,22 @@ def config_file(explicit: str | os.PathLike[str] | None = None, env: Mapping[str
     return default if default.is_file() else None
 
 
-def load_sections(
-    sections: Mapping[str, type],
+def load_root(
+    root: type[R],
     path: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
     *,
     complete: bool = False,
-) -> Config:
-    """Load, coerce and validate ``sections`` (name -> dataclass); raise ConfigError listing every problem.
+    overrides: Sequence[str] = (),
+) -> R:
+    """Load, coerce and validate the sections of ``root`` (its fields); raise ConfigError listing every problem.
 
-    ``complete``: ``sections`` is every section there is, so a section of the file (or of the
-    environment) that is not among them is an error. Otherwise such a section belongs to a layer that
-    did not ask for it here and is left alone.
+    ``overrides``: ``section.field=value`` items (``--set``), applied last; a section they name that
+    ``root`` does not hold is an error. ``complete``: ``root`` holds every section there is, so a section
+    of the file (or of the environment) that is not among them is an error too. Otherwise such a section
+    belongs to a layer that did not ask for it here and is left alone.
     """
+    sections = root.section_types()
     env = os.environ if env is None else env
     problems: list[str] = []
     file_values: dict[str, Any] = {}
@@ -331,28 +396,34 @@ def load_sections(
             problems.append(f"config file not found: {cfg_path}")
         except tomllib.TOMLDecodeError as exc:
             problems.append(f"{cfg_path}: not valid TOML: {exc}")
-    overrides = _env_overrides(env)
+    known = ", ".join(sorted(sections))
+    from_env = _env_overrides(env)
+    from_set = _set_overrides(overrides, problems)
     if complete:
         for name in file_values:
             if name not in sections:
-                problems.append(f"[{name}]: unknown section (known: {', '.join(sorted(sections))})")
-        for name in overrides:
+                problems.append(f"[{name}]: unknown section (known: {known})")
+        for name in from_env:
             if name not in sections:
-                problems.append(f"LOOP_{name.upper()}__*: unknown section (known: {', '.join(sorted(sections))})")
+                problems.append(f"LOOP_{name.upper()}__*: unknown section (known: {known})")
+    for name, values in from_set.items():
+        if name not in sections:
+            problems += [f"{name}.{key}: unknown section {name!r} (known: {known})" for key in values]
     built = {}
     for name, cls in sections.items():
         values = dict(file_values.get(name, {}) or {})
         if not isinstance(file_values.get(name, {}), dict):
             problems.append(f"[{name}] must be a table")
             values = {}
-        values.update(overrides.get(name, {}))
+        values.update(from_env.get(name, {}))
+        values.update(from_set.get(name, {}))
         built[name] = _build_section(name, cls, values, problems)
     if problems:
         raise ConfigError(problems)
-    return Config(home=paths.loop_home(), sections=built, source=source)
+    return root(home=paths.loop_home(), source=source, **built)
 
 
-def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
-    """The shared sections (``CORE_SECTIONS``), validated; the rest of the file is left to the layers
+def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> CoreConfig:
+    """The shared sections (``CoreConfig``), validated; the rest of the file is left to the layers
     that own it (the conductor's ``loop.config.load_config`` checks all of it)."""
-    return load_sections(CORE_SECTIONS, path, env)
+    return load_root(CoreConfig, path, env)

@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from loop.config import Config, load_config
+from loop.config import LoopConfig, load_config
 from loop.core.registry import Registry, Version
 from loop.core.store import Store
 
@@ -23,7 +23,7 @@ MARKER = "QUOKKA-7Z3-UNIQUE-MARKER"
 
 @dataclass
 class TrainedHome:
-    config: Config
+    config: LoopConfig
     home: Path
     store: Store
     registry: Registry

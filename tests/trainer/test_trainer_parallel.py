@@ -28,8 +28,8 @@ def test_two_processes_train_one_run(base_hf_dir, tmp_path):
     run = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "trainer.train", "--data", str(data), "--eval", str(data), "--output", str(run),
-               "--base", str(base_hf_dir), "--max-steps", "2", "--save-steps", "2", "--batch-size", "2",
-               "--max-length", "64", "--min-examples", "4"]
+               "--base", str(base_hf_dir), "--set", "trainer.max_steps=2", "--set", "trainer.save_steps=2",
+               "--set", "trainer.batch_size=2", "--set", "trainer.max_length=64", "--set", "trainer.min_examples=4"]
     done = subprocess.run(command, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

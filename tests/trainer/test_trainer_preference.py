@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from test_trainer_train import FACTS, facts, small_config
 
+from loop.core.errors import ConfigError
 from trainer.config import OBJECTIVES, TrainConfig, VariantGrid
 from trainer.data import DataError, write_examples
 from trainer.preference import PreferenceData, PreferenceSkipped, skip_reason, train_objective
@@ -174,13 +175,14 @@ def test_objective_is_a_grid_axis_and_sft_names_stay_as_they_were():
     assert set(OBJECTIVES) == {"sft", "dpo", "kto", "sft+dpo", "sft+kto"}
 
 
-def test_command_line_objective_flag(tmp_path):
+def test_command_line_sets_the_objective_and_refuses_an_unknown_one(tmp_path):
     from trainer.train import _parser, config_from_args
 
-    args = _parser().parse_args(["--data", "d", "--output", "o", "--objective", "kto", "--preference", "snap"])
+    args = _parser().parse_args(["--data", "d", "--output", "o", "--set", "trainer.objective=kto",
+                                 "--preference", "snap"])
     assert config_from_args(args).objective == "kto" and args.preference == "snap"
-    with pytest.raises(SystemExit):
-        _parser().parse_args(["--data", "d", "--output", "o", "--objective", "ppo"])
+    with pytest.raises(ConfigError, match="trainer.objective must be one of"):
+        config_from_args(_parser().parse_args(["--data", "d", "--output", "o", "--set", "trainer.objective=ppo"]))
 
 
 def test_command_line_skip_exits_3_with_the_reason_and_writes_it(tmp_path, capsys):
@@ -188,7 +190,7 @@ def test_command_line_skip_exits_3_with_the_reason_and_writes_it(tmp_path, capsy
 
     data = tmp_path / "train.jsonl"
     write_examples(data, facts())
-    code = main(["--data", str(data), "--output", str(tmp_path / "run"), "--objective", "dpo",
+    code = main(["--data", str(data), "--output", str(tmp_path / "run"), "--set", "trainer.objective=dpo",
                  "--preference", str(write_preference(tmp_path / "snap", [], labels()))])
     assert code == 3 and re.search("skipped: no preference pairs", capsys.readouterr().err)
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "skipped"

@@ -12,11 +12,11 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
+from loop.core.config import toml_table
 from trainer.config import TrainConfig
 from trainer.data import write_examples
 from trainer.resume import (
@@ -47,9 +47,9 @@ def config(tmp_path: Path) -> TrainConfig:
                        learning_rate=1e-3, min_examples=4, regression_set=str(regression))
 
 
-def command(data: Path, eval_data: Path, run: Path, base: Path, config_json: Path) -> list[str]:
+def command(data: Path, eval_data: Path, run: Path, base: Path, config_file: Path) -> list[str]:
     return [sys.executable, "-m", "trainer.train", "--data", str(data), "--eval", str(eval_data), "--output",
-            str(run), "--base", str(base), "--config-json", str(config_json)]
+            str(run), "--base", str(base), "--config", str(config_file)]
 
 
 def wait_for_checkpoint(process: subprocess.Popen, run: Path, step: int, timeout: float = 600) -> None:
@@ -69,8 +69,8 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_run(base_hf_dir, tmp_pa
     write_examples(data, examples(8))
     write_examples(eval_data, examples(10)[8:])
     cfg = config(tmp_path)
-    config_json = tmp_path / "config.json"
-    config_json.write_text(json.dumps(asdict(cfg)))
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(toml_table("trainer", cfg))
 
     # The uninterrupted reference, in this process (same seeds, same code path).
     reference = train(data, tmp_path / "reference", base=base_hf_dir, eval_data=eval_data, config=cfg)
@@ -79,7 +79,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_run(base_hf_dir, tmp_pa
     run = tmp_path / "run"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     log = (tmp_path / "killed.log").open("w")
-    process = subprocess.Popen(command(data, eval_data, run, base_hf_dir, config_json), cwd=REPO, env=env,
+    process = subprocess.Popen(command(data, eval_data, run, base_hf_dir, config_file), cwd=REPO, env=env,
                                stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for_checkpoint(process, run, 2 * SAVE_EVERY)
@@ -100,7 +100,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_run(base_hf_dir, tmp_pa
     optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])
     older = SAVE_EVERY
 
-    rerun = subprocess.run(command(data, eval_data, run, base_hf_dir, config_json), cwd=REPO, env=env,
+    rerun = subprocess.run(command(data, eval_data, run, base_hf_dir, config_file), cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "skipping torn checkpoint" in rerun.stderr

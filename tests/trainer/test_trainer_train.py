@@ -132,7 +132,7 @@ def test_too_small_dataset_is_a_clear_error_before_any_run(tmp_path):
         from trainer.train import train
 
         train(data, tmp_path / "run", config=TrainConfig(min_examples=8))
-    assert main(["--data", str(data), "--output", str(tmp_path / "run"), "--min-examples", "8"]) == 2
+    assert main(["--data", str(data), "--output", str(tmp_path / "run"), "--set", "trainer.min_examples=8"]) == 2
     assert not (tmp_path / "run").exists()  # refused before anything was written (or converted)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from ulid import ULID
 
 from loop.core import paths
+from loop.core.config import CoreConfig
 from loop.core.forgotten import forgotten_ids
 from loop.core.io import atomic_write_text
 from loop.core.mirror.targets import HubBusyError, HubDatasetTarget, LocalDirTarget, Target
@@ -391,7 +392,7 @@ def _mentions(table: Any, row: dict[str, Any], turn_ids: set[str], conversation_
     return False
 
 
-def target_from_config(config: Any, api: Any | None = None) -> Target | None:
+def target_from_config(config: CoreConfig, api: Any | None = None) -> Target | None:
     """The target that ``[app] mirror_dir`` / ``mirror_hf_repo`` describe, or None when off."""
     app = config.app
     if app.mirror_hf_repo:
@@ -404,7 +405,7 @@ def target_from_config(config: Any, api: Any | None = None) -> Target | None:
     return LocalDirTarget(home.parent / f"{home.name}-mirror")
 
 
-def mirror_from_config(config: Any, store: Store, api: Any | None = None) -> Mirror | None:
+def mirror_from_config(config: CoreConfig, store: Store, api: Any | None = None) -> Mirror | None:
     target = target_from_config(config, api=api)
     if target is None:
         return None
