@@ -26,7 +26,16 @@ from typing import Any
 
 import numpy as np
 
-from loop.core.chat_template import hf_chat_ids, hf_chat_segments, hf_special_strings, joined, tokenizer_pieces
+from loop.core.chat_template import (
+    Segment,
+    hf_chat_ids,
+    hf_chat_segments,
+    hf_special_strings,
+    joined,
+    llama_segment_ids,
+    tokenizer_pieces,
+)
+from loop.core.gguf_model import ModelLoadError, open_llama
 from loop.core.probes import PROBES_FILE as PROBES_PATH
 from trainer.export_config import ExportConfig, VerifyConfig
 
@@ -128,10 +137,6 @@ def probes_as_examples(probes: Iterable[dict]) -> list[dict]:
     return [{"messages": example_messages(p)} for p in probes if isinstance(p, dict) and p.get("answer")]
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     # Markup with its special tokens, message text never parsed for them: the app's tokenisation (loop.core.chat_template).
     return hf_chat_ids(tokenizer, messages, add_generation_prompt=True)
@@ -221,13 +226,13 @@ def _torch_threads(n: int):
 
 
 class _GgufSide:
-    """llama.cpp on the quantised file: greedy continuations and logits over given token ids."""
+    """llama.cpp on the quantised file: greedy continuations and logits over given token ids.
+
+    Opened by ``loop.core.gguf_model.open_llama`` (the app's loader) with ``logits_all=True``: every
+    position's logits are scored here. ModelLoadError when the file cannot be loaded."""
 
     def __init__(self, gguf_path: Path, n_ctx: int, n_threads: int):
-        from llama_cpp import Llama
-
-        self.llm = Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=min(512, n_ctx), logits_all=True,
-                         n_gpu_layers=0, n_threads=n_threads, n_threads_batch=n_threads, verbose=False, seed=0)
+        self.llm = open_llama(gguf_path, n_ctx=n_ctx, n_threads=n_threads, logits_all=True, n_batch=min(512, n_ctx))
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         self.llm.reset()
@@ -246,8 +251,10 @@ class _GgufSide:
             self.llm.eval([tok])
         return out
 
-    def tokenize(self, text: str) -> list[int]:
-        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+    def chat_ids(self, segments: Sequence[Segment]) -> list[int]:
+        """llama.cpp's token ids for a rendered chat, by the app's rule: markup with its special tokens, message
+        text never parsed for them (``loop.core.chat_template``)."""
+        return llama_segment_ids(self.llm, segments)
 
     def quantization(self) -> str | None:
         """The file's quantisation from its `general.file_type` metadata ("Q8_0", "f16", ...), None if unknown."""
@@ -393,8 +400,8 @@ def verify_gguf(
 
     try:
         gguf = _GgufSide(gguf_path, n_ctx, config.resolved_threads())
-    except Exception as exc:  # llama-cpp-python raises ValueError/RuntimeError for files it cannot use
-        result.load_error = f"llama.cpp could not load {gguf_path.name}: {exc}"
+    except ModelLoadError as exc:  # the message names the file and llama.cpp's reason
+        result.load_error = str(exc)
         result.reasons.append(result.load_error)
         return finish()
     result.load_ok = True
@@ -419,7 +426,7 @@ def verify_gguf(
         gguf_probe_ids = [gguf.greedy(ids, config.probe_tokens, stops)
                           for _, ids in tqdm(probe_inputs, desc="probes (gguf)", leave=False)]
         gguf_forced = [_forced_logits(gguf, ids, ans) for (_, ids), ans in zip(probe_inputs, hf_probe_ids)]
-        token_matches = [gguf.tokenize(_render(tokenizer, msgs, True)) == ids for msgs, ids in probe_inputs]
+        token_matches = [gguf.chat_ids(hf_chat_segments(tokenizer, msgs, True)) == ids for msgs, ids in probe_inputs]
         gguf_nll = [_nll_from_logits(gguf.logits(ids), ids, mask)
                     for ids, mask in tqdm(examples, desc="held-out loss (gguf)", leave=False)]
         template = gguf.chat_template()
