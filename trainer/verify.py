@@ -26,17 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from loop.core.chat_template import (
-    Segment,
-    hf_chat_ids,
-    hf_chat_segments,
-    hf_special_strings,
-    joined,
-    llama_segment_ids,
-    tokenizer_pieces,
-)
+from loop.core.chat_template import Segment, hf_chat_ids, hf_chat_segments, llama_segment_ids
 from loop.core.gguf_model import ModelLoadError, open_llama
 from loop.core.probes import PROBES_FILE as PROBES_PATH
+from trainer.data import tokenize_example
 from trainer.export_config import ExportConfig, VerifyConfig
 
 # End-of-turn markers of common chat templates; generation stops at any that exist in the vocabulary.
@@ -140,38 +133,6 @@ def probes_as_examples(probes: Iterable[dict]) -> list[dict]:
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     # Markup with its special tokens, message text never parsed for them: the app's tokenisation (loop.core.chat_template).
     return hf_chat_ids(tokenizer, messages, add_generation_prompt=True)
-
-
-def tokenize_example(tokenizer, messages: list[dict], max_tokens: int) -> tuple[list[int], list[bool]]:
-    """Token ids of the rendered chat and a mask of the assistant tokens (answers plus their end-of-turn markers).
-
-    Assistant spans are found in characters: the text rendered up to turn i with a generation prompt must be a prefix
-    of the full text; the tokens starting inside [len(prefix), len(text through turn i)) are that turn's answer. The
-    messages' text is tokenised with special-token parsing off, the template's markup with it on.
-    """
-    segments = hf_chat_segments(tokenizer, messages, add_generation_prompt=False)
-    full = joined(segments)
-    spans = []
-    for i, message in enumerate(messages):
-        if message.get("role") != "assistant":
-            continue
-        prefix = joined(hf_chat_segments(tokenizer, messages[:i], add_generation_prompt=True))
-        through = joined(hf_chat_segments(tokenizer, messages[: i + 1], add_generation_prompt=False))
-        if full.startswith(prefix) and full.startswith(through) and len(through) > len(prefix):
-            spans.append((len(prefix), len(through)))
-    if not spans:
-        raise ValueError("no assistant turn could be located in the rendered chat")
-    ids: list[int] = []
-    starts: list[int] = []
-    position = 0
-    for piece in tokenizer_pieces(segments, hf_special_strings(tokenizer)):
-        enc = tokenizer(piece.text, add_special_tokens=False, return_offsets_mapping=True,
-                        split_special_tokens=piece.is_content)
-        ids.extend(enc["input_ids"])
-        starts.extend(position + start for start, _ in enc["offset_mapping"])
-        position += len(piece.text)
-    mask = [any(lo <= start < hi for lo, hi in spans) for start in starts]
-    return ids[:max_tokens], mask[:max_tokens]
 
 
 def stop_token_ids(tokenizer) -> set[int]:
@@ -392,9 +353,10 @@ def verify_gguf(
     examples = []
     for example in list(eval_examples or [])[: config.max_eval_examples]:
         try:
-            examples.append(tokenize_example(tokenizer, example_messages(example), config.max_eval_tokens))
+            tok = tokenize_example(tokenizer, example_messages(example), config.max_eval_tokens, answers="all")
         except ValueError:
             continue  # an example without an assistant turn has nothing to score
+        examples.append((tok.input_ids, tok.completion_mask))
     longest = max([len(ids) for _, ids in probe_inputs] + [len(ids) for ids, _ in examples] + [1])
     n_ctx = int(math.ceil((longest + config.probe_tokens + 8) / 256.0) * 256)
 
