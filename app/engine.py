@@ -6,12 +6,12 @@ The engine is also the ``ctx`` other tabs are built with (``app.versions_tab.bui
     ctx.store                  loop.core.store.Store (thread-safe: one connection per thread)
     ctx.writer                 app.writer.StoreWriter: the same writes, group-committed
     ctx.registry               loop.core.registry.Registry
-    ctx.load_llama(path)       -> llama_cpp.Llama for any GGUF (n_ctx from the config,
-                               logits_all=False); raises app.generation.ModelLoadError. The caller
-                               owns the object: llama.cpp contexts are not thread-safe, so guard it
-                               with a lock of your own and close() it when done.
-    ctx.load_chat_model(path)  -> app.generation.ChatModel: the same plus the GGUF's chat template,
-                               ``.lock``, ``.prompt_tokens(messages)`` and ``.stream(...)``.
+    ctx.load_chat_model(path)  -> app.generation.ChatModel for any GGUF (a ``loop.core.gguf_model.GgufModel``,
+                               n_ctx and threads from the config): its chat template, ``.lock`` (hold it
+                               to decode: llama.cpp contexts are not thread-safe), ``.prompt_tokens(messages)``,
+                               ``.decode(...)``, ``.stream(...)`` and the ``llama_cpp.Llama`` as ``.llama``.
+                               Raises ``loop.core.gguf_model.ModelLoadError``; the caller owns the
+                               object and close()s it when done.
     GENERATE_CONCURRENCY_ID    use it as ``concurrency_id`` on Gradio events that generate, so
                                Gradio's queue runs one generation at a time across all tabs.
 
@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.generation import ChatModel, Sampling, StreamStats, load_llama
+from app.generation import ChatModel, Sampling, StreamStats
 from app.policy import clean_message, clean_system_prompt, dropped_notice, fit_history
 from app.serving import ModelUnavailable, Served, ServedModels, _stat_signature
 from app.writer import StoreWriter, WriteFailed, WriterClosed, WriteTimeout
@@ -203,11 +203,9 @@ class Engine(ServedModels):
 
     # -- the ctx contract ------------------------------------------------------------------------
 
-    def load_llama(self, path: str | Path) -> Any:
-        return load_llama(path, n_ctx=self.config.model.n_ctx, n_threads=self.config.model.n_threads)
-
     def load_chat_model(self, path: str | Path, name: str = "") -> ChatModel:
-        return ChatModel(self.load_llama(path), name=name or Path(path).name)
+        return ChatModel.load(path, n_ctx=self.config.model.n_ctx, n_threads=self.config.model.n_threads,
+                              name=name or Path(path).name)
 
     # -- stop flags (the Stop button of each browser session) ------------------------------------
 

@@ -1,6 +1,7 @@
 """One GGUF served through llama-cpp-python: the chat template, streaming, token log-probabilities.
 
-Why the app drives ``Llama.generate`` itself rather than ``create_chat_completion(stream=True,
+Why the app decodes through ``loop.core.gguf_model.GgufModel.decode`` (llama.cpp's own sampler chain
+choosing each token, as ``Llama.generate`` builds it) rather than ``create_chat_completion(stream=True,
 logprobs=True, top_logprobs=1)``: in llama-cpp-python 0.3.x, ``logprobs`` refuses a model created
 with ``logits_all=False``, and ``logits_all=True`` keeps an ``n_ctx x n_vocab`` float matrix
 (2048 x 49152 x 4 B = 400 MB for SmolLM2), computes logits for every prompt token, and sorts the
@@ -16,32 +17,21 @@ generation stops on any end-of-generation token of the model's vocabulary. Unlik
 only the template's markup is parsed for special tokens: what users type (``<|im_end|>`` included)
 is always text to the model, never a role token (``loop.core.chat_template``).
 
-A llama.cpp context is not thread-safe: ``ChatModel.lock`` must be held for a whole stream.
+Loading, the lock, tokenisation and the decode loop are ``GgufModel``'s (the probes and the arena use
+the same); a llama.cpp context is not thread-safe: ``ChatModel.lock`` must be held for a whole stream.
 """
 
 from __future__ import annotations
 
 import codecs
-import math
-import os
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from loop.core.chat_template import llama_chat_formatter, llama_chat_tokens
-from loop.core.errors import LoopError
-
-Message = dict[str, str]
-
-
-class ModelLoadError(LoopError, RuntimeError):
-    """The GGUF is missing or llama.cpp cannot load it; the message says which file and why."""
+from loop.core.gguf_model import GgufModel
 
 
 @dataclass
@@ -85,71 +75,19 @@ class StreamStats:
         return float(min(self.logprobs)) if self.logprobs else None
 
 
-def serving_threads(n_threads: int = 0) -> int:
-    """``n_threads`` if set, else half the cores (llama-cpp-python's default for generation)."""
-    return n_threads if n_threads > 0 else max(1, (os.cpu_count() or 2) // 2)
+def _llama_sampler(llama: Any, sampling: Sampling) -> Callable[[Any], int]:
+    """A chooser drawing from llama.cpp's own sampler chain (top-k, top-p, min-p, temperature,
+    repeat penalty, seeded by ``sampling.seed``), as llama-cpp-python's ``generate`` builds it; it
+    reads the context's last logits row, the row ``GgufModel.decode`` hands over."""
+    llama.set_seed(sampling.seed)
+    # `_init_sampler` is llama-cpp-python's own builder (stable across 0.3.x): the chain ``generate`` uses.
+    sampler = llama._init_sampler(top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
+                                  temp=sampling.temperature, repeat_penalty=sampling.repeat_penalty)
+    return lambda _logits: int(sampler.sample(llama._ctx, -1))
 
 
-def load_llama(path: str | Path, *, n_ctx: int = 2048, n_threads: int = 0) -> Any:
-    """A ``llama_cpp.Llama`` for ``path``; ModelLoadError (never a crash) when it cannot be loaded."""
-    import llama_cpp
-
-    path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(f"model file not found: {path}")
-    # The same thread count for the prompt as for generation. llama-cpp-python's default gives the
-    # prompt every core (and generation half of them); on a small shared machine those threads
-    # spin-wait on each other while the web server and other users hold a core: on 2 busy cores
-    # the prompt of a short chat took 2-11 s instead of 0.5 s (benchmarks/RESULTS.md).
-    threads = serving_threads(n_threads)
-    kwargs: dict[str, Any] = {"n_ctx": n_ctx, "logits_all": False, "verbose": False, "n_threads": threads,
-                              "n_threads_batch": threads}
-    try:
-        return llama_cpp.Llama(model_path=str(path), **kwargs)
-    except Exception as exc:  # llama.cpp reports a bad file as ValueError; be broad, the app must stay up
-        raise ModelLoadError(f"llama.cpp could not load {path.name}: {exc}") from exc
-
-
-class ChatModel:
-    """A loaded GGUF with its chat template; ``lock`` serialises use of its llama.cpp context."""
-
-    def __init__(self, llama: Any, *, name: str = ""):
-        import llama_cpp
-
-        self.llama = llama
-        self.name = name
-        self.lock = threading.Lock()
-        self.n_ctx = llama.n_ctx()
-        self.n_vocab = llama.n_vocab()
-        self._vocab = llama._model.vocab
-        self._is_eog = llama_cpp.llama_vocab_is_eog
-        try:
-            self.formatter = llama_chat_formatter(llama)
-        except ValueError:
-            raise ModelLoadError(f"{name or 'the model'} has no chat template in its GGUF metadata") from None
-
-    @classmethod
-    def load(cls, path: str | Path, *, n_ctx: int = 2048, n_threads: int = 0, name: str = "") -> ChatModel:
-        return cls(load_llama(path, n_ctx=n_ctx, n_threads=n_threads), name=name or Path(path).name)
-
-    def close(self) -> None:
-        self.llama.close()
-
-    # -- prompt ----------------------------------------------------------------------------------
-
-    def render(self, messages: list[Message]) -> str:
-        return self.formatter(messages=messages).prompt
-
-    def prompt_tokens(self, messages: list[Message]) -> list[int]:
-        """The prompt's token ids: the template's markup with its special tokens, every message's
-        content as plain text (``loop.core.chat_template``), BOS as llama-cpp-python's chat completion
-        adds it. The probes and the arena use the same function."""
-        return llama_chat_tokens(self.llama, self.formatter, messages)
-
-    def count_tokens(self, messages: list[Message]) -> int:
-        return len(self.prompt_tokens(messages))
-
-    # -- generation ------------------------------------------------------------------------------
+class ChatModel(GgufModel):
+    """A loaded GGUF served to the chat: ``GgufModel`` plus streaming with stats, stop and UTF-8 text."""
 
     def stream(
         self,
@@ -158,54 +96,35 @@ class ChatModel:
         stats: StreamStats,
         stop: threading.Event | None = None,
     ) -> Iterator[Step]:
-        """Yield one Step per sampled token until an end-of-generation token, ``max_tokens`` or
-        ``stop``; ``stats`` is filled in as it goes. The caller holds ``self.lock``."""
-        llama = self.llama
+        """Yield one Step per sampled token until an end-of-generation token, ``max_tokens``, a full
+        context or ``stop``; ``stats`` is filled in as it goes. The caller holds ``self.lock``."""
         if sampling.seed is None:
             sampling.seed = random.randrange(2**31)
-        llama.set_seed(sampling.seed)
         stats.prompt_tokens = len(prompt_tokens)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         first_at: float | None = None
-        n_vocab = self.n_vocab
-        generator = llama.generate(
-            prompt_tokens,
-            top_k=sampling.top_k,
-            top_p=sampling.top_p,
-            min_p=sampling.min_p,
-            temp=sampling.temperature,
-            repeat_penalty=sampling.repeat_penalty,
-        )
+        # A chat's next turn shares its prefix with the last: only the new tokens are evaluated.
+        steps = self.decode(prompt_tokens, sampling.max_tokens, _llama_sampler(self.llama, sampling),
+                            reuse_prefix=True)
         try:
-            for token in generator:
+            for step in steps:
                 if first_at is None:
                     first_at = time.perf_counter()
-                if self._is_eog(self._vocab, token):
+                if step.end:
                     stats.finish_reason = "stop"
                     break
-                # The logits this token was sampled from: the context's last row, untouched until
-                # the generator evaluates the token on its next step.
-                logits = np.ctypeslib.as_array(llama._ctx.get_logits_ith(-1), shape=(n_vocab,))
-                peak = float(logits.max())
-                lse = peak + math.log(float(np.exp(logits - peak).sum()))
-                logprob = float(logits[token]) - lse
-                stats.logprobs.append(logprob)
+                stats.logprobs.append(step.logprob)
                 stats.completion_tokens += 1
-                text = decoder.decode(llama.detokenize([token]))
-                yield Step(text, token, logprob)
+                text = decoder.decode(self.llama.detokenize([step.token]))
+                yield Step(text, step.token, step.logprob)
                 if stop is not None and stop.is_set():
                     stats.finish_reason = "stopped"
                     break
-                if stats.completion_tokens >= sampling.max_tokens:
-                    stats.finish_reason = "length"
-                    break
-                if len(prompt_tokens) + stats.completion_tokens >= self.n_ctx:
-                    stats.finish_reason = "length"  # the context is full
-                    break
+            # Ending without an end-of-generation token: max_tokens or the context is full ("length").
         finally:
-            # Closing the generator here (also when our caller is closed mid-stream) leaves the
-            # context consistent for the next request, which re-evaluates from the common prefix.
-            # Bytes of a character cut off by a hard stop are dropped, not shown half-decoded.
-            generator.close()
+            # Closing the decode here (also when our caller is closed mid-stream) leaves the context
+            # consistent for the next request, which re-evaluates from the common prefix. Bytes of a
+            # character cut off by a hard stop are dropped, not shown half-decoded.
+            steps.close()
             if first_at is not None:
                 stats.decode_s = time.perf_counter() - first_at

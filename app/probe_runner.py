@@ -1,21 +1,21 @@
 """Run a GGUF on prompts through llama-cpp-python (greedily, or sampled): answers, mean logprob, timing.
 
-Used by ``python -m loop.versions compare`` and by the app's Versions tab (greedy side-by-side
+Used by ``python -m loop.versions compare``, the fixed measures and the cycle's self-replay
+(``loop.version_measures``, ``loop.cycle_stages``) and by the app's Versions tab (greedy side-by-side
 answers, and sampled answers in the blind arena, so that the arena's answers cannot be matched to
-the side-by-side view's). Decoding is a small loop of our own rather than ``create_chat_completion``:
-greedy is then exactly argmax (no sampler chain in between), and each chosen token's logprob
-comes from the last row of logits, so no ``logits_all=True`` buffer (n_ctx x vocab floats, about
-400 MB for SmolLM2 at 2048 tokens) is needed. Prompts are tokenised exactly as the app's chat
-tokenises them (``loop.core.chat_template``): a prompt's text is never read as special tokens.
+the side-by-side view's). Every answer comes from a ``loop.core.gguf_model.GgufModel``: the app's chat
+tokenises and decodes through the same object, so a prompt's text is never read as special tokens
+and the arena sees the token ids users' chats see. Greedy is exactly argmax (no sampler chain in
+between); each chosen token's logprob comes from the last row of logits. Each answer evaluates its
+prompt afresh, so it never depends on what the model was asked before.
 
-Generation is serialised by one process-wide lock: a llama.cpp context is not thread-safe, and on
-a small CPU two interleaved generations only make each other slower.
+Generation holds the model's own lock (a llama.cpp context is not thread-safe); the app's Versions
+tab runs its generations in the chat's one-at-a-time queue, so on a small CPU they never slow each other.
 """
 
 from __future__ import annotations
 
 import collections
-import math
 import random
 import threading
 import time
@@ -24,28 +24,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loop.core.chat_template import llama_chat_formatter, llama_chat_tokens
+from loop.core.gguf_model import GgufModel, argmax
 from loop.core.probes import FALLBACK_PROBES, as_messages, last_user_text, load_probes, probes_file
 
 # The probe set is the core's (``loop.core.probes``); it is named here too so that callers that run
 # probes find the set and the runner in one place.
 __all__ = [
-    "FALLBACK_PROBES", "GENERATION_LOCK", "LlamaCache", "ProbeAnswer", "ProbeRun", "as_messages", "greedy_answer",
-    "last_user_text", "load_llama", "load_probes", "probes_file", "render_prompt", "run_probes", "sampled_answer",
+    "FALLBACK_PROBES", "LlamaCache", "ProbeAnswer", "ProbeRun", "as_messages", "greedy_answer",
+    "last_user_text", "load_probes", "probes_file", "run_probes", "sampled_answer",
 ]
-
-GENERATION_LOCK = threading.RLock()
-
-def load_llama(gguf: str | Path, *, n_ctx: int = 2048, n_threads: int | None = None) -> Any:
-    import os
-
-    from llama_cpp import Llama
-
-    # The same thread count for the prompt as for decoding: llama.cpp's default gives the prompt every
-    # core, which on a small busy machine made short prompts several times slower (see docs/app.md).
-    threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
-    return Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=0,
-                 logits_all=False, verbose=False)
 
 
 @dataclass
@@ -59,29 +46,9 @@ class ProbeAnswer:
     seed: int | None = None  # the sampling seed; None for a greedy answer
 
 
-def _formatter(llm: Any) -> Any:
-    cached = getattr(llm, "_probe_formatter", None)
-    if cached is None:
-        cached = llm._probe_formatter = llama_chat_formatter(llm)
-    return cached
-
-
-def render_prompt(llm: Any, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of the chat-templated prompt, exactly as the app's chat makes them
-    (``loop.core.chat_template.llama_chat_tokens``: the messages' text is never read as special tokens)."""
-    return llama_chat_tokens(llm, _formatter(llm), messages)
-
-
-def _log_softmax_at(logits: Any, index: int) -> float:
-    import numpy as np
-
-    top = float(np.max(logits))
-    return float(logits[index]) - top - math.log(float(np.sum(np.exp(logits - top))))
-
-
-def greedy_answer(llm: Any, messages: list[dict[str, str]], max_tokens: int = 64) -> ProbeAnswer:
+def greedy_answer(model: GgufModel, messages: list[dict[str, str]], max_tokens: int = 64) -> ProbeAnswer:
     """Decode greedily (argmax) from the chat-templated messages."""
-    return sampled_answer(llm, messages, max_tokens=max_tokens, temperature=0.0)
+    return sampled_answer(model, messages, max_tokens=max_tokens, temperature=0.0)
 
 
 def _chooser(temperature: float, top_p: float, seed: int | None) -> Any:
@@ -89,7 +56,7 @@ def _chooser(temperature: float, top_p: float, seed: int | None) -> Any:
     import numpy as np
 
     if temperature <= 0:
-        return lambda logits: int(np.argmax(logits))
+        return argmax
     rng = np.random.default_rng(seed)
 
     def choose(logits: Any) -> int:
@@ -103,43 +70,27 @@ def _chooser(temperature: float, top_p: float, seed: int | None) -> Any:
     return choose
 
 
-def sampled_answer(llm: Any, messages: list[dict[str, str]], max_tokens: int = 64, *, temperature: float = 0.0,
-                   top_p: float = 1.0, seed: int | None = None) -> ProbeAnswer:
+def sampled_answer(model: GgufModel, messages: list[dict[str, str]], max_tokens: int = 64, *,
+                   temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> ProbeAnswer:
     """Decode from the chat-templated messages: greedily at ``temperature`` 0, else sampled (top-p,
     seeded by ``seed``; a fresh random seed when None, recorded in the answer)."""
-    import llama_cpp
-    import numpy as np
-
     if temperature > 0 and seed is None:
         seed = random.randrange(2**31)
     choose = _chooser(temperature, top_p, seed)
-    with GENERATION_LOCK:
+    with model.lock:
         start = time.perf_counter()
-        prompt = render_prompt(llm, messages)
-        room = llm.n_ctx() - len(prompt)
-        if room <= 0:
-            raise ValueError(f"prompt of {len(prompt)} tokens does not fit the context of {llm.n_ctx()}")
-        # `_model` / `_ctx` are llama-cpp-python internals (stable across 0.3.x); the public API
-        # offers logits only with logits_all=True, the large buffer this loop exists to avoid.
-        vocab, n_vocab = llm._model.vocab, llm.n_vocab()
-        llm.reset()
-        llm.eval(prompt)
         out: list[int] = []
         logprobs: list[float] = []
         finished = False
-        for _ in range(min(max_tokens, room)):
-            logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
-            token = choose(logits)
-            logprobs.append(_log_softmax_at(logits, token))
-            if llama_cpp.llama_vocab_is_eog(vocab, token):
+        for step in model.decode(model.prompt_tokens(messages), max_tokens, choose):
+            logprobs.append(step.logprob)
+            if step.end:
                 finished = True
                 break
-            out.append(token)
-            llm.eval([token])
-        text = llm.detokenize(out).decode("utf-8", errors="replace").strip()
+            out.append(step.token)
         return ProbeAnswer(
             prompt=last_user_text(messages),
-            answer=text,
+            answer=model.text(out).strip(),
             n_tokens=len(out),
             mean_logprob=(sum(logprobs) / len(logprobs)) if logprobs else None,
             seconds=time.perf_counter() - start,
@@ -178,27 +129,27 @@ def run_probes(
     max_tokens: int = 64,
     n_ctx: int = 2048,
     n_threads: int | None = None,
-    llm: Any = None,
+    model: GgufModel | None = None,
 ) -> ProbeRun:
-    """Answer every probe with one GGUF (loaded here unless ``llm`` is given)."""
+    """Answer every probe with one GGUF (loaded here unless ``model`` is given)."""
     start = time.perf_counter()
     run = ProbeRun(gguf=str(gguf))
-    own = llm is None
-    if own:
-        llm = load_llama(gguf, n_ctx=n_ctx, n_threads=n_threads)
+    own = model is None
+    if model is None:
+        model = GgufModel.load(gguf, n_ctx=n_ctx, n_threads=n_threads)
     run.load_seconds = time.perf_counter() - start
     try:
         for messages in probes:
-            run.answers.append(greedy_answer(llm, messages, max_tokens=max_tokens))
+            run.answers.append(greedy_answer(model, messages, max_tokens=max_tokens))
     finally:
         if own:
-            llm.close()
+            model.close()
     run.total_seconds = time.perf_counter() - start
     return run
 
 
 class LlamaCache:
-    """Loaded models keyed by version id, least recently used dropped beyond ``max_models``.
+    """Loaded models (``GgufModel``) keyed by version id, least recently used dropped beyond ``max_models``.
 
     Keyed by id *and* sha256 so a version whose file changed is reloaded, never served stale.
     """
@@ -206,34 +157,36 @@ class LlamaCache:
     def __init__(self, max_models: int = 3, *, n_ctx: int = 2048, n_threads: int | None = None):
         self.max_models = max_models
         self.n_ctx, self.n_threads = n_ctx, n_threads
-        self._models: collections.OrderedDict[tuple[str, str], Any] = collections.OrderedDict()
+        self._models: collections.OrderedDict[tuple[str, str], GgufModel] = collections.OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, version_id: str, gguf: str | Path, sha256: str = "") -> Any:
+    def get(self, version_id: str, gguf: str | Path, sha256: str = "") -> GgufModel:
         key = (version_id, sha256)
         with self._lock:
             if key in self._models:
                 self._models.move_to_end(key)
                 return self._models[key]
-            llm = load_llama(gguf, n_ctx=self.n_ctx, n_threads=self.n_threads)
-            self._models[key] = llm
+            model = GgufModel.load(gguf, n_ctx=self.n_ctx, n_threads=self.n_threads, name=version_id)
+            self._models[key] = model
             while len(self._models) > self.max_models:
                 _, old = self._models.popitem(last=False)
-                with GENERATION_LOCK:  # never close a model mid-generation
+                with old.lock:  # never close a model mid-generation
                     old.close()
-            return llm
+            return model
 
     def answer(self, version: Any, messages: list[dict[str, str]], max_tokens: int = 128, *,
                temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> ProbeAnswer:
         """An answer from a registry ``Version``: greedy at ``temperature`` 0 (the default), else sampled."""
-        llm = self.get(version.id, version.gguf_path, version.gguf_sha256)
-        return sampled_answer(llm, messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        model = self.get(version.id, version.gguf_path, version.gguf_sha256)
+        return sampled_answer(model, messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                              seed=seed)
 
     def __len__(self) -> int:
         return len(self._models)
 
     def close(self) -> None:
-        with self._lock, GENERATION_LOCK:
-            for llm in self._models.values():
-                llm.close()
+        with self._lock:
+            for model in self._models.values():
+                with model.lock:
+                    model.close()
             self._models.clear()

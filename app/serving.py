@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.generation import ChatModel, ModelLoadError, Sampling, StreamStats
+from app.generation import ChatModel, Sampling, StreamStats
 from loop.core.errors import LoopError
+from loop.core.gguf_model import ModelLoadError
 from loop.core.io import sha256_file
 from loop.core.registry import RegistryError, canary_arm
 

@@ -34,8 +34,9 @@ version's, cumulative since the canary started, each with its 95% credible inter
 canary running it shows the last one's outcome.
 
 Models are loaded through ``app.probe_runner.LlamaCache`` (a few kept loaded, keyed by version id
-and sha256) and every generation holds the process-wide generation lock, so the tab never runs two
-llama.cpp generations at once next to the chat.
+and sha256; each a ``loop.core.gguf_model.GgufModel``, tokenised and decoded as the chat is) and every
+generation holds its model's lock; the tab's generating events share the chat's queue
+(``concurrency_id="generate"``), so the tab never runs two llama.cpp generations at once next to the chat.
 """
 
 from __future__ import annotations

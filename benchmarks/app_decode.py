@@ -92,10 +92,9 @@ def run_plain(llm, prompt_tokens: list[int], max_tokens: int) -> dict:
 
 def run_logits_all(gguf: Path, n_ctx: int, n_threads: int, max_tokens: int) -> dict:
     """What the literal create_chat_completion(logprobs=True, top_logprobs=1) path costs."""
-    import llama_cpp
+    from loop.core.gguf_model import open_llama
 
-    llm = llama_cpp.Llama(str(gguf), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=n_threads,
-                          n_threads_batch=n_threads)
+    llm = open_llama(gguf, n_ctx=n_ctx, logits_all=True, n_threads=n_threads)
     try:
         t0 = time.perf_counter()
         first = last = None
@@ -175,19 +174,16 @@ def main() -> int:
     if args.gguf:
         os.environ["LOOP_MODEL__BASE_GGUF"] = str(Path(args.gguf).resolve())
 
-    import llama_cpp
-
     from app.engine import Engine
-    from app.generation import serving_threads
     from loop.config import load_config
+    from loop.core.gguf_model import llama_threads, open_llama
 
     config = load_config()
     engine = Engine(config)
     engine.warm_up()
     gguf = engine._served.gguf_path
-    threads = serving_threads(args.threads)  # the plain run gets the app's thread settings
-    plain = llama_cpp.Llama(str(gguf), n_ctx=config.model.n_ctx, logits_all=False, verbose=False,
-                            n_threads=threads, n_threads_batch=threads)
+    threads = llama_threads(args.threads)  # the plain run gets the app's thread settings
+    plain = open_llama(gguf, n_ctx=config.model.n_ctx, n_threads=threads)
     prompt_tokens = engine._served.model.prompt_tokens(MESSAGES)
     run_plain(plain, prompt_tokens, 8)  # warm both paths the same way
 

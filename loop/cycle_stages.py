@@ -176,12 +176,16 @@ def _answered_by(version, examples: list[dict[str, Any]]) -> tuple[list[dict[str
     same knowledge moves the model too, and that movement is where forgetting starts (docs/judging.md)."""
     if version is None or not Path(version.gguf_path).is_file():
         return examples, "shipped (no servable starting version to answer them)"
-    from app.probe_runner import greedy_answer, load_llama
+    from app.probe_runner import greedy_answer
+    from loop.core.gguf_model import GgufModel
 
-    llm = load_llama(version.gguf_path, n_ctx=1024)
+    model = GgufModel.load(version.gguf_path, n_ctx=1024)
     out = []
-    for ex in examples:
-        answer = greedy_answer(llm, ex["messages"][:-1], max_tokens=96).answer.strip()
-        if answer:
-            out.append({**ex, "messages": ex["messages"][:-1] + [{"role": "assistant", "content": answer}]})
+    try:
+        for ex in examples:
+            answer = greedy_answer(model, ex["messages"][:-1], max_tokens=96).answer.strip()
+            if answer:
+                out.append({**ex, "messages": ex["messages"][:-1] + [{"role": "assistant", "content": answer}]})
+    finally:
+        model.close()
     return out, f"self ({version.id}, {len(out)} of {len(examples)} answered)"

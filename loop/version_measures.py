@@ -38,12 +38,10 @@ app never calls it (it reads the cache from ``version.json``: docs/registry.md h
 from __future__ import annotations
 
 import contextlib
-import copy
 import fcntl
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -52,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from loop.config import LoopConfig
+from loop.core.gguf_model import GgufModel, llama_threads
 from loop.core.io import sha256_file, utcnow
 from loop.core.measures import KEY, LABELS, NAMES, entry, format_value, gate_comparison
 from loop.core.registry import Registry, RegistryError, Version
@@ -178,28 +177,17 @@ def _write(registry: Registry, vid: str, entries: dict[str, dict[str, Any]]) -> 
 # -- measuring ----------------------------------------------------------------------------------------
 
 
-def _loss_inputs(llm: Any, messages: list[dict[str, str]], max_length: int) -> tuple[list[int], list[bool]]:
+def _loss_inputs(model: GgufModel, messages: list[dict[str, str]], max_length: int) -> tuple[list[int], list[bool]]:
     """Token ids of the whole chat and which are the answer's: the prompt is rendered with the
     generation prompt (as the probes and the app render it), the whole chat without, and the answer is
     what the whole adds (its text and end-of-turn tokens), as ``trainer.data.tokenize_example`` does."""
-    from loop.core.chat_template import llama_chat_formatter, llama_chat_tokens
-
-    with_prompt = getattr(llm, "_measure_formatter", None)
-    if with_prompt is None:
-        with_prompt = llm._measure_formatter = llama_chat_formatter(llm)
-    whole = copy.copy(with_prompt)
-    whole.add_generation_prompt = False  # the formatter reads it at render time
-    prompt = llama_chat_tokens(llm, with_prompt, messages[:-1])
-    ids = llama_chat_tokens(llm, whole, messages)
+    prompt = model.prompt_tokens(messages[:-1])
+    ids = model.chat_tokens(messages)
     if ids[: len(prompt)] != prompt:
         raise ValueError("the chat template does not render the prompt as a prefix of the whole chat; "
                          "the answer's tokens cannot be told apart")
     mask = [False] * len(prompt) + [True] * (len(ids) - len(prompt))
     return ids[:max_length], mask[:max_length]
-
-
-def _threads(n_threads: int | None) -> int:
-    return n_threads or max(1, (os.cpu_count() or 2) // 2)  # as app.probe_runner.load_llama
 
 
 def run_measures(gguf: str | Path, sets: FixedSets, names: list[str] | tuple[str, ...] = NAMES, *,
@@ -224,13 +212,13 @@ def run_measures(gguf: str | Path, sets: FixedSets, names: list[str] | tuple[str
                      "measured_at": utcnow(), "seconds": round(time.perf_counter() - started, 2)}
 
     try:
-        llm = probe_runner.load_llama(gguf, n_ctx=n_ctx, n_threads=n_threads)
+        model = GgufModel.load(gguf, n_ctx=n_ctx, n_threads=n_threads)
         loss_inputs = []
         try:
             if "general_right" in names:
                 started, right = time.perf_counter(), {}
                 for example in asked:
-                    answer = probe_runner.greedy_answer(llm, example["messages"][:-1], max_tokens=sets.answer_tokens)
+                    answer = probe_runner.greedy_answer(model, example["messages"][:-1], max_tokens=sets.answer_tokens)
                     right[example["id"]] = is_right(answer.answer, example["expect"])
                     bar.update()
                 n = len(right)
@@ -239,7 +227,7 @@ def run_measures(gguf: str | Path, sets: FixedSets, names: list[str] | tuple[str
             if "probe_pass_rate" in names:
                 started, passed = time.perf_counter(), []
                 for probe in sets.probes.items:
-                    answer = probe_runner.greedy_answer(llm, probe["messages"], max_tokens=PROBE_TOKENS)
+                    answer = probe_runner.greedy_answer(model, probe["messages"], max_tokens=PROBE_TOKENS)
                     passed.append(is_right(answer.answer, probe["expect"]))
                     bar.update()
                 n = len(passed)
@@ -249,15 +237,15 @@ def run_measures(gguf: str | Path, sets: FixedSets, names: list[str] | tuple[str
             if "regression_loss" in names:
                 started = time.perf_counter()
                 for example in sets.regression.items:  # tokenised by the served file's own tokenizer
-                    loss_inputs.append(_loss_inputs(llm, example["messages"], sets.max_length))
+                    loss_inputs.append(_loss_inputs(model, example["messages"], sets.max_length))
                     bar.update()
         finally:
-            llm.close()
+            model.close()
         if "regression_loss" in names:
             # trainer.verify's side: logits for every position of the given ids (logits_all), sized to the
             # longest example as the verifier sizes it (a 2048-token context would hold 2048 x vocab floats).
             longest = max([len(ids) for ids, _ in loss_inputs] + [1])
-            side = _GgufSide(Path(gguf), int(math.ceil((longest + 8) / 256.0) * 256), _threads(n_threads))
+            side = _GgufSide(Path(gguf), int(math.ceil((longest + 8) / 256.0) * 256), llama_threads(n_threads))
             total_nll, tokens = 0.0, 0
             try:
                 for ids, mask in loss_inputs:

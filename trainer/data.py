@@ -7,6 +7,8 @@ earlier message, rendered by the model's chat template up to the assistant heade
 SmolLM2's chat template has no ``{% generation %}`` markers, so TRL's ``assistant_only_loss`` cannot be
 used; instead each example is split into prompt and completion token ids here, and the trainer is given
 ``input_ids`` + ``labels`` with -100 over the prompt (TRL leaves a dataset that has labels as it is).
+``tokenize_example`` is also the GGUF verifier's (``trainer.verify``), which scores every assistant turn
+of its held-out chats (``answers="all"``) where training learns the last (``answers="last"``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from loop.core.chat_template import hf_chat_ids
 from loop.core.errors import LoopError
@@ -149,24 +152,41 @@ def data_hash(examples: Iterable[dict]) -> str:
 @dataclass
 class TokenizedExample:
     input_ids: list[int]
-    completion_mask: list[int]  # 1 on the assistant answer's tokens, 0 on the prompt's
+    completion_mask: list[int]  # 1 on the answer tokens (the last message's, or every assistant turn's), else 0
     truncated: bool
 
 
-def tokenize_example(tokenizer, messages: list[dict], max_length: int) -> TokenizedExample:
-    """Token ids of a whole conversation and which of them are the last (assistant) message.
+def tokenize_example(tokenizer, messages: list[dict], max_length: int, *,
+                     answers: Literal["last", "all"]) -> TokenizedExample:
+    """Token ids of a whole conversation and a mask of the answer tokens: the last message's (``"last"``:
+    what the trainer learns) or every assistant turn's (``"all"``: what the GGUF verifier scores).
 
-    The prompt is rendered with the generation prompt (the assistant header), so the completion is the
-    answer's text plus the end-of-turn token(s): exactly what the model must learn to produce.
+    A turn's tokens are what rendering the chat through that turn adds to rendering the messages before
+    it with the generation prompt (the assistant header): the answer's text plus the end-of-turn
+    token(s), exactly what the model must produce. Both renderings must be token prefixes of the whole
+    chat; with ``"last"`` a template that breaks this is a DataError, with ``"all"`` such a turn is
+    left out and a chat with no turn left is a DataError.
     """
-    prompt_ids = _template_ids(tokenizer, messages[:-1], add_generation_prompt=True)
     full_ids = _template_ids(tokenizer, messages, add_generation_prompt=False)
-    if full_ids[: len(prompt_ids)] != prompt_ids:
-        raise DataError(
-            "the chat template does not render the prompt as a prefix of the whole conversation; "
-            "cannot tell the answer's tokens apart"
-        )
-    mask = [0] * len(prompt_ids) + [1] * (len(full_ids) - len(prompt_ids))
+    last = len(messages) - 1
+    turns = [last] if answers == "last" else [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+    mask = [0] * len(full_ids)
+    located = 0
+    for i in turns:
+        prompt_ids = _template_ids(tokenizer, messages[:i], add_generation_prompt=True)
+        through = full_ids if i == last else _template_ids(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if full_ids[: len(prompt_ids)] != prompt_ids or full_ids[: len(through)] != through:
+            if answers == "last":
+                raise DataError(
+                    "the chat template does not render the prompt as a prefix of the whole conversation; "
+                    "cannot tell the answer's tokens apart"
+                )
+            continue
+        if len(through) > len(prompt_ids):
+            mask[len(prompt_ids): len(through)] = [1] * (len(through) - len(prompt_ids))
+            located += 1
+    if answers == "all" and not located:
+        raise DataError("no assistant turn could be located in the rendered chat")
     truncated = len(full_ids) > max_length
     # Cut at the end: the prompt is context the answer needs, the answer's tail is least informative.
     return TokenizedExample(full_ids[:max_length], mask[:max_length], truncated)
@@ -191,7 +211,7 @@ def tokenize_examples(tokenizer, examples: list[dict], max_length: int) -> Token
     """Tokenise a list of examples, counting those truncated and dropping those with no answer left."""
     rows, truncated, dropped, tokens = [], 0, 0, 0
     for example in examples:
-        tok = tokenize_example(tokenizer, example["messages"], max_length)
+        tok = tokenize_example(tokenizer, example["messages"], max_length, answers="last")
         truncated += tok.truncated
         if not any(tok.completion_mask):
             dropped += 1

@@ -21,7 +21,7 @@ from trainer.sft_trainer import load_model, lora_config, run_callbacks, trainer_
 
 def _split_ids(tokenizer, prompt: list[dict], answer: str) -> tuple[list[int], list[int]]:
     """(prompt ids up to the assistant header, answer ids with the end-of-turn) by the project's rule."""
-    tok = tokenize_example(tokenizer, list(prompt) + [{"role": "assistant", "content": answer}], 10**9)
+    tok = tokenize_example(tokenizer, list(prompt) + [{"role": "assistant", "content": answer}], 10**9, answers="last")
     cut = tok.completion_mask.index(1) if 1 in tok.completion_mask else len(tok.input_ids)
     return tok.input_ids[:cut], tok.input_ids[cut:]
 

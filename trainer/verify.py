@@ -26,8 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from loop.core.chat_template import hf_chat_ids, hf_chat_segments, hf_special_strings, joined, tokenizer_pieces
+from loop.core.chat_template import Segment, hf_chat_ids, hf_chat_segments, llama_segment_ids
+from loop.core.gguf_model import ModelLoadError, open_llama
 from loop.core.probes import PROBES_FILE as PROBES_PATH
+from trainer.data import tokenize_example
 from trainer.export_config import ExportConfig, VerifyConfig
 
 # End-of-turn markers of common chat templates; generation stops at any that exist in the vocabulary.
@@ -128,45 +130,9 @@ def probes_as_examples(probes: Iterable[dict]) -> list[dict]:
     return [{"messages": example_messages(p)} for p in probes if isinstance(p, dict) and p.get("answer")]
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     # Markup with its special tokens, message text never parsed for them: the app's tokenisation (loop.core.chat_template).
     return hf_chat_ids(tokenizer, messages, add_generation_prompt=True)
-
-
-def tokenize_example(tokenizer, messages: list[dict], max_tokens: int) -> tuple[list[int], list[bool]]:
-    """Token ids of the rendered chat and a mask of the assistant tokens (answers plus their end-of-turn markers).
-
-    Assistant spans are found in characters: the text rendered up to turn i with a generation prompt must be a prefix
-    of the full text; the tokens starting inside [len(prefix), len(text through turn i)) are that turn's answer. The
-    messages' text is tokenised with special-token parsing off, the template's markup with it on.
-    """
-    segments = hf_chat_segments(tokenizer, messages, add_generation_prompt=False)
-    full = joined(segments)
-    spans = []
-    for i, message in enumerate(messages):
-        if message.get("role") != "assistant":
-            continue
-        prefix = joined(hf_chat_segments(tokenizer, messages[:i], add_generation_prompt=True))
-        through = joined(hf_chat_segments(tokenizer, messages[: i + 1], add_generation_prompt=False))
-        if full.startswith(prefix) and full.startswith(through) and len(through) > len(prefix):
-            spans.append((len(prefix), len(through)))
-    if not spans:
-        raise ValueError("no assistant turn could be located in the rendered chat")
-    ids: list[int] = []
-    starts: list[int] = []
-    position = 0
-    for piece in tokenizer_pieces(segments, hf_special_strings(tokenizer)):
-        enc = tokenizer(piece.text, add_special_tokens=False, return_offsets_mapping=True,
-                        split_special_tokens=piece.is_content)
-        ids.extend(enc["input_ids"])
-        starts.extend(position + start for start, _ in enc["offset_mapping"])
-        position += len(piece.text)
-    mask = [any(lo <= start < hi for lo, hi in spans) for start in starts]
-    return ids[:max_tokens], mask[:max_tokens]
 
 
 def stop_token_ids(tokenizer) -> set[int]:
@@ -221,13 +187,13 @@ def _torch_threads(n: int):
 
 
 class _GgufSide:
-    """llama.cpp on the quantised file: greedy continuations and logits over given token ids."""
+    """llama.cpp on the quantised file: greedy continuations and logits over given token ids.
+
+    Opened by ``loop.core.gguf_model.open_llama`` (the app's loader) with ``logits_all=True``: every
+    position's logits are scored here. ModelLoadError when the file cannot be loaded."""
 
     def __init__(self, gguf_path: Path, n_ctx: int, n_threads: int):
-        from llama_cpp import Llama
-
-        self.llm = Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=min(512, n_ctx), logits_all=True,
-                         n_gpu_layers=0, n_threads=n_threads, n_threads_batch=n_threads, verbose=False, seed=0)
+        self.llm = open_llama(gguf_path, n_ctx=n_ctx, n_threads=n_threads, logits_all=True, n_batch=min(512, n_ctx))
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         self.llm.reset()
@@ -246,8 +212,10 @@ class _GgufSide:
             self.llm.eval([tok])
         return out
 
-    def tokenize(self, text: str) -> list[int]:
-        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+    def chat_ids(self, segments: Sequence[Segment]) -> list[int]:
+        """llama.cpp's token ids for a rendered chat, by the app's rule: markup with its special tokens, message
+        text never parsed for them (``loop.core.chat_template``)."""
+        return llama_segment_ids(self.llm, segments)
 
     def quantization(self) -> str | None:
         """The file's quantisation from its `general.file_type` metadata ("Q8_0", "f16", ...), None if unknown."""
@@ -385,16 +353,17 @@ def verify_gguf(
     examples = []
     for example in list(eval_examples or [])[: config.max_eval_examples]:
         try:
-            examples.append(tokenize_example(tokenizer, example_messages(example), config.max_eval_tokens))
+            tok = tokenize_example(tokenizer, example_messages(example), config.max_eval_tokens, answers="all")
         except ValueError:
             continue  # an example without an assistant turn has nothing to score
+        examples.append((tok.input_ids, tok.completion_mask))
     longest = max([len(ids) for _, ids in probe_inputs] + [len(ids) for ids, _ in examples] + [1])
     n_ctx = int(math.ceil((longest + config.probe_tokens + 8) / 256.0) * 256)
 
     try:
         gguf = _GgufSide(gguf_path, n_ctx, config.resolved_threads())
-    except Exception as exc:  # llama-cpp-python raises ValueError/RuntimeError for files it cannot use
-        result.load_error = f"llama.cpp could not load {gguf_path.name}: {exc}"
+    except ModelLoadError as exc:  # the message names the file and llama.cpp's reason
+        result.load_error = str(exc)
         result.reasons.append(result.load_error)
         return finish()
     result.load_ok = True
@@ -419,7 +388,7 @@ def verify_gguf(
         gguf_probe_ids = [gguf.greedy(ids, config.probe_tokens, stops)
                           for _, ids in tqdm(probe_inputs, desc="probes (gguf)", leave=False)]
         gguf_forced = [_forced_logits(gguf, ids, ans) for (_, ids), ans in zip(probe_inputs, hf_probe_ids)]
-        token_matches = [gguf.tokenize(_render(tokenizer, msgs, True)) == ids for msgs, ids in probe_inputs]
+        token_matches = [gguf.chat_ids(hf_chat_segments(tokenizer, msgs, True)) == ids for msgs, ids in probe_inputs]
         gguf_nll = [_nll_from_logits(gguf.logits(ids), ids, mask)
                     for ids, mask in tqdm(examples, desc="held-out loss (gguf)", leave=False)]
         template = gguf.chat_template()

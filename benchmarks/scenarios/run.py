@@ -71,9 +71,10 @@ def log(msg: str) -> None:
 # -- one run (in the child process) ----------------------------------------------------------------
 
 def answer_probes(gguf: Path, probes: list[dict[str, Any]], n_ctx: int) -> list[dict[str, Any]]:
-    from app.probe_runner import greedy_answer, load_llama
+    from app.probe_runner import greedy_answer
+    from loop.core.gguf_model import GgufModel
 
-    llm = load_llama(gguf, n_ctx=n_ctx)
+    llm = GgufModel.load(gguf, n_ctx=n_ctx)
     try:
         rows = []
         for probe in probes:
@@ -87,10 +88,11 @@ def answer_probes(gguf: Path, probes: list[dict[str, Any]], n_ctx: int) -> list[
 
 def log_chats(scenario: dict[str, Any], store, base, config) -> dict[str, int]:
     """Log every chat as the app would: the base GGUF's greedy answer, then the user's feedback."""
-    from app.probe_runner import greedy_answer, load_llama
+    from app.probe_runner import greedy_answer
+    from loop.core.gguf_model import GgufModel
 
     counts = {"generated": 0, "recorded": 0, "feedback": 0}
-    llm = load_llama(base.gguf_path, n_ctx=config.model.n_ctx)
+    llm = GgufModel.load(base.gguf_path, n_ctx=config.model.n_ctx)
     try:
         for chat in scenario["chats"]:
             cid = store.new_conversation(client=f"scenario:{scenario['name']}")

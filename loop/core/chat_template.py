@@ -164,6 +164,17 @@ def llama_special_strings(llama: Any) -> frozenset[str]:
     return cached
 
 
+def llama_segment_ids(llama: Any, segments: Sequence[Segment]) -> list[int]:
+    """Token ids of rendered ``segments`` through llama.cpp's tokenizer: markup with its special tokens
+    parsed, content never; no BOS added (a template that wants one writes it)."""
+    return tokenize_segments(
+        segments,
+        llama_special_strings(llama),
+        lambda text: llama.tokenize(text.encode("utf-8"), add_bos=False, special=True),
+        lambda text: llama.tokenize(text.encode("utf-8"), add_bos=False, special=False),
+    )
+
+
 def llama_chat_tokens(llama: Any, formatter: Any, messages: Sequence[Message]) -> list[int]:
     """Prompt token ids for ``messages`` (with the generation prompt), as the app and the probes use them.
 
@@ -180,13 +191,7 @@ def llama_chat_tokens(llama: Any, formatter: Any, messages: Sequence[Message]) -
         added_special = bool(result.added_special)
         return result.prompt
 
-    segments = render_segments(render, messages)
-    ids = tokenize_segments(
-        segments,
-        llama_special_strings(llama),
-        lambda text: llama.tokenize(text.encode("utf-8"), add_bos=False, special=True),
-        lambda text: llama.tokenize(text.encode("utf-8"), add_bos=False, special=False),
-    )
+    ids = llama_segment_ids(llama, render_segments(render, messages))
     if not added_special:
         bos = llama.token_bos()
         if bos != -1 and (not ids or ids[0] != bos):

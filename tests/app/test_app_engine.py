@@ -43,13 +43,13 @@ def test_a_turn_is_logged_with_everything(engine):
 
 def test_logprobs_match_llama_cpps_own(shared_chat_model, bundled_gguf):
     """Our per-token log-probabilities equal what llama.cpp reports with logits_all=True."""
-    import llama_cpp
+    from loop.core.gguf_model import open_llama
 
     model = shared_chat_model
     tokens = model.prompt_tokens([{"role": "user", "content": "What is the capital of France?"}])
     with model.lock:
         steps = list(model.stream(tokens, Sampling(temperature=0.0, max_tokens=8, seed=1), StreamStats()))
-    reference = llama_cpp.Llama(str(bundled_gguf), n_ctx=512, logits_all=True, verbose=False)
+    reference = open_llama(bundled_gguf, n_ctx=512, logits_all=True)
     try:
         ref = reference.create_completion(tokens, max_tokens=8, temperature=0.0, logprobs=1)
     finally:

@@ -77,14 +77,23 @@ def test_ordinary_text_tokenises_exactly_as_the_whole_rendered_template(shared_c
     assert model.prompt_tokens(messages) == whole
 
 
-def test_probes_and_the_arena_tokenise_exactly_as_the_chat(shared_chat_model):
+def test_probes_and_the_arena_tokenise_exactly_as_the_chat(shared_chat_model, monkeypatch):
     """One tokenisation (same BOS policy, same content handling) for the chat and the probe path."""
     model = shared_chat_model
+    decoded: list[list[int]] = []
+    original = model.decode
+
+    def spy(prompt_ids, *args, **kwargs):
+        decoded.append(list(prompt_ids))
+        return original(prompt_ids, *args, **kwargs)
+
+    monkeypatch.setattr(model, "decode", spy)
     for text in (ATTACK, BENIGN):
-        probe_tokens = probe_runner.render_prompt(model.llama, conversation(text))
-        assert probe_tokens == model.prompt_tokens(conversation(text))
-    assert (count_role_tokens(model.llama, probe_runner.render_prompt(model.llama, conversation(ATTACK)))
-            == count_role_tokens(model.llama, probe_runner.render_prompt(model.llama, conversation(BENIGN))))
+        probe_runner.greedy_answer(model, conversation(text), max_tokens=1)
+        probe_runner.sampled_answer(model, conversation(text), max_tokens=1, temperature=0.7, seed=1)
+    chat = [model.prompt_tokens(conversation(text)) for text in (ATTACK, BENIGN)]
+    assert decoded == [chat[0], chat[0], chat[1], chat[1]]
+    assert count_role_tokens(model.llama, decoded[0]) == count_role_tokens(model.llama, decoded[2])
 
 
 def test_an_injected_chat_turn_is_answered_and_logged_as_the_text_typed(engine):

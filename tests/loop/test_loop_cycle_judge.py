@@ -126,10 +126,15 @@ def test_without_a_servable_starting_version_the_shipped_replay_answers_stay():
 def test_general_replay_is_answered_by_the_starting_version_itself(bundled_gguf):
     from types import SimpleNamespace
 
-    from app.probe_runner import greedy_answer, load_llama
+    from app.probe_runner import greedy_answer
+    from loop.core.gguf_model import GgufModel
     from loop.cycle_stages import _answered_by
 
     out, note = _answered_by(SimpleNamespace(id="v1", gguf_path=Path(bundled_gguf)), _general())
-    own = greedy_answer(load_llama(bundled_gguf, n_ctx=1024), _general()[0]["messages"][:1], max_tokens=96).answer
+    model = GgufModel.load(bundled_gguf, n_ctx=1024)
+    try:
+        own = greedy_answer(model, _general()[0]["messages"][:1], max_tokens=96).answer
+    finally:
+        model.close()
     assert out[0]["messages"][-1] == {"role": "assistant", "content": own.strip()}
     assert out[0]["messages"][:-1] == _general()[0]["messages"][:-1] and note == "self (v1, 1 of 1 answered)"

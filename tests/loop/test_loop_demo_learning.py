@@ -31,13 +31,17 @@ MIN_PASS = 6 / 16
 
 
 def _recall(gguf: Path) -> float:
-    from app.probe_runner import greedy_answer, load_llama
+    from app.probe_runner import greedy_answer
+    from loop.core.gguf_model import GgufModel
 
     facts = [json.loads(line) for line in FACTS.read_text().splitlines() if line.strip()]
-    llm = load_llama(gguf, n_ctx=1024)
-    hits = [any(k in greedy_answer(llm, [{"role": "user", "content": q}], max_tokens=48).answer.lower()
-                for k in fact["keywords"])
-            for fact in facts for q in fact["heldout_questions"]]
+    model = GgufModel.load(gguf, n_ctx=1024)
+    try:
+        hits = [any(k in greedy_answer(model, [{"role": "user", "content": q}], max_tokens=48).answer.lower()
+                    for k in fact["keywords"])
+                for fact in facts for q in fact["heldout_questions"]]
+    finally:
+        model.close()
     return sum(hits) / len(hits)
 
 

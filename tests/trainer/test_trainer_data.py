@@ -18,6 +18,7 @@ from trainer.data import (
     load_examples,
     require_enough,
     split_eval,
+    tokenize_example,
     tokenize_examples,
 )
 
@@ -172,15 +173,27 @@ def test_control_strings_in_user_or_reviewer_text_never_become_role_tokens(token
         assert rows[1]["labels"][at] == IGNORE_INDEX
 
 
-def test_verifier_masks_and_tokenises_chats_like_the_trainer(tokenizer):
-    from trainer.verify import tokenize_example as verify_tokenize
-
+def test_the_verifiers_all_answers_mask_is_the_trainers_on_single_answer_chats(tokenizer):
     for example in (chat(ATTACK, "4", system="Be brief."), chat("What is 2 + 2?", ATTACK),
                     chat("  leading space\n", "tidy answer \n")):
         row = tokenize_examples(tokenizer, [example], max_length=512).rows[0]
-        ids, mask = verify_tokenize(tokenizer, example["messages"], 512)
-        assert ids == row["input_ids"]
-        assert [t for t, m in zip(ids, mask) if m] == [t for t in row["labels"] if t != IGNORE_INDEX]
+        tok = tokenize_example(tokenizer, example["messages"], 512, answers="all")
+        assert tok.input_ids == row["input_ids"]
+        assert [t for t, m in zip(tok.input_ids, tok.completion_mask) if m] == [t for t in row["labels"]
+                                                                                if t != IGNORE_INDEX]
+
+
+def test_all_answers_masks_every_assistant_turn_and_last_only_the_final_one(tokenizer):
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."},
+                {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye!"}]
+    every = tokenize_example(tokenizer, messages, 512, answers="all")
+    final = tokenize_example(tokenizer, messages, 512, answers="last")
+    assert every.input_ids == final.input_ids
+    assert tokenizer.decode([t for t, m in zip(every.input_ids, every.completion_mask) if m]) == (
+        "Hello there.<|im_end|>\nGoodbye!<|im_end|>\n")
+    assert tokenizer.decode([t for t, m in zip(final.input_ids, final.completion_mask) if m]) == "Goodbye!<|im_end|>\n"
+    with pytest.raises(DataError, match="no assistant turn"):
+        tokenize_example(tokenizer, messages[:1], 512, answers="all")
 
 
 def test_ordinary_examples_tokenise_exactly_as_the_whole_rendered_template(tokenizer):

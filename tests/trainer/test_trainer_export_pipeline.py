@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from trainer import install_converter
+from trainer.data import tokenize_example
 from trainer.export import ExportResult, export_variant, sha256_file
 from trainer.export_config import ExportConfig, VerifyConfig
 from trainer.gguf_convert import quantize_gguf
@@ -25,7 +26,6 @@ from trainer.verify import (
     probe_prompt_messages,
     probes_as_examples,
     prompt_ids,
-    tokenize_example,
     verify_gguf,
 )
 
@@ -104,8 +104,8 @@ def test_loss_mask_covers_exactly_the_answer(base_hf_dir):
     tok = AutoTokenizer.from_pretrained(str(base_hf_dir))
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."},
                 {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye!"}]
-    ids, mask = tokenize_example(tok, messages, 1024)
-    answer_text = tok.decode([t for t, m in zip(ids, mask) if m])
+    example = tokenize_example(tok, messages, 1024, answers="all")  # the verifier's held-out loss mask
+    answer_text = tok.decode([t for t, m in zip(example.input_ids, example.completion_mask) if m])
     assert answer_text == "Hello there.<|im_end|>\nGoodbye!<|im_end|>\n"
 
 

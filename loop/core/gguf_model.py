@@ -1,0 +1,219 @@
+"""The one llama.cpp wrapper: how a GGUF is opened, how a chat becomes token ids, how tokens are decoded.
+
+Every llama.cpp user of the project goes through here: the app's chat (``app.generation.ChatModel``
+builds on :class:`GgufModel`), the probes and the arena (``app.probe_runner``), the fixed measures
+(``loop.version_measures``) and the exporter's verifier (``trainer.verify``, through
+:func:`open_llama` with ``logits_all=True``).
+
+Contracts:
+
+- :func:`open_llama` is the one place a ``llama_cpp.Llama`` is built. A missing or unloadable file
+  raises :class:`ModelLoadError` naming the file, never anything else (the app must stay up).
+- :class:`GgufModel` holds a loaded GGUF, its chat formatter (the GGUF's own template, built once;
+  a GGUF without one is refused with ModelLoadError) and one lock per model: a llama.cpp context is
+  not thread-safe, so whoever decodes or closes holds ``model.lock`` for the whole of it, and
+  ``decode`` refuses to start while it is free. Two models never wait for each other. The lock is a
+  plain ``threading.Lock``, not an ``RLock``: the app holds it across the yields of a stream that
+  Gradio resumes on whichever worker thread is free, and only a plain lock may be released by
+  another thread than the one that took it.
+- :meth:`GgufModel.prompt_tokens` tokenises through ``loop.core.chat_template.llama_chat_tokens``:
+  the template's markup with its special tokens, message text never parsed for them.
+- :meth:`GgufModel.decode` is the one decode loop: after the prompt is evaluated, each step reads
+  the context's last logits row, lets ``choose`` pick a token (argmax, a seeded numpy draw, or
+  llama.cpp's own sampler chain reading the same row), and yields it with its log-probability under
+  that row. Only the last row is read, so no ``logits_all=True`` buffer (n_ctx x n_vocab floats,
+  about 400 MB for SmolLM2 at 2048 tokens) is needed.
+
+Imports: the standard library and the core at module level; numpy and llama-cpp-python lazily.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Self
+
+from loop.core.chat_template import llama_chat_formatter, llama_chat_tokens
+from loop.core.errors import LoopError
+
+Message = dict[str, Any]
+Chooser = Callable[[Any], int]  # the last logits row (a numpy float array over the vocabulary) -> a token id
+
+
+class ModelLoadError(LoopError, RuntimeError):
+    """The GGUF is missing or llama.cpp cannot load it; the message says which file and why."""
+
+
+def llama_threads(n_threads: int | None = 0) -> int:
+    """``n_threads`` if set, else half the cores (llama-cpp-python's default for generation)."""
+    return n_threads if n_threads and n_threads > 0 else max(1, (os.cpu_count() or 2) // 2)
+
+
+def open_llama(path: str | Path, *, n_ctx: int, n_threads: int | None = 0, logits_all: bool = False,
+               n_batch: int | None = None) -> Any:
+    """A ``llama_cpp.Llama`` for ``path``; ModelLoadError (never a crash) when it cannot be loaded."""
+    import llama_cpp
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"model file not found: {path}")
+    # The same thread count for the prompt as for generation. llama-cpp-python's default gives the
+    # prompt every core (and generation half of them); on a small shared machine those threads
+    # spin-wait on each other while the web server and other users hold a core: on 2 busy cores
+    # the prompt of a short chat took 2-11 s instead of 0.5 s (benchmarks/RESULTS.md).
+    threads = llama_threads(n_threads)
+    kwargs: dict[str, Any] = {"n_ctx": n_ctx, "logits_all": logits_all, "verbose": False, "n_threads": threads,
+                              "n_threads_batch": threads, "n_gpu_layers": 0, "seed": 0}
+    if n_batch is not None:
+        kwargs["n_batch"] = n_batch
+    try:
+        return llama_cpp.Llama(model_path=str(path), **kwargs)
+    except Exception as exc:  # llama.cpp reports a bad file as ValueError; be broad, the app must stay up
+        raise ModelLoadError(f"llama.cpp could not load {path.name}: {exc}") from exc
+
+
+def argmax(logits: Any) -> int:
+    """The greedy choice: the first token of highest logit."""
+    import numpy as np
+
+    return int(np.argmax(logits))
+
+
+def log_softmax_at(logits: Any, index: int) -> float:
+    """log p(``index``) under the softmax of ``logits``, computed stably."""
+    import numpy as np
+
+    peak = float(np.max(logits))
+    return float(logits[index]) - peak - math.log(float(np.sum(np.exp(logits - peak))))
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """One chosen token, its log-probability under the row it was chosen from, and whether it ends the answer."""
+
+    token: int
+    logprob: float
+    end: bool  # an end-of-generation token of the vocabulary: the last step yielded
+
+
+class GgufModel:
+    """A loaded GGUF with its chat template; ``lock`` serialises use of its llama.cpp context."""
+
+    def __init__(self, llama: Any, *, name: str = ""):
+        import llama_cpp
+
+        self.llama = llama
+        self.name = name
+        self.lock = threading.Lock()
+        self.n_ctx: int = llama.n_ctx()
+        self.n_vocab: int = llama.n_vocab()
+        # `_model` / `_ctx` are llama-cpp-python internals (stable across 0.3.x); the public API offers
+        # logits only with logits_all=True, the large buffer the decode loop exists to avoid.
+        self._vocab = llama._model.vocab
+        self._is_eog = llama_cpp.llama_vocab_is_eog
+        try:
+            self.formatter = llama_chat_formatter(llama)
+        except ValueError:
+            raise ModelLoadError(f"{name or 'the model'} has no chat template in its GGUF metadata") from None
+        self._whole_formatter: Any = None
+
+    @classmethod
+    def load(cls, path: str | Path, *, n_ctx: int = 2048, n_threads: int | None = 0, name: str = "") -> Self:
+        """Open ``path`` (:func:`open_llama`) as an instance of ``cls``; the llama.cpp object is closed
+        again when the GGUF has no chat template."""
+        llama = open_llama(path, n_ctx=n_ctx, n_threads=n_threads)
+        try:
+            return cls(llama, name=name or Path(path).name)
+        except BaseException:
+            llama.close()
+            raise
+
+    def close(self) -> None:
+        """Free the llama.cpp context; the caller holds ``lock`` or knows no decode is running."""
+        self.llama.close()
+
+    # -- prompt ----------------------------------------------------------------------------------
+
+    def render(self, messages: list[Message]) -> str:
+        return self.formatter(messages=messages).prompt
+
+    def prompt_tokens(self, messages: Sequence[Message]) -> list[int]:
+        """The prompt's token ids: the template's markup with its special tokens, every message's
+        content as plain text (``loop.core.chat_template``), BOS as llama-cpp-python's chat completion
+        adds it. The chat, the probes and the arena all use it."""
+        return llama_chat_tokens(self.llama, self.formatter, messages)
+
+    def chat_tokens(self, messages: Sequence[Message]) -> list[int]:
+        """The whole chat's token ids, without the generation prompt (the same tokenisation as
+        :meth:`prompt_tokens`): what a scored example is."""
+        if self._whole_formatter is None:
+            import copy
+
+            whole = copy.copy(self.formatter)
+            whole.add_generation_prompt = False  # the formatter reads it at render time
+            self._whole_formatter = whole
+        return llama_chat_tokens(self.llama, self._whole_formatter, messages)
+
+    def count_tokens(self, messages: Sequence[Message]) -> int:
+        return len(self.prompt_tokens(messages))
+
+    def text(self, tokens: Sequence[int]) -> str:
+        return self.llama.detokenize(list(tokens)).decode("utf-8", errors="replace")
+
+    # -- decoding --------------------------------------------------------------------------------
+
+    def decode(self, prompt_ids: Sequence[int], max_tokens: int, choose: Chooser = argmax, *,
+               reuse_prefix: bool = False) -> Iterator[Decoded]:
+        """Yield chosen tokens after ``prompt_ids`` until an end-of-generation token (yielded, ``end``
+        True), ``max_tokens`` tokens, or a full context. ValueError when the prompt leaves no room.
+
+        ``reuse_prefix`` keeps the context's cache for the prompt's common prefix with what was
+        evaluated last (as llama-cpp-python's ``generate`` does: a chat's next turn evaluates only its
+        new tokens); without it the whole prompt is evaluated afresh, so the answer never depends on
+        what the model was asked before. The caller holds ``lock`` until the iterator is finished or closed.
+        """
+        prompt = list(prompt_ids)
+        room = self.n_ctx - len(prompt)
+        if room <= 0:
+            raise ValueError(f"prompt of {len(prompt)} tokens does not fit the context of {self.n_ctx}")
+        if not self.lock.locked():
+            raise RuntimeError(f"{self.name or 'the model'}: decode called without holding the model's lock")
+        return self._decode(prompt, min(max_tokens, room), choose, reuse_prefix)
+
+    def _decode(self, prompt: list[int], limit: int, choose: Chooser, reuse_prefix: bool) -> Iterator[Decoded]:
+        import numpy as np
+
+        llama = self.llama
+        self._evaluate_prompt(prompt, reuse_prefix)
+        token: int | None = None
+        for _ in range(limit):
+            if token is not None:
+                llama.eval([token])  # only when another token is wanted: a stopped answer evaluates nothing more
+            # The logits the next token is chosen from: the context's last row, untouched until the
+            # next eval (llama.cpp's sampler chain reads the same row and copies it before changing it).
+            logits = np.ctypeslib.as_array(llama._ctx.get_logits_ith(-1), shape=(self.n_vocab,))
+            token = int(choose(logits))
+            end = bool(self._is_eog(self._vocab, token))
+            yield Decoded(token, log_softmax_at(logits, token), end)
+            if end:
+                return
+
+    def _evaluate_prompt(self, prompt: list[int], reuse_prefix: bool) -> None:
+        llama = self.llama
+        keep = 0
+        if reuse_prefix and llama.n_tokens > 0:
+            # At most all but the last prompt token: its logits row must be computed now.
+            for cached, wanted in zip(llama.input_ids[: llama.n_tokens], prompt[:-1]):
+                if int(cached) != wanted:
+                    break
+                keep += 1
+        if keep and llama._ctx.kv_cache_seq_rm(-1, keep, -1):
+            llama.n_tokens = keep
+        else:  # nothing shared, or a model whose cache cannot be cut at a position
+            llama.reset()
+            keep = 0
+        llama.eval(prompt[keep:])
