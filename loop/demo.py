@@ -57,8 +57,11 @@ def load_samples(store, path: Path = SCENARIO / "sample_conversations.jsonl", mo
     return len(rows)
 
 
-def scripted_review(config: LoopConfig, store, stack) -> dict[str, int]:
-    """Submit reviews as the annotator user, the way a careful reviewer would for this data."""
+def scripted_review(config: LoopConfig, store, stack, thumbs_down: str = "discard") -> dict[str, int]:
+    """Submit reviews as the annotator user, the way a careful reviewer would for this data: a correction is
+    accepted (quality 2 for the logged answer), a thumbs-up answer rated 5; any other turn is discarded, or,
+    with ``thumbs_down="rate_low"``, a thumbs-down answer is rated 1 with nothing written, so the thumb
+    stays an undesirable label for preference training (trainer/preference_data.py)."""
     import argilla as rg
 
     from annotation.pull import review_queue, submit_review
@@ -68,7 +71,7 @@ def scripted_review(config: LoopConfig, store, stack) -> dict[str, int]:
     dataset = find_dataset(client, config.annotation)
     if dataset is None:
         raise RuntimeError("the chat-feedback dataset does not exist: the push did not run")
-    counts = {"accepted_correction": 0, "rated_good": 0, "discarded": 0, "already_reviewed": 0}
+    counts = {"accepted_correction": 0, "rated_good": 0, "rated_bad": 0, "discarded": 0, "already_reviewed": 0}
     for record in review_queue(client, dataset.id):
         if record.get("responses"):
             counts["already_reviewed"] += 1
@@ -82,6 +85,9 @@ def scripted_review(config: LoopConfig, store, stack) -> dict[str, int]:
         elif fb.get("thumbs") == "up":
             submit_review(client, record["id"], quality=5, correction=turn["answer"])
             counts["rated_good"] += 1
+        elif fb.get("thumbs") == "down" and thumbs_down == "rate_low":
+            submit_review(client, record["id"], quality=1, issues=[r for r in fb.get("reasons") or [] if r])
+            counts["rated_bad"] += 1
         else:
             submit_review(client, record["id"], status="discarded")
             counts["discarded"] += 1

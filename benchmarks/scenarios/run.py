@@ -1,7 +1,7 @@
 """Does one cycle of the real loop teach what users and reviewers corrected? The scenario suite, end to end.
 
     python benchmarks/scenarios/run.py [--scenario NAME ...] [--seeds 0 1 2] [--split unseen|tune|all]
-                                       [--out results.json] [--write-results] [--keep]
+                                       [--objective sft kto sft+kto ...] [--out results.json] [--write-results] [--keep]
 
 For every scenario (benchmarks/scenarios/*.json, see suite.py) and seed, in a fresh temporary LOOP_HOME
 with its own local Argilla stack on free ports (a fresh home also gives every seed other ids):
@@ -9,15 +9,21 @@ with its own local Argilla stack on free ports (a fresh home also gives every se
   2. every chat is logged into the store with the answer the base GGUF gives greedily (the app's token
      limit), unless the chat records the answer its user saw, and the chat's feedback is added;
   3. the turns are pushed to Argilla and reviewed through Argilla's API as the annotator user, by the
-     demo's scripted reviewer (a correction is accepted, a thumbs-up rated 5, the rest discarded);
+     demo's scripted reviewer (a correction is accepted, a thumbs-up rated 5, the rest discarded, or a
+     thumbs-down rated 1 when the scenario's ``thumbs_down_review`` is "rate_low");
   4. one cycle runs (loop.cycle.Cycle) with LOOP_TRAINER__SEED=<seed>, timed; the summary's stage seconds
-     split the cycle into training and everything else;
+     split the cycle into training and everything else. ``--objective`` runs every scenario x seed once per
+     objective, the grid's objective axis set to that one (LOOP_TRAINER__OBJECTIVES), so objectives are
+     compared on the served GGUF; without it the configured grid runs;
   5. the served GGUF (the registry's current version) and the base GGUF answer every probe and general
      probe greedily (64 tokens), and the probe's check decides (checks.py).
 Each run happens in a child process so that one run's environment, caches and memory never reach the
 next. Per run the JSON records: scenario, split, seed, promoted (current != v1), outcome and reason, the
 probe pass rate served vs base, how many general probes the base got right and how many of those the
-served model still gets right, cycle / train / other seconds, and every answer.
+served model still gets right, cycle / train / other seconds, every answer, and two measures of the signal:
+the mean words of the probe answers (served vs base: what a thumbs scenario asks to move) and the chosen
+variant's preference measure (trainer/preference_measure.py: the held-out rejected answers' log-probability
+before and after training, and the chosen answers' win rate), when the snapshot had pairs or labels.
 
 ``--write-results`` replaces (or appends) today's section in benchmarks/RESULTS.md: one row per run and a
 summary per split (mean, min and spread of the served pass rate, the worst share of general answers kept).
@@ -46,6 +52,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.scenarios import checks, suite  # noqa: E402
+from trainer.config import OBJECTIVES  # noqa: E402
 
 RESULTS_MD = REPO / "benchmarks" / "RESULTS.md"
 SECTION_TITLE = "Learning scenario suite"
@@ -117,7 +124,11 @@ def log_chats(scenario: dict[str, Any], store, base, config) -> dict[str, int]:
     return counts
 
 
-def run_one(scenario: dict[str, Any], seed: int, home: Path) -> dict[str, Any]:
+def mean_words(rows: list[dict[str, Any]]) -> float:
+    return statistics.fmean(len(r["answer"].split()) for r in rows) if rows else 0.0
+
+
+def run_one(scenario: dict[str, Any], seed: int, home: Path, objective: str | None = None) -> dict[str, Any]:
     """One scenario x seed in ``home`` (this process's environment is set up for it by ``child_main``)."""
     from annotation.push import push
     from annotation.server import start_stack, stop_stack
@@ -130,7 +141,7 @@ def run_one(scenario: dict[str, Any], seed: int, home: Path) -> dict[str, Any]:
 
     config = load_config()
     result: dict[str, Any] = {"scenario": scenario["name"], "kind": scenario["kind"], "split": scenario["split"],
-                              "seed": seed}
+                              "seed": seed, "objective": objective or ",".join(config.trainer.objectives)}
     t_run = time.perf_counter()
     try:
         stack = start_stack(config=config.stack)
@@ -138,14 +149,17 @@ def run_one(scenario: dict[str, Any], seed: int, home: Path) -> dict[str, Any]:
         store = Store.open()
         result["chats"] = log_chats(scenario, store, base, config)
         result["push"] = push(config, store=store, progress=False).as_dict()
-        result["review"] = scripted_review(config, store, stack)
+        result["review"] = scripted_review(config, store, stack,
+                                           thumbs_down=scenario.get("thumbs_down_review", "discard"))
         t0 = time.perf_counter()
         summary = Cycle(config, progress=False).run()
         cycle_s = time.perf_counter() - t0
     finally:
         stop_stack()
     stages = summary.get("stages") or {}
-    train_s = float((stages.get("train") or {}).get("seconds") or 0.0)
+    train_stage = stages.get("train") or {}
+    train_s = float(train_stage.get("seconds") or 0.0)
+    chosen = next((v for v in train_stage.get("variants") or [] if v.get("name") == train_stage.get("best")), {})
     registry = Registry()
     base_version, current = registry.list()[0], registry.current()
     result.update(
@@ -153,6 +167,7 @@ def run_one(scenario: dict[str, Any], seed: int, home: Path) -> dict[str, Any]:
         reason=summary.get("reason"), variant=current.variant if current.id != base_version.id else None,
         cycle_seconds=round(cycle_s, 1), train_seconds=round(train_s, 1), other_seconds=round(cycle_s - train_s, 1),
         stage_seconds={name: s.get("seconds") for name, s in stages.items()},
+        preference=chosen.get("preference") or {},
     )
     probes, general = scenario["probes"], scenario["general_probes"]
     base_probe = answer_probes(base_version.gguf_path, probes, config.model.n_ctx)
@@ -172,6 +187,7 @@ def run_one(scenario: dict[str, Any], seed: int, home: Path) -> dict[str, Any]:
         general_kept=len(kept),
         general_probes=len(general),
         general_kept_rate=(len(kept) / len(base_right)) if base_right else None,
+        probe_words_served=round(mean_words(served_probe), 1), probe_words_base=round(mean_words(base_probe), 1),
         run_seconds=round(time.perf_counter() - t_run, 1),
         answers={
             "probes": [{"question": b["question"], "base": b["answer"], "base_passed": b["passed"],
@@ -184,12 +200,14 @@ def run_one(scenario: dict[str, Any], seed: int, home: Path) -> dict[str, Any]:
     return result
 
 
-def child_main(name: str, seed: int, home: str, out: str) -> int:
+def child_main(name: str, seed: int, home: str, out: str, objective: str | None = None) -> int:
     os.environ["LOOP_HOME"] = home
     os.environ.setdefault("LOOP_TOOLS", str(REPO / ".loop" / "tools"))
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ["LOOP_TRAINER__SEED"] = str(seed)
+    if objective:
+        os.environ["LOOP_TRAINER__OBJECTIVES"] = objective
     port, search, redis = free_ports(3)
     os.environ.update({"LOOP_STACK__PORT": str(port), "LOOP_STACK__SEARCH_PORT": str(search),
                        "LOOP_STACK__REDIS_PORT": str(redis)})
@@ -197,37 +215,41 @@ def child_main(name: str, seed: int, home: str, out: str) -> int:
     os.environ.pop("ARGILLA_API_URL", None)
     os.environ.pop("ARGILLA_API_KEY", None)
     (scenario,) = suite.load_scenarios(names=[name])
-    result = run_one(scenario, seed, Path(home))
+    result = run_one(scenario, seed, Path(home), objective)
     Path(out).write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")
     return 0
 
 
 # -- the suite (in the parent process) -------------------------------------------------------------
 
-def run_suite(scenarios: list[dict[str, Any]], seeds: list[int], keep: bool) -> list[dict[str, Any]]:
+def run_suite(scenarios: list[dict[str, Any]], seeds: list[int], keep: bool,
+              objectives: list[str] | None = None) -> list[dict[str, Any]]:
     results = []
-    total = len(scenarios) * len(seeds)
-    for scenario in scenarios:
-        for seed in seeds:
-            home = Path(tempfile.mkdtemp(prefix=f"scenario-{scenario['name']}-s{seed}-"))
-            out = home / "scenario-result.json"
-            n = len(results) + 1
-            log(f"run {n}/{total}: {scenario['name']} ({scenario['split']}) seed {seed} in {home}")
-            t0 = time.perf_counter()
-            proc = subprocess.run(
-                [sys.executable, str(Path(__file__).resolve()), "--child", scenario["name"], str(seed), str(home),
-                 str(out)], cwd=str(REPO), stdout=sys.stderr)  # stdout stays the results' JSON alone
-            if proc.returncode == 0 and out.is_file():
-                result = json.loads(out.read_text(encoding="utf-8"))
-            else:
-                result = {"scenario": scenario["name"], "kind": scenario["kind"], "split": scenario["split"],
-                          "seed": seed, "promoted": False, "outcome": "failed",
-                          "reason": f"the run's process exited with {proc.returncode} (its output is above)"}
-            result["home"] = str(home) if keep else None
-            if not keep:
-                shutil.rmtree(home, ignore_errors=True)
-            results.append(result)
-            log(progress_line(result, n, total, time.perf_counter() - t0))
+    runs = [(scenario, seed, objective) for scenario in scenarios for objective in (objectives or [None])
+            for seed in seeds]
+    total = len(runs)
+    for scenario, seed, objective in runs:
+        home = Path(tempfile.mkdtemp(prefix=f"scenario-{scenario['name']}-s{seed}-"))
+        out = home / "scenario-result.json"
+        n = len(results) + 1
+        log(f"run {n}/{total}: {scenario['name']} ({scenario['split']}) seed {seed}"
+            f"{' objective ' + objective if objective else ''} in {home}")
+        t0 = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--child", scenario["name"], str(seed), str(home),
+             str(out)] + ([objective] if objective else []),
+            cwd=str(REPO), stdout=sys.stderr)  # stdout stays the results' JSON alone
+        if proc.returncode == 0 and out.is_file():
+            result = json.loads(out.read_text(encoding="utf-8"))
+        else:
+            result = {"scenario": scenario["name"], "kind": scenario["kind"], "split": scenario["split"],
+                      "seed": seed, "objective": objective, "promoted": False, "outcome": "failed",
+                      "reason": f"the run's process exited with {proc.returncode} (its output is above)"}
+        result["home"] = str(home) if keep else None
+        if not keep:
+            shutil.rmtree(home, ignore_errors=True)
+        results.append(result)
+        log(progress_line(result, n, total, time.perf_counter() - t0))
     return results
 
 
@@ -238,10 +260,11 @@ def _pct(x: float | None) -> str:
 def progress_line(r: dict[str, Any], n: int, total: int, seconds: float) -> str:
     if "probe_pass_served" not in r:
         return f"done {n}/{total}: {r['scenario']} seed {r['seed']}: FAILED ({r.get('reason')}) in {seconds:.0f}s"
-    return (f"done {n}/{total}: {r['scenario']} seed {r['seed']}: "
+    return (f"done {n}/{total}: {r['scenario']} seed {r['seed']} objective {r.get('objective')}: "
             f"{'promoted ' + r['current_version'] if r['promoted'] else 'NOT promoted (' + str(r.get('reason')) + ')'}; "
             f"probes {_pct(r['probe_pass_served'])} served vs {_pct(r['probe_pass_base'])} base; "
             f"general kept {r['general_kept']}/{r['general_base_right']}; "
+            f"probe words {r.get('probe_words_served')} served vs {r.get('probe_words_base')} base; "
             f"cycle {r['cycle_seconds']:.0f}s (train {r['train_seconds']:.0f}s); run {seconds:.0f}s")
 
 
@@ -250,15 +273,17 @@ def machine() -> str:
 
 
 def split_summary(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per split and objective (objectives are compared, never averaged together)."""
     rows = []
-    for split in suite.SPLITS:
-        runs = [r for r in results if r.get("split") == split]
+    objectives = list(dict.fromkeys(r.get("objective") for r in results))
+    for split, objective in [(s, o) for s in suite.SPLITS for o in objectives]:
+        runs = [r for r in results if r.get("split") == split and r.get("objective") == objective]
         if not runs:
             continue
         rates = [r.get("probe_pass_served", 0.0) for r in runs]
         kept = [r["general_kept_rate"] for r in runs if r.get("general_kept_rate") is not None]
         rows.append({
-            "split": split, "runs": len(runs), "promoted": sum(bool(r.get("promoted")) for r in runs),
+            "split": split, "objective": objective, "runs": len(runs), "promoted": sum(bool(r.get("promoted")) for r in runs),
             "scenarios": len({r["scenario"] for r in runs}),
             "pass_mean": statistics.fmean(rates), "pass_min": min(rates), "pass_spread": max(rates) - min(rates),
             "worst_general_kept": min(kept) if kept else None,
@@ -276,23 +301,32 @@ def markdown_section(results: list[dict[str, Any]], command: str, date: str) -> 
         f"greedily ({PROBE_MAX_TOKENS} tokens). Probes ask the taught things in words no chat used; general "
         "kept = general probes the base answered right that the served model still answers right.",
         "",
-        "| scenario | split | seed | promoted | probe pass (served vs base) | general kept | cycle s (train / other) |",
-        "| --- | --- | ---: | --- | --- | --- | --- |",
+        "| scenario | split | objective | seed | promoted | probe pass (served vs base) | general kept "
+        "| probe words (served vs base) | rejected log-prob (start → trained) | cycle s (train / other) |",
+        "| --- | --- | --- | ---: | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         if "probe_pass_served" not in r:
-            lines.append(f"| {r['scenario']} | {r['split']} | {r['seed']} | failed: {r.get('reason')} | - | - | - |")
+            lines.append(f"| {r['scenario']} | {r['split']} | {r.get('objective') or '-'} | {r['seed']} | "
+                         f"failed: {r.get('reason')} | - | - | - | - | - |")
             continue
         promoted = "yes" if r["promoted"] else f"no: {r.get('reason') or r.get('outcome')}"
+        pref = r.get("preference") or {}
+        rejected = (f"{pref['rejected_logprob_start']:.2f} → {pref['rejected_logprob']:.2f}"
+                    if pref.get("rejected_logprob") is not None and pref.get("rejected_logprob_start") is not None
+                    else "-")
+        words = (f"{r['probe_words_served']:.0f} vs {r['probe_words_base']:.0f}"
+                 if r.get("probe_words_served") is not None else "-")
         lines.append(
-            f"| {r['scenario']} | {r['split']} | {r['seed']} | {promoted} | "
+            f"| {r['scenario']} | {r['split']} | {r.get('objective') or '-'} | {r['seed']} | {promoted} | "
             f"{_pct(r['probe_pass_served'])} vs {_pct(r['probe_pass_base'])} | "
-            f"{r['general_kept']}/{r['general_base_right']} | "
+            f"{r['general_kept']}/{r['general_base_right']} | {words} | {rejected} | "
             f"{r['cycle_seconds']:.0f} ({r['train_seconds']:.0f} / {r['other_seconds']:.0f}) |")
-    lines += ["", "| split | scenarios | runs | promoted | pass mean | pass min | pass spread | worst general kept |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += ["", "| split | objective | scenarios | runs | promoted | pass mean | pass min | pass spread "
+              "| worst general kept |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for s in split_summary(results):
-        lines.append(f"| {s['split']} | {s['scenarios']} | {s['runs']} | {s['promoted']}/{s['runs']} | "
+        lines.append(f"| {s['split']} | {s['objective'] or '-'} | {s['scenarios']} | {s['runs']} | "
+                     f"{s['promoted']}/{s['runs']} | "
                      f"{_pct(s['pass_mean'])} | {_pct(s['pass_min'])} | {_pct(s['pass_spread'])} | "
                      f"{_pct(s['worst_general_kept'])} |")
     return "\n".join(lines) + "\n"
@@ -317,11 +351,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
         name, seed, home, out = argv[1:5]
-        return child_main(name, int(seed), home, out)
+        return child_main(name, int(seed), home, out, argv[5] if len(argv) > 5 else None)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", nargs="+", default=[], help="scenario names (default: every one in the split)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--split", choices=("unseen", "tune", "all"), default="all")
+    parser.add_argument("--objective", nargs="+", default=[], choices=OBJECTIVES,
+                        help="run each scenario x seed once per objective (default: the configured grid, once)")
     parser.add_argument("--out", help="also write the results (every answer included) to this JSON file")
     parser.add_argument("--write-results", action="store_true", help="write today's section of benchmarks/RESULTS.md")
     parser.add_argument("--keep", action="store_true", help="keep each run's LOOP_HOME (its path is in the results)")
@@ -336,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     if not scenarios:
         print(f"no scenario matches (split {args.split}, names {args.scenario or 'any'})", file=sys.stderr)
         return 2
-    results = run_suite(scenarios, args.seeds, args.keep)
+    results = run_suite(scenarios, args.seeds, args.keep, args.objective)
     report = {"date": dt.date.today().isoformat(), "machine": machine(), "seeds": args.seeds,
               "summary": split_summary(results), "runs": results}
     if args.out:

@@ -2,7 +2,11 @@
 
 A scenario is one JSON file, ``<name>.json``, holding one object:
 
-    name, kind (facts | faq | behaviour | multiturn | restyle), split (tune | unseen), description,
+    name, kind (facts | faq | behaviour | multiturn | restyle | thumbs), split (tune | unseen), description,
+    thumbs_down_review (optional): what the scripted reviewer does with a thumbs-down that has no correction:
+                    "discard" (the default, the demo's reviewer) or "rate_low" (rated 1 and kept, so the thumb
+                    becomes an undesirable label that preference training can learn from; a "thumbs" scenario
+                    teaches through such labels alone, with no correction written),
     chats:          what users did in the app. Each has ``messages`` (ending with a user turn; earlier turns
                     may include the assistant) and ``feedback`` ({thumbs, reasons, comment, correction}; the
                     reasons come from the app's list, loop/core/reasons.py; null: nobody rated the turn). An
@@ -36,7 +40,8 @@ from . import checks
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-KINDS = ("facts", "faq", "behaviour", "multiturn", "restyle")
+KINDS = ("facts", "faq", "behaviour", "multiturn", "restyle", "thumbs")
+THUMBS_DOWN_REVIEWS = ("discard", "rate_low")
 SPLITS = ("tune", "unseen")
 NEAR_DUPLICATE = 0.9
 TRAINER_SETS = ("regression_set.jsonl", "general_replay.jsonl")
@@ -100,7 +105,7 @@ def _messages_problems(messages: Any, where: str) -> list[str]:
     return problems
 
 
-def _feedback_problems(fb: Any, where: str, reasons: set[str]) -> list[str]:
+def _feedback_problems(fb: Any, where: str, reasons: set[str], thumbs_down_review: str) -> list[str]:
     if fb is None:  # a turn nobody rated: pushed like any other, the reviewer discards it
         return []
     if not isinstance(fb, dict):
@@ -114,8 +119,10 @@ def _feedback_problems(fb: Any, where: str, reasons: set[str]) -> list[str]:
     correction = fb.get("correction")
     if correction is not None and (not isinstance(correction, str) or not correction.strip()):
         problems.append(f"{where}: feedback.correction must be null or a non-empty string")
-    if fb.get("thumbs") == "down" and not correction and "unsafe_or_offensive" not in (fb.get("reasons") or []):
-        problems.append(f"{where}: a thumbs-down teaches nothing without a correction")
+    if fb.get("thumbs") == "down" and not correction and thumbs_down_review == "discard" \
+            and "unsafe_or_offensive" not in (fb.get("reasons") or []):
+        problems.append(f"{where}: a thumbs-down teaches nothing without a correction (the reviewer discards it; "
+                        "thumbs_down_review = 'rate_low' keeps it as an undesirable label)")
     return problems
 
 
@@ -137,6 +144,9 @@ def validate_scenario(data: Any, where: str = "scenario", trainer: Iterable[str]
         problems.append(f"{where}: kind must be one of {KINDS}, got {data.get('kind')!r}")
     if data.get("split") not in SPLITS:
         problems.append(f"{where}: split must be one of {SPLITS}, got {data.get('split')!r}")
+    thumbs_down_review = data.get("thumbs_down_review", "discard")
+    if thumbs_down_review not in THUMBS_DOWN_REVIEWS:
+        problems.append(f"{where}: thumbs_down_review must be one of {THUMBS_DOWN_REVIEWS}, got {thumbs_down_review!r}")
     reasons = _valid_reasons()
     groups = {}
     for key in ("chats", "probes", "general_probes"):
@@ -151,7 +161,7 @@ def validate_scenario(data: Any, where: str = "scenario", trainer: Iterable[str]
             problems.append(f"{at}: a chat is an object with messages and feedback")
             continue
         problems += _messages_problems(chat.get("messages"), at)
-        problems += _feedback_problems(chat.get("feedback"), at, reasons)
+        problems += _feedback_problems(chat.get("feedback"), at, reasons, thumbs_down_review)
         if "answer" in chat and (not isinstance(chat["answer"], str) or not chat["answer"].strip()):
             problems.append(f"{at}: answer, when given, must be a non-empty string")
     for key in ("probes", "general_probes"):

@@ -36,7 +36,9 @@ def test_each_new_scenario_teaches_about_eight_things_three_ways_and_probes_them
     for s in scenarios:
         if s["name"] == "zephyr":
             continue
-        taught = [c for c in s["chats"] if (c.get("feedback") or {}).get("correction")]
+        # A thumbs scenario teaches through rated answers alone; every other kind through corrections.
+        taught = [c for c in s["chats"] if (c.get("feedback") or {}).get("correction")
+                  or (s["kind"] == "thumbs" and c.get("feedback"))]
         assert 20 <= len(taught) <= 30, s["name"]
         assert 14 <= len(s["probes"]) <= 20, s["name"]
         assert 8 <= len(s["general_probes"]) <= 12, s["name"]
@@ -129,6 +131,26 @@ def test_a_thumbs_down_without_a_correction_is_rejected_as_teaching_nothing(soun
     assert any("teaches nothing" in p for p in suite.validate_scenario(sound))
 
 
+def test_a_thumbs_down_without_a_correction_is_a_label_when_the_reviewer_rates_it_low(sound):
+    sound["chats"][0]["feedback"]["correction"] = None
+    sound["thumbs_down_review"] = "rate_low"
+    assert suite.validate_scenario(sound) == []
+    sound["thumbs_down_review"] = "ignore"
+    assert any("thumbs_down_review must be one of" in p for p in suite.validate_scenario(sound))
+
+
+def test_the_thumbs_scenario_teaches_by_thumbs_alone_both_ways_and_probes_unseen_prompts(scenarios):
+    (thumbs,) = [s for s in scenarios if s["kind"] == "thumbs"]
+    assert thumbs["thumbs_down_review"] == "rate_low" and thumbs["split"] == "unseen"
+    feedback = [c["feedback"] for c in thumbs["chats"]]
+    assert not any(fb.get("correction") for fb in feedback)
+    ups = [c for c in thumbs["chats"] if c["feedback"]["thumbs"] == "up"]
+    downs = [c for c in thumbs["chats"] if c["feedback"]["thumbs"] == "down"]
+    assert len(ups) >= 10 and len(downs) >= 10 and all(c.get("answer") for c in thumbs["chats"])
+    # What the thumbs ask for is visible in the answers they rate: the liked ones are the short ones.
+    assert max(len(c["answer"].split()) for c in ups) < min(len(c["answer"].split()) for c in downs)
+
+
 def test_loading_names_an_unknown_scenario_and_a_broken_file(tmp_path):
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(suite.ScenarioError) as err:
@@ -155,6 +177,24 @@ def test_split_summary_gives_mean_min_spread_and_worst_general_kept_per_split():
     assert unseen["scenarios"] == 2 and unseen["runs"] == 3 and tune["runs"] == 1
 
 
+def test_objectives_are_summarised_side_by_side_never_averaged_together():
+    results = [{**_result("a", "unseen", 0, 0.5), "objective": "sft"},
+               {**_result("a", "unseen", 0, 0.9), "objective": "kto"},
+               {**_result("a", "unseen", 1, 0.7), "objective": "kto"}]
+    rows = {s["objective"]: s for s in run.split_summary(results)}
+    assert set(rows) == {"sft", "kto"}
+    assert rows["sft"]["pass_mean"] == pytest.approx(0.5) and rows["kto"]["pass_mean"] == pytest.approx(0.8)
+    assert rows["kto"]["runs"] == 2
+
+
+def test_the_table_shows_the_signal_measures_when_a_run_has_them():
+    row = {**_result("t", "unseen", 0, 0.8), "objective": "kto", "probe_words_served": 14.0,
+           "probe_words_base": 41.0, "preference": {"rejected_logprob_start": -1.2, "rejected_logprob": -2.5}}
+    text = run.markdown_section([row], "cmd", "2026-12-01")
+    assert "| t | unseen | kto | 0 | yes | 80% vs 0% | 9/10 | 14 vs 41 | -1.20 → -2.50 | 300 (240 / 60) |" in text
+    assert "| unseen | kto | 1 | 1 | 1/1 |" in text
+
+
 def test_write_results_replaces_the_same_dated_section_and_keeps_the_others(tmp_path):
     md = tmp_path / "RESULTS.md"
     md.write_text("# Benchmark results\n\n## Other (2026-01-01)\n\nkeep me\n")
@@ -164,7 +204,7 @@ def test_write_results_replaces_the_same_dated_section_and_keeps_the_others(tmp_
     run.write_results(second, md)
     text = md.read_text()
     assert text.count(f"## {run.SECTION_TITLE} (2026-12-01") == 1
-    assert "| a | unseen | 0 | yes | 90% vs 0% | 9/10 | 300 (240 / 60) |" in text and "50% vs" not in text
+    assert "| a | unseen | - | 0 | yes | 90% vs 0% | 9/10 | - | - | 300 (240 / 60) |" in text and "50% vs" not in text
     assert "keep me" in text
     run.write_results(run.markdown_section([_result("a", "unseen", 0, 0.7)], "cmd", "2026-12-02"), md)
     assert md.read_text().count(f"## {run.SECTION_TITLE}") == 2
