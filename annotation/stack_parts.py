@@ -83,7 +83,9 @@ def _owned_pid(layout: _Layout, part: str) -> int | None:
     """The pid recorded for `part` if that exact process is still running, else None.
 
     A pid is trusted only when its start time and executable match those recorded at launch (pids get reused)
-    and its command line still shows the recorded tokens (redis rewrites its title, so tokens, not the argv)."""
+    and its command line shows the recorded tokens (redis rewrites its title, so tokens, not the argv) or is
+    still the argv it was launched with: a part that has not rewritten its title yet (redis on a busy machine
+    can take well over 60 ms) is starting, not dead."""
     try:
         record = json.loads(layout.pidfile(part).read_text())
     except (OSError, ValueError):
@@ -96,7 +98,9 @@ def _owned_pid(layout: _Layout, part: str) -> int | None:
             return None
         if _proc_exe(pid) != record.get("exe"):
             return None
-        if all(token in _proc_cmdline(pid) for token in record["match"]):
+        cmdline = _proc_cmdline(pid)
+        launched_as = " ".join(record.get("argv") or [])
+        if all(token in cmdline for token in record["match"]) or (launched_as and cmdline.rstrip() == launched_as):
             return pid
         time.sleep(0.02)  # redis may be rewriting its title this very moment: look again before giving up
     return None

@@ -19,7 +19,7 @@ from skips import import_or_skip  # noqa: E402
 
 from annotation.config import StackConfig
 from annotation.server import PARTS, StackError, _Layout, stack_status, start_stack, stop_stack
-from annotation.stack_parts import _proc_stat
+from annotation.stack_parts import _launch, _owned_pid, _proc_stat
 from loop.config import ConfigError, load_config
 
 rg = import_or_skip("argilla")
@@ -132,6 +132,23 @@ def test_stop_never_kills_a_process_whose_pid_file_does_not_match(tmp_path):
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_a_part_that_has_not_rewritten_its_title_yet_is_starting_not_dead(tmp_path):
+    """redis's pid record matches on its rewritten title ("redis-server 127.0.0.1:PORT"); on a busy machine it
+    can take longer than the retries to rewrite it, and a live redis was once reported as "exited during
+    startup". A process whose command line is still the argv it was launched with is ours."""
+    layout = _Layout(tmp_path)
+    layout.run.mkdir(parents=True)
+    layout.logs.mkdir(parents=True)
+    argv = ["/bin/sleep", "30"]  # never rewrites its title: a part caught before it does
+    pid = _launch(layout, "redis", argv, dict(os.environ), ["redis-server", "6399"], tmp_path)
+    try:
+        assert _owned_pid(layout, "redis") == pid
+    finally:
+        os.kill(pid, 9)
+    record = json.loads(layout.pidfile("redis").read_text())
+    assert record["argv"] == argv
 
 
 @pytest.mark.slow
