@@ -215,6 +215,9 @@ def child_main(name: str, seed: int, home: str, out: str, objective: str | None 
     os.environ.pop("ARGILLA_API_URL", None)
     os.environ.pop("ARGILLA_API_KEY", None)
     (scenario,) = suite.load_scenarios(names=[name])
+    for key, value in scenario.get("settings", {}).items():
+        section, field = key.split(".")
+        os.environ[f"LOOP_{section.upper()}__{field.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
     result = run_one(scenario, seed, Path(home), objective)
     Path(out).write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")
     return 0

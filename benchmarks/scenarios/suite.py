@@ -7,6 +7,9 @@ A scenario is one JSON file, ``<name>.json``, holding one object:
                     "discard" (the default, the demo's reviewer) or "rate_low" (rated 1 and kept, so the thumb
                     becomes an undesirable label that preference training can learn from; a "thumbs" scenario
                     teaches through such labels alone, with no correction written),
+    settings (optional): the deployment's config for this scenario, ``{"section.key": value}`` (set for the
+                    run as LOOP_SECTION__KEY; for example a thumbs scenario pushes every thumbs-up for review:
+                    ``{"annotation.thumbs_up_sample_rate": 1.0}``),
     chats:          what users did in the app. Each has ``messages`` (ending with a user turn; earlier turns
                     may include the assistant) and ``feedback`` ({thumbs, reasons, comment, correction}; the
                     reasons come from the app's list, loop/core/reasons.py; null: nobody rated the turn). An
@@ -147,6 +150,11 @@ def validate_scenario(data: Any, where: str = "scenario", trainer: Iterable[str]
     thumbs_down_review = data.get("thumbs_down_review", "discard")
     if thumbs_down_review not in THUMBS_DOWN_REVIEWS:
         problems.append(f"{where}: thumbs_down_review must be one of {THUMBS_DOWN_REVIEWS}, got {thumbs_down_review!r}")
+    settings = data.get("settings", {})
+    if not isinstance(settings, dict) or not all(
+            isinstance(k, str) and re.fullmatch(r"[a-z_]+\.[a-z_]+", k) and isinstance(v, (str, int, float, bool))
+            for k, v in settings.items()):
+        problems.append(f"{where}: settings must map 'section.key' to a string, number or boolean, got {settings!r}")
     reasons = _valid_reasons()
     groups = {}
     for key in ("chats", "probes", "general_probes"):

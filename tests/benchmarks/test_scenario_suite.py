@@ -139,9 +139,18 @@ def test_a_thumbs_down_without_a_correction_is_a_label_when_the_reviewer_rates_i
     assert any("thumbs_down_review must be one of" in p for p in suite.validate_scenario(sound))
 
 
+def test_settings_must_name_a_section_and_key_with_a_plain_value(sound):
+    sound["settings"] = {"annotation.thumbs_up_sample_rate": 1.0}
+    assert suite.validate_scenario(sound) == []
+    sound["settings"] = {"thumbs_up_sample_rate": 1.0, "annotation.x": [1]}
+    assert any("settings must map" in p for p in suite.validate_scenario(sound))
+
+
 def test_the_thumbs_scenario_teaches_by_thumbs_alone_both_ways_and_probes_unseen_prompts(scenarios):
     (thumbs,) = [s for s in scenarios if s["kind"] == "thumbs"]
     assert thumbs["thumbs_down_review"] == "rate_low" and thumbs["split"] == "unseen"
+    # Thumbs are all it learns from, so every thumbs-up goes to review, not the default 20% sample.
+    assert thumbs["settings"] == {"annotation.thumbs_up_sample_rate": 1.0}
     feedback = [c["feedback"] for c in thumbs["chats"]]
     assert not any(fb.get("correction") for fb in feedback)
     ups = [c for c in thumbs["chats"] if c["feedback"]["thumbs"] == "up"]
