@@ -128,7 +128,15 @@ def mean_words(rows: list[dict[str, Any]]) -> float:
     return statistics.fmean(len(r["answer"].split()) for r in rows) if rows else 0.0
 
 
-def run_one(scenario: dict[str, Any], seed: int, home: Path, objective: str | None = None) -> dict[str, Any]:
+def chosen_preference(summary: dict[str, Any]) -> dict[str, Any]:
+    """The preference measure of the variant the cycle's train stage chose ({} when none was chosen)."""
+    from loop.cycle_results import TrainResult
+
+    trained = TrainResult.from_dict((summary.get("stages") or {}).get("train", {}).get("result"))
+    return (trained.best_row().get("preference") or {}) if trained.best else {}
+
+
+def run_one(scenario: dict[str, Any], seed: int, home: Path) -> dict[str, Any]:
     """One scenario x seed in ``home`` (this process's environment is set up for it by ``child_main``)."""
     from annotation.push import push
     from annotation.server import start_stack, stop_stack
@@ -141,7 +149,7 @@ def run_one(scenario: dict[str, Any], seed: int, home: Path, objective: str | No
 
     config = load_config()
     result: dict[str, Any] = {"scenario": scenario["name"], "kind": scenario["kind"], "split": scenario["split"],
-                              "seed": seed, "objective": objective or ",".join(config.trainer.objectives)}
+                              "seed": seed, "objective": ",".join(config.trainer.objectives)}
     t_run = time.perf_counter()
     try:
         stack = start_stack(config=config.stack)
@@ -157,9 +165,7 @@ def run_one(scenario: dict[str, Any], seed: int, home: Path, objective: str | No
     finally:
         stop_stack()
     stages = summary.get("stages") or {}
-    train_stage = stages.get("train") or {}
-    train_s = float(train_stage.get("seconds") or 0.0)
-    chosen = next((v for v in train_stage.get("variants") or [] if v.get("name") == train_stage.get("best")), {})
+    train_s = float((stages.get("train") or {}).get("seconds") or 0.0)
     registry = Registry()
     base_version, current = registry.list()[0], registry.current()
     result.update(
@@ -167,7 +173,7 @@ def run_one(scenario: dict[str, Any], seed: int, home: Path, objective: str | No
         reason=summary.get("reason"), variant=current.variant if current.id != base_version.id else None,
         cycle_seconds=round(cycle_s, 1), train_seconds=round(train_s, 1), other_seconds=round(cycle_s - train_s, 1),
         stage_seconds={name: s.get("seconds") for name, s in stages.items()},
-        preference=chosen.get("preference") or {},
+        preference=chosen_preference(summary),
     )
     probes, general = scenario["probes"], scenario["general_probes"]
     base_probe = answer_probes(base_version.gguf_path, probes, config.model.n_ctx)
@@ -218,7 +224,7 @@ def child_main(name: str, seed: int, home: str, out: str, objective: str | None 
     for key, value in scenario.get("settings", {}).items():
         section, field = key.split(".")
         os.environ[f"LOOP_{section.upper()}__{field.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
-    result = run_one(scenario, seed, Path(home), objective)
+    result = run_one(scenario, seed, Path(home))
     Path(out).write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")
     return 0
 

@@ -204,6 +204,16 @@ def test_the_table_shows_the_signal_measures_when_a_run_has_them():
     assert "| unseen | kto | 1 | 1 | 1/1 |" in text
 
 
+def test_the_preference_measure_is_read_from_the_chosen_variant_of_the_cycles_train_result():
+    # The shape Cycle.run() returns: a stage's fields sit under "result", beside its status and seconds.
+    rows = [{"name": "lr0.001_r16_sft", "preference": {"rejected_logprob": -0.8}},
+            {"name": "lr0.001_r16_kto", "preference": {"rejected_logprob": -2.5}}]
+    summary = {"stages": {"train": {"status": "done", "seconds": 9.0,
+                                    "result": {"variants": rows, "best": "lr0.001_r16_kto"}}}}
+    assert run.chosen_preference(summary) == {"rejected_logprob": -2.5}
+    assert run.chosen_preference({"stages": {"decide": {"status": "stopped"}}}) == {}
+
+
 def test_write_results_replaces_the_same_dated_section_and_keeps_the_others(tmp_path):
     md = tmp_path / "RESULTS.md"
     md.write_text("# Benchmark results\n\n## Other (2026-01-01)\n\nkeep me\n")
