@@ -8,7 +8,9 @@ builds on :class:`GgufModel`), the probes and the arena (``app.probe_runner``), 
 Contracts:
 
 - :func:`open_llama` is the one place a ``llama_cpp.Llama`` is built. A missing or unloadable file
-  raises :class:`ModelLoadError` naming the file, never anything else (the app must stay up).
+  raises :class:`ModelLoadError` naming the file, never anything else (the app must stay up). Weights
+  load without llama.cpp's extra buffer types (:func:`without_extra_buffer_types`: its AMX path
+  segfaults on recent Intel CPUs).
 - :class:`GgufModel` holds a loaded GGUF, its chat formatter (the GGUF's own template, built once;
   a GGUF without one is refused with ModelLoadError) and one lock per model: a llama.cpp context is
   not thread-safe, so whoever decodes or closes holds ``model.lock`` for the whole of it, and
@@ -53,6 +55,33 @@ def llama_threads(n_threads: int | None = 0) -> int:
     return n_threads if n_threads and n_threads > 0 else max(1, (os.cpu_count() or 2) // 2)
 
 
+def without_extra_buffer_types() -> None:
+    """Make every ``llama_cpp.Llama`` built in this process load its weights without llama.cpp's extra
+    buffer types (the AMX and CPU-repack weight layouts). Idempotent.
+
+    On a CPU with AMX (Sapphire Rapids and later) llama.cpp repacks quantised weights into its AMX
+    buffer type, and the first decode then segfaults in ``ggml_backend_amx_mul_mat``
+    (ggml-org/llama.cpp#20824; reproduced with llama-cpp-python 0.3.36 and the bundled Q4_1
+    SmolLM2): a crash that takes the app down with it. With the extra buffer types off every machine
+    runs the same plain CPU kernels, so llama.cpp's numbers (the verifier's held-out loss) do not
+    depend on the CPU model either. ``Llama`` has no argument for it; it reads its model parameters
+    from ``llama_model_default_params``, which is wrapped here once.
+    """
+    import llama_cpp.llama_cpp as lib
+
+    if getattr(lib.llama_model_default_params, "_loop_no_extra_bufts", False):
+        return
+    defaults = lib.llama_model_default_params
+
+    def params():
+        p = defaults()
+        p.use_extra_bufts = False
+        return p
+
+    params._loop_no_extra_bufts = True  # type: ignore[attr-defined]
+    lib.llama_model_default_params = params
+
+
 def open_llama(path: str | Path, *, n_ctx: int, n_threads: int | None = 0, logits_all: bool = False,
                n_batch: int | None = None) -> Any:
     """A ``llama_cpp.Llama`` for ``path``; ModelLoadError (never a crash) when it cannot be loaded."""
@@ -70,6 +99,7 @@ def open_llama(path: str | Path, *, n_ctx: int, n_threads: int | None = 0, logit
                               "n_threads_batch": threads, "n_gpu_layers": 0, "seed": 0}
     if n_batch is not None:
         kwargs["n_batch"] = n_batch
+    without_extra_buffer_types()
     try:
         return llama_cpp.Llama(model_path=str(path), **kwargs)
     except Exception as exc:  # llama.cpp reports a bad file as ValueError; be broad, the app must stay up

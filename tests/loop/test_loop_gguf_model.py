@@ -6,6 +6,8 @@ probe answer is what a user would get from the chat at temperature 0.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -40,6 +42,28 @@ def test_an_unloadable_file_is_a_model_load_error_naming_it(tmp_path, content):
     with pytest.raises(ModelLoadError, match="could not load garbage.gguf") as caught:
         GgufModel.load(garbage, n_ctx=64)
     assert isinstance(caught.value, LoopError) and isinstance(caught.value, RuntimeError)
+
+
+def test_weights_load_without_llama_cpps_extra_buffer_types(bundled_gguf):
+    llama = open_llama(bundled_gguf, n_ctx=64)
+    try:
+        assert llama.model_params.use_extra_bufts is False  # its AMX layout segfaults on recent Intel CPUs
+    finally:
+        llama.close()
+
+
+def test_a_fresh_process_decodes_the_bundled_gguf_on_this_cpu(bundled_gguf):
+    # In a child: on a CPU with AMX, llama.cpp's AMX weight layout ended the process with SIGSEGV at
+    # the first decode, which would take the whole test run (and the app) down with it.
+    program = ("import sys\n"
+               "from app.probe_runner import greedy_answer\n"
+               "from loop.core.gguf_model import GgufModel\n"
+               "model = GgufModel.load(sys.argv[1], n_ctx=256)\n"
+               "print(greedy_answer(model, [{'role': 'user', 'content': 'What is the capital of France?'}], 16).answer)\n")
+    done = subprocess.run([sys.executable, "-c", program, str(bundled_gguf)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.strip()  # an answer, whatever the small model says
 
 
 def test_greedy_decode_is_the_probe_runners_answer_and_the_chats_greedy_stream(model):
