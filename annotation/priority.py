@@ -8,8 +8,10 @@ Every turn falls in one tier:
   ``uncertainty_threshold``: the model itself was unsure, so a review is most informative;
 - ``recent``: everything else without a thumbs-up (newest first: closest to today's traffic);
 - ``positive``: thumbs-up. Only a deterministic sample (``thumbs_up_sample_rate``, by a hash of
-  the turn id, so reruns and other machines agree) is pushed: they confirm good behaviour but are
-  plentiful and cheap.
+  the turn's conversation and answer) is pushed: they confirm good behaviour but are plentiful and
+  cheap. The hash is of the text, not of the turn id: ids are random ULIDs, so a sample by id would
+  send different chats to review, and so train a different model, from the same chat logs on every
+  machine (the judge split follows the same rule, ``annotation.judge_split``).
 
 ``priority`` is a float reviewers sort on (highest first): its integer part is the tier's rank in
 ``priority_order`` (first tier highest) and its fraction orders turns inside the tier (newest
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -35,14 +38,19 @@ _EPOCH_START = 1.6e9
 _EPOCH_SPAN = 2e9
 
 
-def hash_fraction(turn_id: str) -> float:
-    """A uniform number in [0, 1) derived from the turn id (same on every run and machine)."""
-    return int(hashlib.sha256(turn_id.encode()).hexdigest()[:15], 16) / 16**15
+def hash_fraction(key: str) -> float:
+    """A uniform number in [0, 1) derived from ``key`` (same on every run and machine)."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[:15], 16) / 16**15
 
 
-def sampled(turn_id: str, rate: float) -> bool:
+def sample_key(turn: dict[str, Any]) -> str:
+    """What a thumbs-up's sample is drawn from: the conversation and the answer, never the id."""
+    return json.dumps([turn.get("messages") or [], turn.get("answer") or ""], sort_keys=True, ensure_ascii=False)
+
+
+def sampled(turn: dict[str, Any], rate: float) -> bool:
     """Whether a thumbs-up turn is in the pushed sample."""
-    return hash_fraction(turn_id) < rate
+    return hash_fraction(sample_key(turn)) < rate
 
 
 def tier_of(turn: dict[str, Any], config: AnnotationConfig) -> str:
@@ -90,7 +98,7 @@ class Ranked:
 
 def rank_turn(turn: dict[str, Any], config: AnnotationConfig) -> Ranked:
     tier = tier_of(turn, config)
-    eligible = tier in config.priority_order and (tier != "positive" or sampled(turn["id"], config.thumbs_up_sample_rate))
+    eligible = tier in config.priority_order and (tier != "positive" or sampled(turn, config.thumbs_up_sample_rate))
     return Ranked(turn["id"], tier, priority_of(turn, tier, config), eligible)
 
 

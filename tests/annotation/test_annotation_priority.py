@@ -7,7 +7,7 @@ import datetime as dt
 import pytest
 
 from annotation.config import AnnotationConfig
-from annotation.priority import hash_fraction, rank_turn, sampled, select
+from annotation.priority import hash_fraction, rank_turn, sample_key, sampled, select
 from annotation.push import PushReport, plan, source_hash
 from loop.core.store import Store
 
@@ -45,14 +45,27 @@ def test_priority_order_is_configurable():
     assert not recent.eligible and recent.priority < 1
 
 
+def _up(question, answer="a", tid=None):
+    return {"id": tid or question, "messages": [{"role": "user", "content": question}], "answer": answer,
+            "feedback": {"thumbs": "up"}}
+
+
 def test_thumbs_up_sampling_is_deterministic_and_near_the_rate():
-    ids = [f"turn-{i}" for i in range(2000)]
-    chosen = [i for i in ids if sampled(i, 0.2)]
+    turns = [_up(f"question {i}") for i in range(2000)]
+    chosen = [t["messages"][0]["content"] for t in turns if sampled(t, 0.2)]
     # Pinned, not recomputed: the sample must be the same in every process, on every machine.
-    assert len(chosen) == 401 and chosen[:5] == ["turn-16", "turn-17", "turn-20", "turn-22", "turn-26"]
+    assert len(chosen) == 403 and chosen[:3] == ["question 0", "question 18", "question 20"]
     assert hash_fraction("turn-0") == pytest.approx(0.6974343859647273, abs=1e-15)
-    assert all(0.0 <= hash_fraction(i) < 1.0 for i in ids[:50])
-    assert not any(sampled(i, 0.0) for i in ids) and all(sampled(i, 1.0) for i in ids)
+    assert all(0.0 <= hash_fraction(sample_key(t)) < 1.0 for t in turns[:50])
+    assert not any(sampled(t, 0.0) for t in turns) and all(sampled(t, 1.0) for t in turns)
+
+
+def test_the_thumbs_up_sample_follows_the_text_not_the_random_turn_id():
+    turns = [_up(f"question {i}") for i in range(200)]
+    again = [_up(f"question {i}", tid=f"01J{i:023d}") for i in range(200)]  # the same chats, other ids
+    assert [sampled(t, 0.2) for t in turns] == [sampled(t, 0.2) for t in again]
+    # The answer is part of what was liked: the same question answered otherwise is another draw.
+    assert [sampled(_up("q", answer=f"answer {i}"), 0.5) for i in range(40)].count(True) not in (0, 40)
 
 
 def test_select_respects_budget_and_priority():
@@ -84,7 +97,7 @@ def test_plan_fills_the_budget_by_priority_and_samples_thumbs_up():
     report = PushReport()
     jobs = plan(store, TARGET, cfg, NOW, report)
     assert [j.turn["id"] for j in jobs] == [ids["down"], ids["unsure"], ids["recent2"]]
-    ups = [ids[n] for n in ("up_a", "up_b", "up_c", "up_d")]
+    ups = [store.get_turn(ids[n]) for n in ("up_a", "up_b", "up_c", "up_d")]
     n_sampled = sum(sampled(t, 0.5) for t in ups)
     assert report.considered == 8
     assert report.not_eligible == 4 - n_sampled
