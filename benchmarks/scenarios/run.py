@@ -1,7 +1,8 @@
 """Does one cycle of the real loop teach what users and reviewers corrected? The scenario suite, end to end.
 
     python benchmarks/scenarios/run.py [--scenario NAME ...] [--seeds 0 1 2] [--split unseen|tune|all]
-                                       [--objective sft kto sft+kto ...] [--out results.json] [--write-results] [--keep]
+                                       [--objective sft kto sft+kto ...] [--out results.json] [--keep]
+                                       [--write-results [--title "Preference: ..."]]
 
 For every scenario (benchmarks/scenarios/*.json, see suite.py) and seed, in a fresh temporary LOOP_HOME
 with its own local Argilla stack on free ports (a fresh home also gives every seed other ids):
@@ -25,8 +26,9 @@ the mean words of the probe answers (served vs base: what a thumbs scenario asks
 variant's preference measure (trainer/preference_measure.py: the held-out rejected answers' log-probability
 before and after training, and the chosen answers' win rate), when the snapshot had pairs or labels.
 
-``--write-results`` replaces (or appends) today's section in benchmarks/RESULTS.md: one row per run and a
-summary per split (mean, min and spread of the served pass rate, the worst share of general answers kept).
+``--write-results`` replaces (or appends) today's section in benchmarks/RESULTS.md, headed ``--title`` (default
+"Learning scenario suite") with the date and machine: one row per run and a summary per split (mean, min and
+spread of the served pass rate, the worst share of general answers kept).
 A scenario file that fails validation stops everything before any run starts, listing every problem.
 """
 
@@ -300,9 +302,9 @@ def split_summary(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def markdown_section(results: list[dict[str, Any]], command: str, date: str) -> str:
+def markdown_section(results: list[dict[str, Any]], command: str, date: str, title: str = SECTION_TITLE) -> str:
     lines = [
-        f"## {SECTION_TITLE} ({date}, {machine()})",
+        f"## {title} ({date}, {machine()})",
         "",
         f"Command: `{command}` — per scenario and seed: a fresh LOOP_HOME and local Argilla stack, the chats "
         "answered by the base GGUF and logged with their feedback, push, the scripted reviewer, one real cycle "
@@ -370,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="also write the results (every answer included) to this JSON file")
     parser.add_argument("--write-results", action="store_true", help="write today's section of benchmarks/RESULTS.md")
     parser.add_argument("--keep", action="store_true", help="keep each run's LOOP_HOME (its path is in the results)")
+    parser.add_argument("--title", default=SECTION_TITLE,
+                        help="heading of the RESULTS.md section --write-results writes (date and machine follow it)")
     args = parser.parse_args(argv)
     try:
         scenarios = suite.load_scenarios(names=args.scenario)
@@ -388,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
     if args.write_results:
         command = "python benchmarks/scenarios/run.py " + " ".join(argv)
-        write_results(markdown_section(results, command.strip(), report["date"]))
+        write_results(markdown_section(results, command.strip(), report["date"], args.title))
     print(json.dumps(report, ensure_ascii=False))
     return 0 if all(r.get("outcome") != "failed" for r in results) else 1
 

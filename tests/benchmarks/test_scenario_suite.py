@@ -229,6 +229,17 @@ def test_write_results_replaces_the_same_dated_section_and_keeps_the_others(tmp_
     assert md.read_text().count(f"## {run.SECTION_TITLE}") == 2
 
 
+def test_a_section_can_be_titled_for_what_it_compares_and_is_replaced_by_that_title(tmp_path):
+    md = tmp_path / "RESULTS.md"
+    title = "Preference: a correction scenario, sft against sft+dpo"
+    run.write_results(run.markdown_section([_result("a", "unseen", 0, 0.5)], "cmd", "2026-12-01"), md)
+    for pass_rate in (0.6, 0.8):
+        run.write_results(run.markdown_section([_result("a", "unseen", 0, pass_rate)], "cmd", "2026-12-01", title), md)
+    text = md.read_text()
+    assert text.count(f"## {title} (2026-12-01") == 1 and text.count(f"## {run.SECTION_TITLE} (2026-12-01") == 1
+    assert "80% vs" in text and "60% vs" not in text and "50% vs" in text
+
+
 def test_a_section_followed_by_another_is_replaced_in_place(tmp_path):
     md = tmp_path / "RESULTS.md"
     old = run.markdown_section([_result("a", "unseen", 0, 0.5)], "cmd", "2026-12-01")
