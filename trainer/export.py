@@ -225,8 +225,9 @@ def export_variant(
         probe_set = list(load_probes() if probes is None else probes)
         examples = list(eval_examples or []) or probes_as_examples(probe_set)
         verification = verify_gguf(final, merged_dir, probe_set, examples, config.verify, quantization=quant)
-        log.info("verification %s: agreement=%s loss_delta=%s %s", "passed" if verification.passed else "FAILED",
-                 verification.agreement, verification.loss_delta, "; ".join(verification.reasons))
+        log.info("verification %s: agreement=%s loss_delta=%s eval_agreement=%s %s",
+                 "passed" if verification.passed else "FAILED", verification.agreement, verification.loss_delta,
+                 verification.eval_agreement, "; ".join(verification.reasons))
 
     # 5. the model card beside the file
     sha, size = sha256_file(final), final.stat().st_size

@@ -74,6 +74,15 @@ class VerifyConfig:
     # learned well: at a held-out loss of 0.11, Q8_0 rounding's 0.006 nats is already 5.7%. A broken conversion
     # (wrong weights, template or tokenizer) moves the loss by whole nats, far beyond this floor.
     max_loss_abs_delta: float = 0.02
+    # ... or unless, along the held-out answers, llama.cpp's top token is the merged model's (within `tie_margin`
+    # logits) at this fraction of positions or more. A sharply fine-tuned model loses more to Q8_0 rounding than the
+    # base (docs/export.md), and on two or three held-out examples that shift can clear both bounds above while the
+    # file still chooses what the merged model chooses; a broken conversion chooses differently (Q2_K of the base:
+    # 82%; Q8_0: 100%).
+    min_eval_agreement: float = 0.95
+    # The agreement vouches for a gap of at most this many nats per token: the same top tokens under a much larger
+    # gap would mean other probabilities, which the app's sampling (temperature > 0) would feel.
+    max_agreeing_loss_abs_delta: float = 0.1
     # At most this many held-out examples are scored (first N, in order), to bound the time the gate takes.
     max_eval_examples: int = 64
     # Examples longer than this many tokens are cut at the end (the loss is then over the assistant tokens kept).
@@ -117,6 +126,11 @@ class VerifyConfig:
             problems.append(f"verify.max_loss_rel_delta must be >= 0 or None, got {self.max_loss_rel_delta!r}")
         if not isinstance(self.max_loss_abs_delta, (int, float)) or not self.max_loss_abs_delta >= 0.0:
             problems.append(f"verify.max_loss_abs_delta must be a number >= 0, got {self.max_loss_abs_delta!r}")
+        if not isinstance(self.min_eval_agreement, (int, float)) or not 0.0 <= self.min_eval_agreement <= 1.0:
+            problems.append(f"verify.min_eval_agreement must be a number in [0, 1], got {self.min_eval_agreement!r}")
+        if not isinstance(self.max_agreeing_loss_abs_delta, (int, float)) or not self.max_agreeing_loss_abs_delta >= 0:
+            problems.append("verify.max_agreeing_loss_abs_delta must be a number >= 0, got "
+                            f"{self.max_agreeing_loss_abs_delta!r}")
         if not isinstance(self.max_eval_examples, int) or self.max_eval_examples < 1:
             problems.append(f"verify.max_eval_examples must be an integer >= 1, got {self.max_eval_examples!r}")
         if not isinstance(self.max_eval_tokens, int) or self.max_eval_tokens < 8:

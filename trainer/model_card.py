@@ -102,6 +102,8 @@ def _verification_section(ver: dict) -> list[str]:
         "held-out loss, merged model (transformers)": ver.get("hf_eval_loss"),
         "relative loss delta": ver.get("loss_delta"),
         "allowed relative loss delta": ver.get("max_loss_rel_delta"),
+        "held-out answer agreement (top token equal or within the margin, per position)": ver.get("eval_agreement"),
+        "held-out answer agreement that clears a loss gap": ver.get("min_eval_agreement"),
         "held-out examples / assistant tokens": f"{ver.get('n_eval_examples')} / {ver.get('n_eval_tokens')}",
         "tokenizer agreement (probe prompts)": ver.get("tokenizer_agreement"),
         "chat template matches": ver.get("chat_template_match"),

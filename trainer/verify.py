@@ -58,6 +58,10 @@ class VerificationResult:
     # Relative loss delta |gguf - hf| / hf, the gated figure; loss_abs_delta is gguf - hf (signed).
     loss_delta: float | None = None
     loss_abs_delta: float | None = None
+    # Gated with the loss: fraction of held-out answer positions where llama.cpp's top token is one the merged model
+    # scores within `tie_margin` logits of its own top token. Loss bounds or this agreement: either clears the check.
+    eval_agreement: float | None = None
+    min_eval_agreement: float | None = None
     n_eval_examples: int = 0
     n_eval_tokens: int = 0
     # Fraction of probe prompts that llama.cpp's tokenizer (the one the app serves with) tokenises exactly as the HF
@@ -157,17 +161,31 @@ def _cut_at_stop(ids: list[int], stops: set[int]) -> list[int]:
     return ids
 
 
+def _answer_rows(logits: np.ndarray, mask: Sequence[bool]) -> np.ndarray:
+    """The logit rows that predict the masked (assistant) tokens; logits[t] predicts ids[t + 1]."""
+    return np.asarray(logits[:-1], dtype=np.float64)[np.asarray(mask[1:], dtype=bool)]
+
+
 def _nll_from_logits(logits: np.ndarray, ids: Sequence[int], mask: Sequence[bool]) -> tuple[float, int]:
     """Summed negative log-likelihood of the masked tokens; logits[t] predicts ids[t + 1]."""
-    targets = np.asarray(ids[1:])
-    keep = np.asarray(mask[1:], dtype=bool)
-    if not keep.any():
+    rows = _answer_rows(logits, mask)
+    if not len(rows):
         return 0.0, 0
-    rows = np.asarray(logits[:-1], dtype=np.float64)[keep]
+    targets = np.asarray(ids[1:])[np.asarray(mask[1:], dtype=bool)]
     rows -= rows.max(axis=1, keepdims=True)
     log_z = np.log(np.exp(rows).sum(axis=1))
-    picked = rows[np.arange(len(rows)), targets[keep]]
-    return float((log_z - picked).sum()), int(keep.sum())
+    picked = rows[np.arange(len(rows)), targets]
+    return float((log_z - picked).sum()), len(rows)
+
+
+def _near_top_tokens(logits: np.ndarray, mask: Sequence[bool], margin: float) -> list[np.ndarray]:
+    """Per answer position, the token ids this side scores within `margin` logits of its own top token.
+    Kept instead of the rows themselves: a vocabulary-wide row per held-out token would not fit in memory."""
+    return [np.flatnonzero(row >= row.max() - margin) for row in _answer_rows(logits, mask)]
+
+
+def _top_tokens(logits: np.ndarray, mask: Sequence[bool]) -> np.ndarray:
+    return _answer_rows(logits, mask).argmax(axis=1)
 
 
 # ------------------------------------------------------------------------------------------------------ the two sides
@@ -380,8 +398,11 @@ def verify_gguf(
             hf_probe_ids = [hf.greedy(ids, config.probe_tokens, stops)
                             for _, ids in tqdm(probe_inputs, desc="probes (merged model)", leave=False)]
             hf_forced = [_forced_logits(hf, ids, ans) for (_, ids), ans in zip(probe_inputs, hf_probe_ids)]
-            hf_nll = [_nll_from_logits(hf.logits(ids), ids, mask)
-                      for ids, mask in tqdm(examples, desc="held-out loss (merged model)", leave=False)]
+            hf_nll, hf_near_top = [], []
+            for ids, mask in tqdm(examples, desc="held-out loss (merged model)", leave=False):
+                logits = hf.logits(ids)
+                hf_nll.append(_nll_from_logits(logits, ids, mask))
+                hf_near_top.append(_near_top_tokens(logits, mask, config.tie_margin))
         del hf
         gc.collect()
 
@@ -389,8 +410,11 @@ def verify_gguf(
                           for _, ids in tqdm(probe_inputs, desc="probes (gguf)", leave=False)]
         gguf_forced = [_forced_logits(gguf, ids, ans) for (_, ids), ans in zip(probe_inputs, hf_probe_ids)]
         token_matches = [gguf.chat_ids(hf_chat_segments(tokenizer, msgs, True)) == ids for msgs, ids in probe_inputs]
-        gguf_nll = [_nll_from_logits(gguf.logits(ids), ids, mask)
-                    for ids, mask in tqdm(examples, desc="held-out loss (gguf)", leave=False)]
+        gguf_nll, gguf_top = [], []
+        for ids, mask in tqdm(examples, desc="held-out loss (gguf)", leave=False):
+            logits = gguf.logits(ids)
+            gguf_nll.append(_nll_from_logits(logits, ids, mask))
+            gguf_top.append(_top_tokens(logits, mask))
         template = gguf.chat_template()
     finally:
         gguf.close()
@@ -442,12 +466,21 @@ def verify_gguf(
         result.gguf_eval_loss = round(sum(s for s, _ in gguf_nll) / n_tokens, 6)
         result.loss_abs_delta = round(result.gguf_eval_loss - result.hf_eval_loss, 6)
         result.loss_delta = round(abs(result.loss_abs_delta) / max(result.hf_eval_loss, 1e-9), 6)
-        if result.loss_delta > max_loss and abs(result.loss_abs_delta) > config.max_loss_abs_delta:
+        same = sum(int(top in near) for tops, nears in zip(gguf_top, hf_near_top) for top, near in zip(tops, nears))
+        result.eval_agreement = round(same / n_tokens, 4)
+        result.min_eval_agreement = config.min_eval_agreement
+        gap = abs(result.loss_abs_delta)
+        within_bounds = result.loss_delta <= max_loss or gap <= config.max_loss_abs_delta
+        agreeing = result.eval_agreement >= config.min_eval_agreement and gap <= config.max_agreeing_loss_abs_delta
+        if not (within_bounds or agreeing):
             result.reasons.append(
                 f"held-out loss from llama.cpp's logits ({result.gguf_eval_loss:.4f}) differs from the merged "
                 f"model's ({result.hf_eval_loss:.4f}) by {result.loss_delta:.2%} (relative {result.loss_delta:.4g}), "
-                f"above the tolerance of {max_loss:.4g}, and by {abs(result.loss_abs_delta):.4f} nats/token, above "
-                f"the absolute floor of {config.max_loss_abs_delta:g}"
+                f"above the tolerance of {max_loss:.4g}, and by {gap:.4f} nats/token, above the absolute floor of "
+                f"{config.max_loss_abs_delta:g}; along the held-out answers llama.cpp picks the merged model's token "
+                f"(within {config.tie_margin:g} logits) at {result.eval_agreement:.1%} of {n_tokens} positions "
+                + (f"(the bar is {config.min_eval_agreement:.0%})" if result.eval_agreement < config.min_eval_agreement
+                   else f"but the gap is beyond the {config.max_agreeing_loss_abs_delta:g} that agreement can clear")
             )
     elif config.require_loss_check:
         result.reasons.append("no held-out example with an assistant turn: the loss check could not run")

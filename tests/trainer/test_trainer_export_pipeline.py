@@ -196,6 +196,8 @@ def test_quantisation_that_degrades_too_much_fails(base_export, tmp_path):
     assert ver.loss_delta > 0.05 and ver.agreement < 0.8
     assert any("probe agreement" in r for r in ver.reasons)
     assert any("held-out loss" in r and "above the tolerance" in r for r in ver.reasons)
+    # Q2_K also chooses other tokens than the merged model along the held-out answers: nothing clears its loss gap.
+    assert ver.eval_agreement < VerifyConfig().min_eval_agreement, ver.eval_agreement
 
     # Without a named quantisation the file's own (read from its metadata) picks the thresholds.
     ver = verify_gguf(q2, base_export.merged_dir, PROBES[:1], EXAMPLES[:1])
@@ -203,12 +205,39 @@ def test_quantisation_that_degrades_too_much_fails(base_export, tmp_path):
     assert (ver.min_agreement, ver.max_loss_rel_delta) == VerifyConfig().thresholds("Q2_K")
 
     # And a tolerance tighter than any real quantisation refuses even the good Q8_0 file, saying why ...
-    strict = VerifyConfig(max_loss_rel_delta=1e-6, max_loss_abs_delta=0.0, min_agreement=0.8)
+    strict = VerifyConfig(max_loss_rel_delta=1e-6, max_loss_abs_delta=0.0, min_agreement=0.0, min_eval_agreement=1.0,
+                          tie_margin=0.0)
     ver = verify_gguf(base_export.gguf_path, base_export.merged_dir, PROBES[:2], EXAMPLES[:4], strict)
     assert ver.load_ok and not ver.passed
     assert len(ver.reasons) == 1 and "above the tolerance of 1e-06" in ver.reasons[0]
     # ... unless the gap is within the absolute floor: a tiny gap on a small loss is rounding, not breakage.
-    floored = VerifyConfig(max_loss_rel_delta=1e-6, min_agreement=0.8)
+    floored = VerifyConfig(max_loss_rel_delta=1e-6, min_agreement=0.0, min_eval_agreement=1.0, tie_margin=0.0)
     ver = verify_gguf(base_export.gguf_path, base_export.merged_dir, PROBES[:2], EXAMPLES[:4], floored)
     assert 0 < abs(ver.loss_abs_delta) <= floored.max_loss_abs_delta and ver.loss_delta > 1e-6
+    assert ver.eval_agreement < 1.0
     assert ver.passed, ver.reasons
+
+
+def test_a_loss_gap_beyond_both_bounds_passes_when_the_file_picks_the_merged_models_tokens(base_export):
+    """A sharply fine-tuned model can lose more to Q8_0 rounding than both loss bounds allow on a held-out set of two
+    or three examples while the file still chooses, token by token, what the merged model chooses. Agreement along
+    the held-out answers clears the gap; the same gap with the agreement bar out of reach, or beyond what agreement
+    may clear, is refused, saying so."""
+    bounds_exceeded = VerifyConfig(max_loss_rel_delta=1e-6, max_loss_abs_delta=0.0, min_agreement=0.8)
+    ver = verify_gguf(base_export.gguf_path, base_export.merged_dir, PROBES[:2], EXAMPLES[:4], bounds_exceeded)
+    assert ver.loss_delta > 1e-6 and abs(ver.loss_abs_delta) > 0.0
+    assert ver.eval_agreement >= bounds_exceeded.min_eval_agreement == ver.min_eval_agreement
+    assert ver.passed, ver.reasons
+
+    out_of_reach = VerifyConfig(max_loss_rel_delta=1e-6, max_loss_abs_delta=0.0, min_agreement=0.0,
+                                min_eval_agreement=1.0, tie_margin=0.0)
+    ver = verify_gguf(base_export.gguf_path, base_export.merged_dir, PROBES[:2], EXAMPLES[:4], out_of_reach)
+    assert not ver.passed and ver.eval_agreement < 1.0
+    assert any("along the held-out answers" in r and "(the bar is 100%)" in r for r in ver.reasons), ver.reasons
+
+    # Agreement vouches only for a bounded gap: the same top tokens under a much larger gap are other probabilities.
+    capped = VerifyConfig(max_loss_rel_delta=1e-6, max_loss_abs_delta=0.0, min_agreement=0.0,
+                          max_agreeing_loss_abs_delta=0.0)
+    ver = verify_gguf(base_export.gguf_path, base_export.merged_dir, PROBES[:2], EXAMPLES[:4], capped)
+    assert not ver.passed and ver.eval_agreement >= capped.min_eval_agreement
+    assert any("beyond the 0 that agreement can clear" in r for r in ver.reasons), ver.reasons

@@ -23,10 +23,12 @@ from trainer.verify import load_probes, probes_as_examples
 def test_config_defaults_valid_and_every_problem_reported():
     assert ExportConfig().validate() == []
     bad = ExportConfig(quantization="Q9_9", intermediate_type="q8", merged_dtype="int8", gguf_name="x.bin",
-                       quantize_threads=-1, verify=VerifyConfig(probe_tokens=0, min_agreement=1.5, tie_margin=-1))
+                       quantize_threads=-1, verify=VerifyConfig(probe_tokens=0, min_agreement=1.5, tie_margin=-1,
+                                           min_eval_agreement=2.0, max_agreeing_loss_abs_delta=-1))
     problems = bad.validate()
     for field in ("quantization", "intermediate_type", "merged_dtype", "gguf_name", "quantize_threads",
-                  "probe_tokens", "min_agreement", "tie_margin"):
+                  "probe_tokens", "min_agreement", "tie_margin", "min_eval_agreement",
+                  "max_agreeing_loss_abs_delta"):
         assert any(field in p for p in problems), (field, problems)
 
 
@@ -65,6 +67,7 @@ def test_model_card_front_matter_sections_and_json(tmp_path):
         "variant": {"lr": 2e-4, "rank": 8}, "metrics": {"eval_loss": 1.234},
         "quantization": "Q8_0", "gguf": {"file": "model-Q8_0.gguf", "sha256": "f" * 64, "size_bytes": 123},
         "verification": {"passed": False, "reasons": ["probe agreement 40% is below 80%"], "agreement": 0.4,
+                         "eval_agreement": 0.9125, "min_eval_agreement": 0.95,
                          "probe_details": [{"prompt": "a | b", "agree": False, "hf_text": "x", "gguf_text": "y"}]},
         "notes": "kept in Other",
     }
@@ -79,6 +82,7 @@ def test_model_card_front_matter_sections_and_json(tmp_path):
                     "## Verification", "## Other"):
         assert heading in text
     assert "**FAILED**" in text and "probe agreement 40% is below 80%" in text
+    assert "held-out answer agreement" in text and "0.9125" in text
     assert "a \\| b" in text  # table cells escape pipes
     card = read_model_card(tmp_path)
     assert card["variant"] == {"lr": 2e-4, "rank": 8} and card["created_at"]
