@@ -138,6 +138,11 @@ class TrainConfig:
     objectives: list[str] = field(default_factory=lambda: list(DEFAULT_OBJECTIVES))
     # DPO/KTO beta: how far the policy may move from the reference model (TRL's default 0.1).
     preference_beta: float = 0.1
+    # Learning rate of the DPO/KTO phase; None = the variant's learning_rate. Small curated sets need a strong SFT
+    # rate (1e-3), which DPO does not survive: after an SFT phase has already ranked every chosen answer above its
+    # rejected one, DPO at 1e-3 kept pushing until the model broke (benchmarks/RESULTS.md, "Preference: a
+    # correction scenario"); at 2e-5 the same run promoted. DPO is usually run at 1e-6 to 5e-5.
+    preference_learning_rate: float | None = None
 
     @property
     def alpha(self) -> int:
@@ -213,6 +218,8 @@ class TrainConfig:
         if isinstance(self.preference_beta, bool) or not isinstance(self.preference_beta, (int, float)) \
                 or not (self.preference_beta > 0 and math.isfinite(self.preference_beta)):
             p.append(f"trainer.preference_beta must be a number > 0, got {self.preference_beta!r}")
+        if self.preference_learning_rate is not None:
+            positive("preference_learning_rate")
         p.extend(self.grid().validate())
         return p
 
@@ -237,6 +244,8 @@ class TrainConfig:
         values["lora_alpha"] = self.alpha
         if self.objective != "sft":
             values.update(objective=self.objective, preference_beta=self.preference_beta)
+            if self.preference_learning_rate is not None:  # absent: contracts written before it existed resume
+                values["preference_learning_rate"] = self.preference_learning_rate
         return values
 
 

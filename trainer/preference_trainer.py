@@ -71,6 +71,7 @@ def build_preference_trainer(stage: str, base_path: str, start_adapter: Path | N
         trainer_args(config, output_dir, cuda),
         eval_strategy="no",  # the best-epoch judge scores the SFT held-out and regression sets instead
         beta=config.preference_beta,
+        learning_rate=config.preference_learning_rate or config.learning_rate,
     )
     trainer_class, config_class = (_PretokenizedDPO(DPOTrainer), DPOConfig) if stage == "dpo" else \
         (_PretokenizedKTO(KTOTrainer), KTOConfig)

@@ -127,11 +127,12 @@ def test_split_and_hash_are_stable():
 
 def test_config_reports_every_problem_at_once():
     problems = TrainConfig(learning_rate=0, lora_rank=-1, batch_size=0, max_steps=0, replay_ratio=1.5,
-                           lr_scheduler="zigzag", cuda_precision="fp8", lora_ranks=[]).validate()
-    for fragment in ("learning_rate", "lora_rank", "batch_size", "max_steps", "replay_ratio", "lr_scheduler",
-                     "cuda_precision", "lora_ranks"):
+                           lr_scheduler="zigzag", cuda_precision="fp8", lora_ranks=[],
+                           preference_learning_rate=float("nan")).validate()
+    for fragment in ("trainer.learning_rate", "lora_rank", "batch_size", "max_steps", "replay_ratio", "lr_scheduler",
+                     "cuda_precision", "lora_ranks", "preference_learning_rate"):
         assert any(fragment in p for p in problems), fragment
-    assert TrainConfig().validate() == []
+    assert TrainConfig().validate() == [] and TrainConfig(preference_learning_rate=2e-5).validate() == []
     assert TrainConfig(lora_rank=8).alpha == 16 and TrainConfig(lora_rank=8, lora_alpha=4).alpha == 4
     grid = VariantGrid(learning_rates=[1e-3, 2e-4], ranks=[16, 64])
     assert [name for name, _, _ in grid.variants()] == ["lr0.001_r16", "lr0.001_r64", "lr0.0002_r16", "lr0.0002_r64"]

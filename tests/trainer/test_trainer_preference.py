@@ -88,13 +88,15 @@ def test_each_objective_trains_one_step_on_cpu_and_reports_the_same_measures(obj
 
 
 @pytest.mark.slow
-def test_sft_then_dpo_continues_the_sft_adapter_with_the_sft_weights_as_reference(base_hf_dir, tmp_path):
+def test_sft_then_dpo_continues_the_sft_adapter_at_its_own_learning_rate_with_the_sft_weights_as_reference(
+        base_hf_dir, tmp_path):
     from safetensors.torch import load_file
 
     data = tmp_path / "train.jsonl"
     write_examples(data, facts())
     preference = write_preference(tmp_path / "snap", pairs())
-    config = small_config(tmp_path, objective="sft+dpo", max_steps=2, batch_size=2, select_best_epoch=False)
+    config = small_config(tmp_path, objective="sft+dpo", max_steps=2, batch_size=2, save_steps=1,
+                          select_best_epoch=False, learning_rate=1e-3, preference_learning_rate=2e-5)
     out = tmp_path / "run"
     metrics = train_objective(data, out, base=base_hf_dir, preference=preference, config=config)
 
@@ -106,6 +108,16 @@ def test_sft_then_dpo_continues_the_sft_adapter_with_the_sft_weights_as_referenc
     # DPO moved the SFT adapter; at the first DPO step policy = reference (the SFT weights): loss ln 2
     assert any(not sft[k].equal(dpo[k]) for k in sft)
     assert metrics["train_loss_curve"][0][1] == pytest.approx(0.6931, abs=1e-3)
+
+    # The SFT phase runs at the variant's learning rate, the DPO phase at preference_learning_rate (a strong SFT
+    # rate breaks DPO), and the resume contract holds it.
+    def peak_lr(run: Path) -> float:
+        state = json.loads(max(run.glob("checkpoint-*/trainer_state.json"), key=lambda p: p.stat().st_mtime)
+                           .read_text())
+        return max(row["learning_rate"] for row in state["log_history"] if "learning_rate" in row)
+
+    assert peak_lr(out / "sft") > 1e-4 and 0 < peak_lr(out) <= 2e-5
+    assert json.loads((out / "training_progress.json").read_text())["config"]["preference_learning_rate"] == 2e-5
 
 
 @pytest.mark.slow
