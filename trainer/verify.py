@@ -161,31 +161,32 @@ def _cut_at_stop(ids: list[int], stops: set[int]) -> list[int]:
     return ids
 
 
-def _answer_rows(logits: np.ndarray, mask: Sequence[bool]) -> np.ndarray:
-    """The logit rows that predict the masked (assistant) tokens; logits[t] predicts ids[t + 1]."""
-    return np.asarray(logits[:-1], dtype=np.float64)[np.asarray(mask[1:], dtype=bool)]
+def _answer_rows(logits: np.ndarray, ids: Sequence[int], mask: Sequence[bool]) -> tuple[np.ndarray, np.ndarray]:
+    """The logit rows that predict the masked (assistant) tokens, as float64, and those tokens; logits[t] predicts
+    ids[t + 1]."""
+    keep = np.asarray(mask[1:], dtype=bool)
+    return np.asarray(logits[:-1], dtype=np.float64)[keep], np.asarray(ids[1:])[keep]
+
+
+def _nll(rows: np.ndarray, targets: np.ndarray) -> tuple[float, int]:
+    """Summed negative log-likelihood of `targets` under the logit `rows`, and how many there are."""
+    if not len(rows):
+        return 0.0, 0
+    shifted = rows - rows.max(axis=1, keepdims=True)
+    picked = shifted[np.arange(len(rows)), targets]
+    log_z = np.log(np.exp(shifted, out=shifted).sum(axis=1))
+    return float((log_z - picked).sum()), len(rows)
 
 
 def _nll_from_logits(logits: np.ndarray, ids: Sequence[int], mask: Sequence[bool]) -> tuple[float, int]:
     """Summed negative log-likelihood of the masked tokens; logits[t] predicts ids[t + 1]."""
-    rows = _answer_rows(logits, mask)
-    if not len(rows):
-        return 0.0, 0
-    targets = np.asarray(ids[1:])[np.asarray(mask[1:], dtype=bool)]
-    rows -= rows.max(axis=1, keepdims=True)
-    log_z = np.log(np.exp(rows).sum(axis=1))
-    picked = rows[np.arange(len(rows)), targets]
-    return float((log_z - picked).sum()), len(rows)
+    return _nll(*_answer_rows(logits, ids, mask))
 
 
-def _near_top_tokens(logits: np.ndarray, mask: Sequence[bool], margin: float) -> list[np.ndarray]:
-    """Per answer position, the token ids this side scores within `margin` logits of its own top token.
-    Kept instead of the rows themselves: a vocabulary-wide row per held-out token would not fit in memory."""
-    return [np.flatnonzero(row >= row.max() - margin) for row in _answer_rows(logits, mask)]
-
-
-def _top_tokens(logits: np.ndarray, mask: Sequence[bool]) -> np.ndarray:
-    return _answer_rows(logits, mask).argmax(axis=1)
+def _near_top_tokens(rows: np.ndarray, margin: float) -> list[np.ndarray]:
+    """Per row, the token ids scored within `margin` logits of the row's top token. Kept instead of the rows
+    themselves: a vocabulary-wide row per held-out token would not fit in memory."""
+    return [np.flatnonzero(row >= row.max() - margin) for row in rows]
 
 
 # ------------------------------------------------------------------------------------------------------ the two sides
@@ -400,9 +401,9 @@ def verify_gguf(
             hf_forced = [_forced_logits(hf, ids, ans) for (_, ids), ans in zip(probe_inputs, hf_probe_ids)]
             hf_nll, hf_near_top = [], []
             for ids, mask in tqdm(examples, desc="held-out loss (merged model)", leave=False):
-                logits = hf.logits(ids)
-                hf_nll.append(_nll_from_logits(logits, ids, mask))
-                hf_near_top.append(_near_top_tokens(logits, mask, config.tie_margin))
+                rows, targets = _answer_rows(hf.logits(ids), ids, mask)
+                hf_nll.append(_nll(rows, targets))
+                hf_near_top.append(_near_top_tokens(rows, config.tie_margin))
         del hf
         gc.collect()
 
@@ -412,9 +413,9 @@ def verify_gguf(
         token_matches = [gguf.chat_ids(hf_chat_segments(tokenizer, msgs, True)) == ids for msgs, ids in probe_inputs]
         gguf_nll, gguf_top = [], []
         for ids, mask in tqdm(examples, desc="held-out loss (gguf)", leave=False):
-            logits = gguf.logits(ids)
-            gguf_nll.append(_nll_from_logits(logits, ids, mask))
-            gguf_top.append(_top_tokens(logits, mask))
+            rows, targets = _answer_rows(gguf.logits(ids), ids, mask)
+            gguf_nll.append(_nll(rows, targets))
+            gguf_top.append(rows.argmax(axis=1))
         template = gguf.chat_template()
     finally:
         gguf.close()
