@@ -21,6 +21,12 @@ pairs when there are any, else the training ones): the mean per-token log-probab
 of the rejected answers, their margin and the share of pairs the chosen answer wins, for the trained
 adapter and for the starting weights (``_start``); and the same for desirable/undesirable labels.
 
+An ``sft+X`` run whose preference stage the gate's rules would refuse (failed, diverged, no finite held-out
+loss, regression beyond ``regression_tolerance`` or general answers kept below ``min_general_kept``) while
+its SFT stage passes them *is* its SFT stage: metrics.json holds the SFT stage's numbers, ``fallback`` and
+``adapter_subdir = "sft/adapter"`` (trainer.run_report.adapter_subdir; what export merges), and the refused
+stage under ``stages``.
+
 Prompts and answers are tokenised by the project's chat-template rule (trainer.data: message text is
 never parsed for special tokens), then handed to TRL already tokenised.
 
@@ -44,6 +50,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from loop.core.errors import ConfigError
+from trainer.best_epoch import eligible
 from trainer.config import TrainConfig
 from trainer.data import TokenizedSet, data_hash, split_eval
 from trainer.preference_data import (
@@ -60,7 +67,7 @@ from trainer.preference_data import (
 )
 from trainer.preference_measure import add_measures, answer_logprobs, preference_measures
 from trainer.preference_trainer import build_preference_trainer, tokenize_preference
-from trainer.run_report import report, write_metrics
+from trainer.run_report import ADAPTER_DIR, report, write_metrics
 from trainer.run_setup import check_config, load_tokenizer, open_run
 
 __all__ = ["EVAL_LABELS", "EVAL_PAIRS", "LABELS", "LABEL_VALUES", "PAIRS", "SFT_STAGE_DIR", "PreferenceData",
@@ -115,9 +122,51 @@ def train_objective(data, output_dir: str | Path, *, base: str | Path | None = N
         start_adapter = output_dir / SFT_STAGE_DIR / "adapter"
     metrics = _train_preference(stage, preference, output_dir, base, start_adapter, held_out, config, force,
                                 started)
-    if start_adapter is not None:
+    if start_adapter is not None and "fallback" not in metrics:  # a resumed fallback is already final
         metrics["stages"] = {"sft": _stage_summary(sft)}
+        why = _refusal(metrics, config)
+        if why and _refusal(sft, config) is None:
+            metrics = _fall_back_to_sft_stage(output_dir, sft, metrics, why, preference, config)
         write_metrics(output_dir, metrics)
+    return metrics
+
+
+def _refusal(metrics: dict, config: TrainConfig) -> str | None:
+    """Why the gate's rules (as the best-epoch judge applies them) would refuse this run; None if they would not."""
+    if metrics.get("status") != "ok":
+        return f"it failed: {metrics.get('reason')}"
+    row = {k: metrics.get(k) for k in ("eval_loss", "regression_loss", "general_kept")}
+    if eligible(row, metrics.get("regression_loss_start"), config.regression_tolerance, config.min_general_kept):
+        return None
+    start = metrics.get("regression_loss_start")
+    regression = (f"regression {(row['regression_loss'] - start) / start:+.1%}"
+                  if row["regression_loss"] is not None and start else f"regression {row['regression_loss']}")
+    kept = f"{row['general_kept']:.0%}" if row["general_kept"] is not None else "not measured"
+    return (f"held-out {row['eval_loss']}, {regression} (at most +{config.regression_tolerance:.0%}), general "
+            f"answers kept {kept} (at least {config.min_general_kept:.0%})")
+
+
+def _fall_back_to_sft_stage(output_dir: Path, sft: dict, refused: dict, why: str, preference: PreferenceData,
+                            config: TrainConfig) -> dict:
+    """The variant's result when its preference stage broke what the SFT stage learned: the SFT stage itself.
+
+    A strong preference update can undo a good SFT stage (DPO at the SFT learning rate drove held-out loss
+    from 0.26 to 7); the gate would refuse the variant and the cycle would lose what SFT taught. The SFT
+    stage's adapter, numbers and preference measure stand instead, and the refused stage is kept beside them.
+    """
+    sft = add_measures(output_dir / SFT_STAGE_DIR, sft, preference, config)
+    stage = config.objective.split("+", 1)[1]
+    metrics = dict(sft)
+    metrics.update(
+        objective=config.objective,
+        adapter_subdir=f"{SFT_STAGE_DIR}/{ADAPTER_DIR}",
+        reason=f"the {stage.upper()} stage was refused ({why}); the variant is its SFT stage",
+        fallback={"to": SFT_STAGE_DIR, "reason": why},
+        stages={SFT_STAGE_DIR: _stage_summary(sft),
+                stage: _stage_summary(refused) | {"preference": refused.get("preference")}},
+        wall_time_s=refused.get("wall_time_s"),
+    )
+    log.warning("%s: %s", output_dir, metrics["reason"])
     return metrics
 
 

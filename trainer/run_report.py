@@ -32,6 +32,12 @@ ADAPTER_DIR = "adapter"
 DIVERGED = "diverged"  # failure kind of a NaN/exploding run: final, such a run is never retried or chosen
 
 
+def adapter_subdir(metrics: dict) -> str:
+    """Where, under the run directory, a succeeded run's adapter is (an ``sft+X`` run that fell back to its SFT
+    stage names that stage's adapter: trainer/preference.py)."""
+    return metrics.get("adapter_subdir") or ADAPTER_DIR
+
+
 def finished_metrics(output_dir: Path) -> dict | None:
     """Metrics of a run that needs no more training: succeeded (adapter saved) or diverged (final)."""
     path = output_dir / METRICS_FILE
@@ -41,7 +47,7 @@ def finished_metrics(output_dir: Path) -> dict | None:
         metrics = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if metrics.get("status") == "ok" and (output_dir / ADAPTER_DIR / "adapter_config.json").is_file():
+    if metrics.get("status") == "ok" and (output_dir / adapter_subdir(metrics) / "adapter_config.json").is_file():
         return metrics
     if metrics.get("status") == "failed" and metrics.get("failure") == DIVERGED:
         return metrics

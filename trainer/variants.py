@@ -57,7 +57,9 @@ class VariantResult:
     @property
     def adapter_dir(self) -> Path | None:
         """The trained LoRA adapter (merge/export input); None for a failed variant."""
-        return self.run_dir / "adapter" if self.status == "ok" else None
+        from trainer.run_report import adapter_subdir
+
+        return self.run_dir / adapter_subdir(self.metrics) if self.status == "ok" else None
 
     @classmethod
     def from_metrics(cls, name: str, config: TrainConfig, run_dir: Path, metrics: dict) -> VariantResult:

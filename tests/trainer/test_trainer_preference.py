@@ -121,6 +121,39 @@ def test_sft_then_dpo_continues_the_sft_adapter_at_its_own_learning_rate_with_th
 
 
 @pytest.mark.slow
+def test_a_preference_stage_that_breaks_the_model_leaves_the_variant_its_sft_stage_and_resumes_as_such(
+        base_hf_dir, tmp_path):
+    from trainer.variants import VariantResult
+
+    data = tmp_path / "train.jsonl"
+    write_examples(data, facts())
+    held_out = tmp_path / "eval.jsonl"
+    write_examples(held_out, facts()[:2])
+    preference = write_preference(tmp_path / "snap", pairs())
+    # A gentle SFT stage keeps the regression loss near the start; DPO at lr 1.0 wrecks it (or diverges).
+    config = small_config(tmp_path, objective="sft+dpo", max_steps=2, batch_size=2, save_steps=1,
+                          select_best_epoch=False, learning_rate=1e-5, preference_learning_rate=1.0,
+                          regression_tolerance=0.5, min_general_kept=0.0)
+    out = tmp_path / "run"
+    metrics = train_objective(data, out, base=base_hf_dir, eval_data=held_out, preference=preference, config=config)
+
+    assert metrics["status"] == "ok" and metrics["objective"] == "sft+dpo"
+    assert metrics["fallback"]["to"] == "sft" and "the DPO stage was refused" in metrics["reason"]
+    sft = json.loads((out / "sft" / "metrics.json").read_text())
+    for name in ("eval_loss", "regression_loss", "regression_loss_start", "general_kept"):
+        assert metrics[name] == sft[name], name  # the gate judges the SFT stage's own numbers
+    assert metrics["preference"]["pairs"] == len(pairs())  # measured on the adapter that will be served
+    refused = metrics["stages"]["dpo"]
+    assert refused["status"] != "ok" or refused["regression_loss"] > 1.5 * sft["regression_loss_start"]
+    variant = VariantResult.from_metrics("lr1e-05_r8_sft+dpo", config, out, metrics)
+    assert variant.adapter_dir == out / "sft" / "adapter" and (variant.adapter_dir / "adapter_config.json").is_file()
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    # resumed: the finished fallback is found by its contract, not trained again
+    again = train_objective(data, out, base=base_hf_dir, eval_data=held_out, preference=preference, config=config)
+    assert again == metrics
+
+
+@pytest.mark.slow
 def test_nan_guard_stops_a_preference_run_as_diverged(base_hf_dir, tmp_path):
     data = tmp_path / "train.jsonl"
     write_examples(data, facts())
