@@ -9,6 +9,7 @@ when it did):
     pull      submitted records -> a hashed snapshot (annotation.pull)
     decide    enough curated examples since the current version? (cycle.min_new_examples, or --force)
     train     the LoRA variant grid on the snapshot + replay (trainer.variants)
+              then the chosen variant refit with its held-out wordings (trainer.refit)
     export    the best variant (held-out loss): merge, GGUF, quantise, verify the quantised file
     gate      that candidate vs the current version on the same held-out and regression sets,
               its GGUF verification included (loop.gate)

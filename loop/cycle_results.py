@@ -93,10 +93,16 @@ class TrainResult(StageResult):
     variants: list[dict[str, Any]] = field(default_factory=list)
     variants_dir: str | None = None
     best: str | None = omitted_when_none()
+    # The chosen variant trained again with the held-out wordings (trainer.refit.Refit.to_dict()).
+    refit: dict[str, Any] | None = omitted_when_none()
 
     def best_row(self) -> dict[str, Any]:
         """The row of the variant the stage chose."""
         return next(r for r in self.variants if r["name"] == self.best)
+
+    def served_refit(self) -> dict[str, Any] | None:
+        """The refit when it is what the cycle serves (status "used"), else None: the judged adapter is."""
+        return self.refit if (self.refit or {}).get("status") == "used" else None
 
 
 @dataclass(kw_only=True)

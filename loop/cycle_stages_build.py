@@ -39,19 +39,21 @@ def _current_hf_dir(ctx: CycleContext, vid: str | None = None) -> Path:
 
 
 def stage_train(ctx: CycleContext, state: CycleState) -> TrainResult:
+    from trainer.refit import refit_variant
     from trainer.variants import best_variant, run_variants
 
     decided = state.read(DecideResult)
     gate = ctx.config.gate
     base_dir = _current_hf_dir(ctx, decided.trained_from)
+    # The trainer keeps the best epoch the gate would accept: one set of general-ability rules for both.
+    train_config = replace(ctx.config.trainer, regression_tolerance=gate.regression_tolerance,
+                           min_general_kept=gate.min_general_kept)
     results = run_variants(
         Path(decided.train_path),
         Path(decided.eval_path) if decided.eval_path else None,
         base_dir,
         state.dir / "variants",
-        # The trainer keeps the best epoch the gate would accept: one set of general-ability rules for both.
-        replace(ctx.config.trainer, regression_tolerance=gate.regression_tolerance,
-                min_general_kept=gate.min_general_kept),
+        train_config,
         # The snapshot's pairs and labels, for the preference objectives of the grid (trainer/preference.py).
         preference_dir=Path(state.read(PullResult).path),
     )
@@ -72,6 +74,12 @@ def stage_train(ctx: CycleContext, state: CycleState) -> TrainResult:
                         f"within +{tolerance:.1%} and {min_kept:.0%} of its general answers: "
                         + "; ".join(_variant_note(r) for r in ok), out)
     out.best = best.name
+    # The judge has chosen: train the choice again with its held-out wordings too, and serve that when it
+    # keeps what the gate asks of general ability (trainer/refit.py). A refused or failed refit changes nothing.
+    refit = refit_variant(best, Path(decided.train_path), Path(decided.eval_path) if decided.eval_path else None,
+                          base_dir, state.dir / "refit", train_config)
+    out.refit = refit.to_dict()
+    ctx.log(f"refit of {best.name}: {refit.status}" + (f" ({refit.reason})" if refit.reason else ""))
     return out
 
 
@@ -117,7 +125,11 @@ def stage_export(ctx: CycleContext, state: CycleState) -> ExportResult:
     held_out = _held_out(state)
     # export_variant verifies the quantised file itself (probes + this held-out set) and puts the
     # verification into the model card; the gate reads it from here.
-    result = export_variant(Path(best["adapter_dir"]), Path(trained.base_dir), state.dir / "export",
+    refit = trained.served_refit()
+    if refit:
+        card_info["refit"] = {k: refit.get(k) for k in ("examples", "regression_loss", "general_kept")}
+    adapter = refit["adapter_dir"] if refit else best["adapter_dir"]
+    result = export_variant(Path(adapter), Path(trained.base_dir), state.dir / "export",
                             ctx.config.export, card_info, eval_examples=held_out or None)
     verification = result.verification
     vdict = verification.to_dict() if hasattr(verification, "to_dict") else dict(verification or {})
@@ -132,9 +144,10 @@ def stage_gate(ctx: CycleContext, state: CycleState) -> GateResult:
     from loop.gate import decide
     from trainer.evaluate import eval_loss, load_regression_set
 
-    best = state.read(TrainResult).best_row()
+    trained = state.read(TrainResult)
+    best = trained.best_row()
     held_out = _held_out(state)
-    base_dir = Path(state.read(TrainResult).base_dir)
+    base_dir = Path(trained.base_dir)
     max_length = ctx.config.trainer.max_length
     # The trainer already measured the starting weights (= the current version) on the same held-out
     # and regression sets with the same settings; measure again only when it did not.
@@ -147,10 +160,13 @@ def stage_gate(ctx: CycleContext, state: CycleState) -> GateResult:
         "version": ctx.registry.current_id(),
         "measured_by": "trainer (starting weights)" if start_h is not None else "gate",
     }
+    # A served refit trained on the held-out examples, so its held-out loss would flatter it: the judged
+    # variant's stands for generalisation, and forgetting is measured on the weights that are served.
+    served = trained.served_refit() or best
     candidate = {
         "heldout_loss": _metric(best, "eval_loss"),
-        "regression_loss": _metric(best, "regression_loss"),
-        "general_kept": _metric(best, "general_kept"),
+        "regression_loss": _metric(served, "regression_loss"),
+        "general_kept": _metric(served, "general_kept"),
         "status": best.get("status"),
         "verification": state.read(ExportResult).verification,
     }

@@ -159,6 +159,8 @@ def render_model_card(info: dict) -> str:
                                          "base model": info.get("base_model"), "created": info.get("created_at")})
     lines += ["", "## Data", ""] + _table(data)
     lines += ["", "## Variant hyper-parameters", ""] + _table(info.get("variant") or {})
+    if info.get("refit"):  # trainer/refit.py: the served adapter is the variant trained again on every wording
+        lines += ["", "## Refit with the held-out wordings", ""] + _table(info["refit"])
     lines += ["", "## Metrics", ""] + _table(info.get("metrics") or {})
     lines += ["", "## Quantisation and file", ""] + _table({"quantization": info.get("quantization"), **gguf})
     if info.get("export"):

@@ -176,6 +176,9 @@ def run_one(scenario: dict[str, Any], seed: int, home: Path) -> dict[str, Any]:
         cycle_seconds=round(cycle_s, 1), train_seconds=round(train_s, 1), other_seconds=round(cycle_s - train_s, 1),
         stage_seconds={name: s.get("seconds") for name, s in stages.items()},
         preference=chosen_preference(summary),
+        # the chosen variant trained again with the held-out wordings (trainer/refit.py): used, skipped, refused
+        refit={k: v for k, v in (((stages.get("train") or {}).get("result") or {}).get("refit") or {}).items()
+               if k in ("status", "reason", "examples", "general_kept", "wall_time_s")},
     )
     probes, general = scenario["probes"], scenario["general_probes"]
     base_probe = answer_probes(base_version.gguf_path, probes, config.model.n_ctx)
@@ -276,6 +279,7 @@ def progress_line(r: dict[str, Any], n: int, total: int, seconds: float) -> str:
             f"probes {_pct(r['probe_pass_served'])} served vs {_pct(r['probe_pass_base'])} base; "
             f"general kept {r['general_kept']}/{r['general_base_right']}; "
             f"probe words {r.get('probe_words_served')} served vs {r.get('probe_words_base')} base; "
+            f"refit {(r.get('refit') or {}).get('status', '-')}; "
             f"cycle {r['cycle_seconds']:.0f}s (train {r['train_seconds']:.0f}s); run {seconds:.0f}s")
 
 

@@ -82,6 +82,10 @@ def test_two_cycles_train_promote_then_do_nothing(loop_env):
     assert current.id == first["current_version"] == "v2" and current.parent == "v1"
     assert current.verification["passed"] is True
     assert current.metrics["heldout_loss"] < current.metrics["current_at_gate"]["heldout_loss"]
+    # The judged variant was trained again with its held-out examples, and that adapter was exported.
+    refit = first["stages"]["train"]["result"]["refit"]
+    assert refit["status"] == "used", refit
+    assert first["stages"]["export"]["result"]["export"]["adapter"] == refit["adapter_dir"]
     report = Path(first["report"])
     assert report.is_file() and "promoted" in report.read_text()
     assert "![loss curves]" in report.read_text() and report.with_suffix(".variants.png").is_file()
