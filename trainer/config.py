@@ -61,8 +61,8 @@ class TrainConfig:
     # (trainer/best_epoch.py): the right number of passes differs between a new fact and a change of style.
     select_best_epoch: bool = True
     # After the judge has chosen, train the chosen sft variant again on the training set plus the held-out
-    # wordings and serve that, when its final weights pass the forgetting rules (trainer/refit.py): one more
-    # run, and +7 points of recall on the tuning scenarios (+19 on unseen ones) in the scenario suite.
+    # wordings and serve that, when its weights pass the forgetting rules at an epoch no earlier than the judged
+    # variant's (trainer/refit.py): one more run, +7 points of recall on the tuning scenarios in the suite.
     refit: bool = True
     # An epoch whose regression loss rose more than this fraction above the starting weights' is never kept
     # (a cycle sets it to gate.regression_tolerance, so the trainer keeps what the gate would accept).

@@ -7,16 +7,20 @@ configuration is trained again, from the same starting weights, on the training 
 examples, and that adapter is the one exported. This is model selection followed by a refit on all the data
 (scikit-learn's ``GridSearchCV(refit=True)``). At ~10 corrections a third more wordings per fact is a large
 lever: on the scenario suite, recall of facts asked in new words rose from 0.84 to 0.91 on the tuning
-scenarios and from 0.66 to 0.85 on the unseen ones (benchmarks/RESULTS.md, "Learning: refit on every wording").
+scenarios and from 0.66 to 0.82 on the unseen ones (benchmarks/RESULTS.md, "Learning: refit on every wording").
 
 Contract: ``refit_variant(best, train_path, eval_path, base_dir, out_dir, config)`` -> a ``Refit``.
   - It runs only for an ``sft`` variant with held-out examples (else ``skipped``, with the reason): the
     preference objectives are served as judged.
-  - The refit trains the variant's learning rate and rank for ``config.epochs`` with no epoch selection
-    (nothing is left to judge it on), in ``out_dir`` (an ordinary run directory: a killed cycle resumes it).
-  - It is ``used`` only when it succeeded and passes the gate's forgetting rules on its own final weights:
-    regression loss within ``config.regression_tolerance`` of the starting weights' and at least
-    ``config.min_general_kept`` of the general answers kept. Otherwise it is ``refused`` (or ``failed``: an
+  - The refit trains the variant's learning rate and rank for ``config.epochs`` in ``out_dir`` (an ordinary
+    run directory: a killed cycle resumes it). Its epoch judge (trainer/best_epoch.py) scores the held-out
+    examples it also trains on, so it cannot measure generalisation; their loss only falls from epoch to
+    epoch, so the judge keeps the *latest* epoch within the forgetting rules (the last one, unless later
+    epochs forgot too much).
+  - It is ``used`` only when it succeeded, passes the gate's forgetting rules on its own final weights
+    (regression loss within ``config.regression_tolerance`` of the starting weights' and at least
+    ``config.min_general_kept`` of the general answers kept), and its kept epoch is not earlier than the
+    judged variant's (else it would serve less training rather than more wordings). Otherwise it is ``refused`` (or ``failed``: an
     error or a diverged run) with the reason, and the judged variant's adapter is served instead; a refit
     never stops a cycle.
   - Its held-out loss would be measured on examples it trained on, so the gate keeps the judged variant's
@@ -71,11 +75,12 @@ def refit_variant(best, train_path: str | Path, eval_path: str | Path | None, ba
     if not held_out:
         return Refit(SKIPPED, "no held-out examples to add")
     data = examples_of(train_path) + held_out
-    run_config = replace(config, learning_rate=best.learning_rate, lora_rank=best.lora_rank, objective="sft",
-                         select_best_epoch=False)
+    run_config = replace(config, learning_rate=best.learning_rate, lora_rank=best.lora_rank, objective="sft")
     out_dir = Path(out_dir)
     try:
-        metrics = train(data, out_dir, base=base_dir, eval_data=[], config=run_config)
+        # The held-out examples are trained on, so the epoch judge's loss on them only falls from epoch to
+        # epoch: it keeps the latest epoch within the forgetting rules, which is what the refit wants.
+        metrics = train(data, out_dir, base=base_dir, eval_data=held_out, config=run_config)
     except Exception as exc:  # noqa: BLE001 - the judged variant is still there to serve
         log.exception("refit of %s failed", best.name)
         return Refit(FAILED, f"{type(exc).__name__}: {exc}", run_dir=str(out_dir))
@@ -85,7 +90,7 @@ def refit_variant(best, train_path: str | Path, eval_path: str | Path | None, ba
                    general_kept=metrics.get("general_kept"), wall_time_s=metrics.get("wall_time_s"), metrics=metrics)
     if metrics.get("status") != "ok":
         return result
-    why = _forgets(result, config)
+    why = _forgets(result, config) or _stopped_earlier(best, metrics, run_config)
     if why:
         result.status, result.reason = REFUSED, why
         log.warning("refit of %s refused (%s): the judged adapter is served", best.name, why)
@@ -105,4 +110,18 @@ def _forgets(refit: Refit, config: TrainConfig) -> str | None:
                 f"+{config.regression_tolerance:.0%}")
     if refit.general_kept is not None and refit.general_kept < config.min_general_kept:
         return f"kept {refit.general_kept:.0%} of the general answers, below {config.min_general_kept:.0%}"
+    return None
+
+
+def _kept_epoch(metrics: dict, config: TrainConfig) -> float:
+    """The epoch a run's adapter comes from: the judge's earlier choice, else the last (best_epoch is None)."""
+    return float((metrics.get("best_epoch") or {}).get("epoch") or config.epochs)
+
+
+def _stopped_earlier(best, metrics: dict, config: TrainConfig) -> str | None:
+    """A refit kept at an earlier epoch than the judged variant trained less, not on more wordings: refuse it."""
+    refit_epoch, judged_epoch = _kept_epoch(metrics, config), _kept_epoch(best.metrics or {}, config)
+    if refit_epoch < judged_epoch:
+        return (f"the forgetting rules kept its epoch {refit_epoch:g}, before the judged variant's epoch "
+                f"{judged_epoch:g}: it would serve less training, not more wordings")
     return None

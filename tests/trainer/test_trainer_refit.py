@@ -35,9 +35,10 @@ def test_the_chosen_variant_is_trained_again_with_its_held_out_examples_and_serv
 
     assert refit.status == USED, refit.reason
     metrics = json.loads((tmp_path / "refit" / "metrics.json").read_text())
-    assert refit.examples == len(facts()) == metrics["examples"]["train"] and metrics["examples"]["eval"] == 0
-    assert metrics["config"]["select_best_epoch"] is False and metrics["config"]["learning_rate"] == 1e-3
-    assert metrics["config"]["lora_rank"] == 8
+    assert refit.examples == len(facts()) == metrics["examples"]["train"]
+    # the held-out examples are trained on, and also scored by the epoch judge (only its forgetting rules matter)
+    assert metrics["examples"]["eval"] == 2
+    assert metrics["config"]["learning_rate"] == 1e-3 and metrics["config"]["lora_rank"] == 8
     assert Path(refit.adapter_dir) == tmp_path / "refit" / "adapter"
     assert (Path(refit.adapter_dir) / "adapter_config.json").is_file()
     assert refit.regression_loss == metrics["regression_loss"] and refit.general_kept == metrics["general_kept"]
@@ -67,3 +68,18 @@ def test_refit_is_skipped_with_its_reason_when_off_for_preference_variants_and_w
         refit = refit_variant(best, train, eval_path, None, tmp_path / "refit", run_config)
         assert refit.status == SKIPPED and why in refit.reason and refit.adapter_dir is None
     assert not (tmp_path / "refit").exists()
+
+
+def test_a_refit_kept_at_an_earlier_epoch_than_the_judged_variant_is_not_served(tmp_path):
+    from trainer.refit import _stopped_earlier
+
+    config = small_config(tmp_path, epochs=6)
+    judged_at_3 = chosen(tmp_path)
+    judged_at_3.metrics = {"best_epoch": {"epoch": 3.0}}
+    judged_last = chosen(tmp_path)  # best_epoch None: the last epoch was kept
+    assert "epoch 2, before the judged variant's epoch 3" in _stopped_earlier(
+        judged_at_3, {"best_epoch": {"epoch": 2.0}}, config)
+    assert _stopped_earlier(judged_at_3, {"best_epoch": {"epoch": 3.0}}, config) is None
+    assert _stopped_earlier(judged_at_3, {"best_epoch": None}, config) is None
+    assert "epoch 5, before the judged variant's epoch 6" in _stopped_earlier(
+        judged_last, {"best_epoch": {"epoch": 5.0}}, config)
