@@ -87,12 +87,13 @@ def test_two_cycles_train_promote_then_do_nothing(loop_env):
     train = first["stages"]["train"]["result"]
     refit = train["refit"]
     assert refit["status"] in ("used", "refused"), refit
-    exported = first["stages"]["export"]["result"]["export"]["adapter"]
+    card = Path(first["stages"]["export"]["result"]["export"]["card_path"]).read_text()  # it names the merged adapter
     if refit["status"] == "used":
-        assert exported == refit["adapter_dir"] and refit["examples"] > 0
+        assert f"| adapter | {refit['adapter_dir']} |" in card and refit["examples"] > 0
+        assert "## Refit with the held-out wordings" in card
     else:
-        assert refit["reason"] and exported == next(
-            v["adapter_dir"] for v in train["variants"] if v["name"] == train["best"])
+        judged = next(v["adapter_dir"] for v in train["variants"] if v["name"] == train["best"])
+        assert refit["reason"] and f"| adapter | {judged} |" in card
     report = Path(first["report"])
     assert report.is_file() and "promoted" in report.read_text()
     assert "![loss curves]" in report.read_text() and report.with_suffix(".variants.png").is_file()
