@@ -45,12 +45,13 @@ def stage_train(ctx: CycleContext, state: CycleState) -> TrainResult:
     decided = state.read(DecideResult)
     gate = ctx.config.gate
     base_dir = _current_hf_dir(ctx, decided.trained_from)
+    train_path, eval_path = Path(decided.train_path), Path(decided.eval_path) if decided.eval_path else None
     # The trainer keeps the best epoch the gate would accept: one set of general-ability rules for both.
     train_config = replace(ctx.config.trainer, regression_tolerance=gate.regression_tolerance,
                            min_general_kept=gate.min_general_kept)
     results = run_variants(
-        Path(decided.train_path),
-        Path(decided.eval_path) if decided.eval_path else None,
+        train_path,
+        eval_path,
         base_dir,
         state.dir / "variants",
         train_config,
@@ -76,8 +77,7 @@ def stage_train(ctx: CycleContext, state: CycleState) -> TrainResult:
     out.best = best.name
     # The judge has chosen: train the choice again with its held-out wordings too, and serve that when it
     # keeps what the gate asks of general ability (trainer/refit.py). A refused or failed refit changes nothing.
-    refit = refit_variant(best, Path(decided.train_path), Path(decided.eval_path) if decided.eval_path else None,
-                          base_dir, state.dir / "refit", train_config)
+    refit = refit_variant(best, train_path, eval_path, base_dir, state.dir / "refit", train_config)
     out.refit = refit.to_dict()
     ctx.log(f"refit of {best.name}: {refit.status}" + (f" ({refit.reason})" if refit.reason else ""))
     return out

@@ -24,7 +24,7 @@ adapter and for the starting weights (``_start``); and the same for desirable/un
 An ``sft+X`` run whose preference stage the gate's rules would refuse (failed, diverged, no finite held-out
 loss, regression beyond ``regression_tolerance`` or general answers kept below ``min_general_kept``) while
 its SFT stage passes them *is* its SFT stage: metrics.json holds the SFT stage's numbers, ``fallback`` and
-``adapter_subdir = "sft/adapter"`` (trainer.run_report.adapter_subdir; what export merges), and the refused
+``adapter_dir = "sft/adapter"`` (trainer.run_report.adapter_subdir; what export merges), and the refused
 stage under ``stages``.
 
 Prompts and answers are tokenised by the project's chat-template rule (trainer.data: message text is
@@ -159,7 +159,7 @@ def _fall_back_to_sft_stage(output_dir: Path, sft: dict, refused: dict, why: str
     metrics = dict(sft)
     metrics.update(
         objective=config.objective,
-        adapter_subdir=f"{SFT_STAGE_DIR}/{ADAPTER_DIR}",
+        adapter_dir=f"{SFT_STAGE_DIR}/{ADAPTER_DIR}",
         reason=f"the {stage.upper()} stage was refused ({why}); the variant is its SFT stage",
         fallback={"to": SFT_STAGE_DIR, "reason": why},
         stages={SFT_STAGE_DIR: _stage_summary(sft),

@@ -20,9 +20,9 @@ Contract: ``refit_variant(best, train_path, eval_path, base_dir, out_dir, config
   - It is ``used`` only when it succeeded, passes the gate's forgetting rules on its own final weights
     (regression loss within ``config.regression_tolerance`` of the starting weights' and at least
     ``config.min_general_kept`` of the general answers kept), and its kept epoch is not earlier than the
-    judged variant's (else it would serve less training rather than more wordings). Otherwise it is ``refused`` (or ``failed``: an
-    error or a diverged run) with the reason, and the judged variant's adapter is served instead; a refit
-    never stops a cycle.
+    judged variant's (else it would serve less training rather than more wordings). Otherwise it is
+    ``refused`` (or ``failed``: an error or a diverged run) with the reason, and the judged variant's adapter
+    is served instead; a refit never stops a cycle.
   - Its held-out loss would be measured on examples it trained on, so the gate keeps the judged variant's
     held-out loss (the honest estimate of generalisation) and takes the refit's regression loss and general
     answers kept (they are the served weights' own).
@@ -65,6 +65,7 @@ class Refit:
 def refit_variant(best, train_path: str | Path, eval_path: str | Path | None, base_dir, out_dir: str | Path,
                   config: TrainConfig) -> Refit:
     """Train `best` (a trainer.variants.VariantResult) again on train + held-out examples; see the module doc."""
+    from trainer.run_report import adapter_subdir
     from trainer.train import examples_of, train
 
     if not config.refit:
@@ -96,7 +97,7 @@ def refit_variant(best, train_path: str | Path, eval_path: str | Path | None, ba
         log.warning("refit of %s refused (%s): the judged adapter is served", best.name, why)
         return result
     result.status, result.reason = USED, None
-    result.adapter_dir = str(out_dir / metrics.get("adapter_dir", "adapter"))
+    result.adapter_dir = str(out_dir / adapter_subdir(metrics))
     return result
 
 

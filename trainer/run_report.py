@@ -33,9 +33,9 @@ DIVERGED = "diverged"  # failure kind of a NaN/exploding run: final, such a run 
 
 
 def adapter_subdir(metrics: dict) -> str:
-    """Where, under the run directory, a succeeded run's adapter is (an ``sft+X`` run that fell back to its SFT
-    stage names that stage's adapter: trainer/preference.py)."""
-    return metrics.get("adapter_subdir") or ADAPTER_DIR
+    """Where, under the run directory, a succeeded run's adapter is: metrics' ``adapter_dir`` (an ``sft+X`` run
+    that fell back to its SFT stage names that stage's adapter: trainer/preference.py), else ADAPTER_DIR."""
+    return metrics.get("adapter_dir") or ADAPTER_DIR
 
 
 def finished_metrics(output_dir: Path) -> dict | None:
