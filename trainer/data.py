@@ -207,8 +207,12 @@ class TokenizedSet:
     tokens: int  # total tokens in the kept rows
 
 
-def tokenize_examples(tokenizer, examples: list[dict], max_length: int) -> TokenizedSet:
-    """Tokenise a list of examples, counting those truncated and dropping those with no answer left."""
+def tokenize_examples(tokenizer, examples: list[dict], max_length: int, *, anchor: bool = False) -> TokenizedSet:
+    """Tokenise a list of examples, counting those truncated and dropping those with no answer left.
+
+    ``anchor=True`` adds each row's ``"anchor"`` flag: 1 for a general replay example (trainer/anchor.py)."""
+    from trainer.anchor import is_anchor
+
     rows, truncated, dropped, tokens = [], 0, 0, 0
     for example in examples:
         tok = tokenize_example(tokenizer, example["messages"], max_length, answers="last")
@@ -217,7 +221,10 @@ def tokenize_examples(tokenizer, examples: list[dict], max_length: int) -> Token
             dropped += 1
             continue
         labels = [t if m else IGNORE_INDEX for t, m in zip(tok.input_ids, tok.completion_mask)]
-        rows.append({"input_ids": tok.input_ids, "labels": labels})
+        row = {"input_ids": tok.input_ids, "labels": labels}
+        if anchor:
+            row["anchor"] = int(is_anchor(example))
+        rows.append(row)
         tokens += len(tok.input_ids)
     return TokenizedSet(rows, truncated, dropped, tokens)
 

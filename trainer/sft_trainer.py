@@ -40,7 +40,12 @@ def build_trainer(base_path: str, tokenizer, train_rows: list, eval_rows: list, 
     if cuda and config.cuda_precision != "fp32":
         _apply_cuda_fast(sft_kwargs, model, config, train_rows)
     callbacks = run_callbacks(model, config)
-    trainer = SFTTrainer(
+    trainer_class, anchor = SFTTrainer, {}
+    if config.kl_weight > 0:
+        from trainer.anchor import anchored
+
+        trainer_class, anchor = anchored(SFTTrainer), {"kl_weight": config.kl_weight}
+    trainer = trainer_class(
         model=model,
         args=SFTConfig(**sft_kwargs),
         train_dataset=Dataset.from_list(train_rows),
@@ -48,6 +53,7 @@ def build_trainer(base_path: str, tokenizer, train_rows: list, eval_rows: list, 
         processing_class=tokenizer,
         peft_config=lora_config(config),
         callbacks=callbacks,
+        **anchor,
     )
     return trainer, callbacks[0]
 

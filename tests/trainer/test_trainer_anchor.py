@@ -1,0 +1,105 @@
+"""The KL anchor (trainer/anchor.py) on the bundled SmolLM2-135M on the CPU: general replay answers are held to
+the starting weights' distribution, only they are, and the setting is checked and part of a run's contract."""
+
+from __future__ import annotations
+
+import pytest
+from test_trainer_train import facts, small_config
+
+from trainer.config import TrainConfig
+from trainer.data import tokenize_examples, write_examples
+from trainer.evaluate import load_general_replay
+
+
+def general(count: int = 4) -> list[dict]:
+    return load_general_replay(TrainConfig())[:count]
+
+
+def test_only_general_replay_rows_are_flagged_and_the_flag_reaches_the_batch_token_by_token(base_hf_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from trainer.train import build_trainer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_hf_dir))
+    examples = facts()[:2] + general(2)
+    rows = tokenize_examples(tokenizer, examples, 64, anchor=True).rows
+    assert [row["anchor"] for row in rows] == [0, 0, 1, 1]
+    assert "anchor" not in tokenize_examples(tokenizer, examples, 64).rows[0]  # off: the rows are as before
+
+    trainer, _ = build_trainer(str(base_hf_dir), tokenizer, rows, [], tmp_path / "run",
+                               small_config(tmp_path, batch_size=4, kl_weight=1.0))
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["anchor"].shape == batch["input_ids"].shape
+    for ids, flags, mask in zip(batch["input_ids"].tolist(), batch["anchor"].tolist(),
+                                batch["attention_mask"].tolist()):
+        flag = 1 if any(flags) else 0
+        # one flag per row, on every real token and on no padding
+        assert flags == [flag if m else 0 for m in mask], ids
+    assert sorted(max(flags) for flags in batch["anchor"].tolist()) == [0, 0, 1, 1]
+
+
+def _drift(adapter_dir, base_hf_dir, examples: list[dict]) -> float:
+    """Mean KL(start || adapted) per answer token of `examples`: how far the adapter moved their answers."""
+    import torch
+    import torch.nn.functional as F
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_hf_dir))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_hf_dir)), str(adapter_dir))
+    model.eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for row in tokenize_examples(tokenizer, examples, 128).rows:
+            ids = torch.tensor([row["input_ids"]])
+            answer = torch.tensor(row["labels"][1:]) != -100
+            adapted = F.log_softmax(model(input_ids=ids).logits[0, :-1][answer], dim=-1)
+            with model.disable_adapter():
+                start = F.log_softmax(model(input_ids=ids).logits[0, :-1][answer], dim=-1)
+            total += float((start.exp() * (start - adapted)).sum())
+            tokens += int(answer.sum())
+    return total / tokens
+
+
+@pytest.mark.slow
+def test_the_kl_anchor_keeps_general_replay_answers_closer_to_the_starting_weights(base_hf_dir, tmp_path):
+    from trainer.train import train
+
+    replay = general(6)
+    data = tmp_path / "data.jsonl"
+    write_examples(data, facts() + replay)
+    drift, metrics = {}, {}
+    for weight in (0.0, 5.0):
+        # a strong update, so that plain replay moves the general answers measurably
+        config = small_config(tmp_path, max_steps=6, save_steps=100, batch_size=7, learning_rate=5e-3,
+                              kl_weight=weight, max_length=128)
+        run = tmp_path / f"kl{weight}"
+        metrics[weight] = train(data, run, base=base_hf_dir, config=config)
+        assert metrics[weight]["status"] == "ok", metrics[weight].get("reason")
+        drift[weight] = _drift(run / "adapter", base_hf_dir, replay)
+
+    assert drift[5.0] < 0.7 * drift[0.0], drift
+    assert metrics[5.0]["config"]["kl_weight"] == 5.0
+
+
+def test_kl_weight_is_checked_and_part_of_the_contract_only_when_on():
+    assert any("kl_weight" in p for p in TrainConfig(kl_weight=-1.0).validate())
+    assert any("kl_weight" in p for p in TrainConfig(kl_weight=float("nan")).validate())
+    # off, it is absent, so a run written before the anchor existed (trained without it) resumes with it off
+    assert "kl_weight" not in TrainConfig(kl_weight=0.0).resume_fields()
+    assert TrainConfig().resume_fields()["kl_weight"] == 1.0
+
+
+def test_on_the_gpu_fast_path_the_flags_are_flattened_with_the_padding_free_batch(base_hf_dir):
+    from transformers import AutoTokenizer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from trainer.anchor import AnchorCollator
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_hf_dir))
+    rows = tokenize_examples(tokenizer, facts()[:2] + general(1), 64, anchor=True).rows
+    inner = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)
+    batch = AnchorCollator(inner)([dict(row) for row in rows])
+    lengths = [len(row["input_ids"]) for row in rows]
+    assert batch["input_ids"].shape == batch["anchor"].shape == (1, sum(lengths))
+    assert batch["anchor"][0].tolist() == [0] * (lengths[0] + lengths[1]) + [1] * lengths[2]

@@ -1,0 +1,89 @@
+"""The KL anchor: general replay answers keep the starting weights' whole next-token distribution.
+
+Replay teaches the starting model's own greedy answer to each general prompt, one token per position. The anchor
+adds ``TrainConfig.kl_weight`` x KL(start || adapted), the mean over the answer tokens of the general replay
+examples, to the supervised loss: every position pulls the adapted model towards the starting weights' full
+distribution (what they would have said, and how sure they were), not only towards their top token. The
+starting weights are the same model with its LoRA adapter switched off (``disable_adapter``), so the anchor
+costs one more forward pass without gradients, and no second copy of the model.
+
+Contract: ``anchored(SFTTrainer)`` returns a subclass of the trainer that takes ``kl_weight``; its training
+rows carry ``"anchor": 1`` on general replay examples (``is_anchor``: ids that start ``general-``, the ids
+trainer/general_replay.jsonl gives them and every replay source keeps) and 0 on the others, which
+``tokenize_examples(..., anchor=True)`` adds. Evaluation is the plain supervised loss, so held-out and
+regression losses mean the same with or without the anchor. Nothing here imports torch or TRL at module level.
+"""
+
+from __future__ import annotations
+
+GENERAL_REPLAY_PREFIX = "general-"
+
+
+def is_anchor(example: dict) -> bool:
+    """Whether an example is a general replay example, whose answers the anchor holds to the starting weights."""
+    return str(example.get("id") or "").startswith(GENERAL_REPLAY_PREFIX)
+
+
+def anchored(trainer_class):
+    """`trainer_class` (TRL's SFTTrainer) with the KL anchor added to its training loss."""
+    import torch
+    import torch.nn.functional as F
+
+    class AnchoredSFTTrainer(trainer_class):
+        def __init__(self, *args, kl_weight: float, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.kl_weight = kl_weight
+            self.data_collator = AnchorCollator(self.data_collator)
+
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            if "anchor" not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, "anchor"]
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            anchor = inputs.pop("anchor", None)
+            if anchor is None or not model.training or not bool(anchor.any()):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            labels = inputs["labels"]
+            forward = {k: v for k, v in inputs.items() if k != "labels"}
+            forward["use_cache"] = False
+            outputs = model(**forward)
+            logits = outputs.logits[:, :-1].float()
+            targets = labels[:, 1:]
+            answer = targets != -100
+            denominator = answer.sum() if num_items_in_batch is None else num_items_in_batch
+            supervised = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                         ignore_index=-100, reduction="sum")
+            supervised = supervised / torch.as_tensor(denominator, device=supervised.device).clamp(min=1)
+            held = answer & anchor[:, 1:].bool()
+            with torch.no_grad(), self.accelerator.unwrap_model(model).disable_adapter():
+                start = model(**forward).logits[:, :-1].float()
+            start_logp = F.log_softmax(start[held], dim=-1)
+            kl = F.kl_div(F.log_softmax(logits[held], dim=-1), start_logp, log_target=True, reduction="batchmean")
+            loss = supervised + self.kl_weight * kl
+            self._metrics["train"]["anchor_kl"].append(float(kl.detach()))  # logged beside the loss
+            return (loss, outputs) if return_outputs else loss
+
+    return AnchoredSFTTrainer
+
+
+class AnchorCollator:
+    """TRL's collator, plus a per-token "anchor" tensor laid out like its input_ids: padded on the right, or
+    flattened into one row when the collator is padding-free (the GPU fast path)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, examples: list[dict]) -> dict:
+        import torch
+        from trl.trainer.utils import pad
+
+        flags = [int(example.pop("anchor", 0)) for example in examples]
+        output = self.inner(examples)
+        per_token = [torch.full((len(example["input_ids"]),), flag, dtype=torch.long)
+                     for example, flag in zip(examples, flags)]
+        if getattr(self.inner, "padding_free", False):
+            per_token = [torch.cat(per_token, dim=0)]
+        output["anchor"] = pad(per_token, padding_value=0, padding_side="right",
+                               pad_to_multiple_of=getattr(self.inner, "pad_to_multiple_of", None))
+        return output
