@@ -149,6 +149,7 @@ def stage_decide(ctx: CycleContext, state: CycleState) -> DecideResult:
         raise StopCycle("nothing_new", "no new curated training examples (new ones all fell into the held-out split)",
                         result)
     trainer_cfg = config.trainer
+    from trainer.anchor import is_anchor
     from trainer.data import build_training_set
     from trainer.evaluate import load_general_replay
 
@@ -159,7 +160,7 @@ def stage_decide(ctx: CycleContext, state: CycleState) -> DecideResult:
         general, result.general_replay_answers = _answered_by(basis, general)
     pool = (replay_pool if new else []) + general
     mixed = build_training_set(new or train, pool, trainer_cfg.replay_ratio, trainer_cfg.seed)
-    result.replayed_general = sum(1 for ex in mixed if str(ex.get("id", "")).startswith("general-"))
+    result.replayed_general = sum(1 for ex in mixed if is_anchor(ex))
     if len(mixed) < trainer_cfg.min_examples:
         raise StopCycle("too_few_examples", f"{len(mixed)} training example(s) after replay; the trainer needs at "
                         f"least {trainer_cfg.min_examples}", result)
