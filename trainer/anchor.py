@@ -7,11 +7,19 @@ distribution (what they would have said, and how sure they were), not only towar
 starting weights are the same model with its LoRA adapter switched off (``disable_adapter``), so the anchor
 costs one more forward pass without gradients, and no second copy of the model.
 
-Contract: ``anchored(SFTTrainer)`` returns a subclass of the trainer that takes ``kl_weight``; its training
-rows carry ``"anchor": 1`` on general replay examples (``is_anchor``: ids that start ``general-``, the ids
-trainer/general_replay.jsonl gives them and every replay source keeps) and 0 on the others, which
-``tokenize_examples(..., anchor=True)`` adds. Evaluation is the plain supervised loss, so held-out and
-regression losses mean the same with or without the anchor. Nothing here imports torch or TRL at module level.
+Contract:
+  - ``anchored(SFTTrainer)`` returns a subclass of the trainer that takes ``kl_weight``; its training rows carry
+    ``"anchor": 1`` on general replay examples (``is_anchor``: ids that start ``general-``, the ids
+    trainer/general_replay.jsonl gives them and every replay source keeps) and 0 on the others, which
+    ``tokenize_examples(..., anchor=True)`` adds.
+  - ``replay_anchored(DPOTrainer | KTOTrainer)`` returns a subclass that takes ``kl_weight`` and
+    ``anchor_rows`` (general replay examples as ``tokenize_examples`` gives them: ``input_ids`` + ``labels``).
+    A preference batch holds pairs or labels, never replay, so every training micro-batch adds the same KL term
+    on ``batch_size`` anchor rows of its own, taken in turn by optimizer step (a resumed run takes the same
+    ones). The starting weights are still the model with every adapter off: for ``sft+X`` that is the cycle's
+    starting model, not the SFT stage (TRL's frozen "ref" adapter is off too).
+  - Evaluation is the plain loss of each trainer, so held-out and regression losses mean the same with or
+    without the anchor. Nothing here imports torch or TRL at module level.
 """
 
 from __future__ import annotations
@@ -58,13 +66,64 @@ def anchored(trainer_class):
             held = answer & anchor[:, 1:].bool()
             with torch.no_grad(), self.accelerator.unwrap_model(model).disable_adapter():
                 start = model(**forward).logits[:, :-1].float()
-            start_logp = F.log_softmax(start[held], dim=-1)
-            kl = F.kl_div(F.log_softmax(logits[held], dim=-1), start_logp, log_target=True, reduction="batchmean")
+            kl = _kl(logits[held], start[held])
             loss = supervised + self.kl_weight * kl
             self._metrics["train"]["anchor_kl"].append(float(kl.detach()))  # logged beside the loss
             return (loss, outputs) if return_outputs else loss
 
     return AnchoredSFTTrainer
+
+
+def _kl(logits, start_logits):
+    """KL(start || adapted) per position, averaged over the positions (rows of the two [positions, vocab])."""
+    import torch.nn.functional as F
+
+    return F.kl_div(F.log_softmax(logits, dim=-1), F.log_softmax(start_logits, dim=-1), log_target=True,
+                    reduction="batchmean")
+
+
+def replay_anchored(trainer_class):
+    """`trainer_class` (TRL's DPOTrainer or KTOTrainer) with the KL anchor on general replay rows of its own."""
+    import torch
+
+    class ReplayAnchoredTrainer(trainer_class):
+        def __init__(self, *args, kl_weight: float, anchor_rows: list[dict], **kwargs):
+            super().__init__(*args, **kwargs)
+            self.kl_weight = kl_weight
+            self.anchor_rows = anchor_rows
+
+        def _anchor_batch(self) -> dict:
+            """The anchor rows of this optimizer step, right-padded: ids, attention and the answer tokens."""
+            size = self.args.per_device_train_batch_size
+            start = (self.state.global_step * size) % len(self.anchor_rows)
+            rows = (self.anchor_rows * 2)[start:start + min(size, len(self.anchor_rows))]
+            width = max(len(r["input_ids"]) for r in rows)
+            pad_id = self.processing_class.pad_token_id or 0
+
+            def padded(values, fill):
+                return torch.tensor([v + [fill] * (width - len(v)) for v in values], device=self.args.device)
+
+            return {"input_ids": padded([r["input_ids"] for r in rows], pad_id),
+                    "attention_mask": padded([[1] * len(r["input_ids"]) for r in rows], 0),
+                    "answer": padded([r["labels"] for r in rows], -100) != -100}
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if not model.training or not self.anchor_rows or not self.kl_weight:
+                return out
+            batch = self._anchor_batch()
+            forward = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+            held = batch["answer"][:, 1:]
+            logits = model(**forward).logits[:, :-1].float()
+            with torch.no_grad(), self.accelerator.unwrap_model(model).disable_adapter():
+                start = model(**forward).logits[:, :-1].float()
+            kl = _kl(logits[held], start[held])
+            self._metrics["train"]["anchor_kl"].append(float(kl.detach()))  # logged beside the loss
+            if return_outputs:
+                return out[0] + self.kl_weight * kl, out[1]
+            return out + self.kl_weight * kl
+
+    return ReplayAnchoredTrainer
 
 
 class AnchorCollator:

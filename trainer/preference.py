@@ -50,9 +50,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from loop.core.errors import ConfigError
+from trainer.anchor import is_anchor
 from trainer.best_epoch import eligible
 from trainer.config import TrainConfig
-from trainer.data import TokenizedSet, data_hash, split_eval
+from trainer.data import TokenizedSet, data_hash, split_eval, tokenize_examples
 from trainer.preference_data import (
     EVAL_LABELS,
     EVAL_PAIRS,
@@ -120,7 +121,9 @@ def train_objective(data, output_dir: str | Path, *, base: str | Path | None = N
             write_metrics(output_dir, metrics)
             return metrics
         start_adapter = output_dir / SFT_STAGE_DIR / "adapter"
-    metrics = _train_preference(stage, preference, output_dir, base, start_adapter, held_out, config, force,
+    # The general replay examples of the training data: the preference stage's KL anchor (trainer/anchor.py).
+    anchors = [ex for ex in examples_of(data) if is_anchor(ex)]
+    metrics = _train_preference(stage, preference, output_dir, base, start_adapter, held_out, anchors, config, force,
                                 started)
     if start_adapter is not None and "fallback" not in metrics:  # a resumed fallback is already final
         metrics["stages"] = {"sft": _stage_summary(sft)}
@@ -176,22 +179,26 @@ def _stage_summary(metrics: dict) -> dict:
 
 
 def _train_preference(stage: str, preference: PreferenceData, output_dir: Path, base, start_adapter: Path | None,
-                      held_out: list, config: TrainConfig, force: bool, started: float) -> dict:
+                      held_out: list, anchors: list, config: TrainConfig, force: bool, started: float) -> dict:
     rows = preference.pairs if stage == "dpo" else preference.labels
+    identity = {"start_adapter": _fingerprint(start_adapter)}
+    if config.kl_weight > 0 and anchors:
+        identity["anchor_examples"] = data_hash(anchors)
     run = open_run(output_dir, base, config, _rows_hash(rows), data_hash(held_out), force, started,
-                   identity={"start_adapter": _fingerprint(start_adapter)})
+                   identity=identity)
     if run.finished is not None:
         return run.finished
     run.failure_fields = {"objective": config.objective}
 
     tokenizer = load_tokenizer(run.base_path)
     dataset_rows, tokenized = tokenize_preference(tokenizer, rows, stage, config.max_length)
+    anchor_rows = tokenize_examples(tokenizer, anchors, config.max_length).rows if config.kl_weight > 0 else []
     if not dataset_rows:
         raise PreferenceSkipped(f"no {stage.upper()} row has a prompt shorter than max_length={config.max_length}")
     checkpoint = run.checkpoint()
     trainer, guard, result = run.fit(
         lambda: build_preference_trainer(stage, run.base_path, start_adapter, tokenizer, dataset_rows, output_dir,
-                                         config),
+                                         config, anchor_rows),
         checkpoint, held_out, tokenizer)
     model = trainer.model
     if "ref" in getattr(model, "peft_config", {}):

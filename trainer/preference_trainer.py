@@ -53,8 +53,11 @@ def tokenize_preference(tokenizer, rows: list[dict], stage: str, max_length: int
 
 
 def build_preference_trainer(stage: str, base_path: str, start_adapter: Path | None, tokenizer, rows: list[dict],
-                             output_dir: Path, config: TrainConfig):
-    """(DPOTrainer or KTOTrainer, divergence guard) on tokenised rows, with the SFT run's LoRA and callbacks."""
+                             output_dir: Path, config: TrainConfig, anchor_rows: list[dict] | None = None):
+    """(DPOTrainer or KTOTrainer, divergence guard) on tokenised rows, with the SFT run's LoRA and callbacks.
+
+    With ``config.kl_weight > 0`` and ``anchor_rows`` (tokenised general replay examples) the trainer holds their
+    answers to the starting weights (trainer/anchor.py, ``replay_anchored``), as the SFT stage does."""
     import torch
     from datasets import Dataset
     from peft import PeftModel
@@ -75,9 +78,15 @@ def build_preference_trainer(stage: str, base_path: str, start_adapter: Path | N
     )
     trainer_class, config_class = (_PretokenizedDPO(DPOTrainer), DPOConfig) if stage == "dpo" else \
         (_PretokenizedKTO(KTOTrainer), KTOConfig)
+    anchor = {}
+    if config.kl_weight > 0 and anchor_rows:
+        from trainer.anchor import replay_anchored
+
+        trainer_class, anchor = replay_anchored(trainer_class), {"kl_weight": config.kl_weight,
+                                                                 "anchor_rows": anchor_rows}
     callbacks = run_callbacks(model, config)
     trainer = trainer_class(model=model, args=config_class(**args), train_dataset=Dataset.from_list(rows),
-                            processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+                            processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks, **anchor)
     return trainer, callbacks[0]
 
 

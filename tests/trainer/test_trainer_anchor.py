@@ -103,3 +103,29 @@ def test_on_the_gpu_fast_path_the_flags_are_flattened_with_the_padding_free_batc
     lengths = [len(row["input_ids"]) for row in rows]
     assert batch["input_ids"].shape == batch["anchor"].shape == (1, sum(lengths))
     assert batch["anchor"][0].tolist() == [0] * (lengths[0] + lengths[1]) + [1] * lengths[2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["kto", "dpo"])
+def test_a_preference_stage_holds_the_general_replay_answers_of_its_data_to_the_starting_weights(
+        objective, base_hf_dir, tmp_path):
+    from test_trainer_preference import labels, pairs, write_preference
+
+    from trainer.preference import train_objective
+
+    replay = general(6)
+    data = tmp_path / "data.jsonl"
+    write_examples(data, facts() + replay)
+    preference = write_preference(tmp_path / "snap", pairs(), labels())
+    drift, metrics = {}, {}
+    for weight in (0.0, 5.0):
+        # a strong preference update, so that it moves the general answers it never sees measurably
+        config = small_config(tmp_path, objective=objective, max_steps=6, save_steps=100, batch_size=4,
+                              learning_rate=5e-3, kl_weight=weight, max_length=128, select_best_epoch=False)
+        run = tmp_path / f"{objective}-kl{weight}"
+        metrics[weight] = train_objective(data, run, base=base_hf_dir, eval_data=data, preference=preference,
+                                          config=config)
+        assert metrics[weight]["status"] == "ok", metrics[weight].get("reason")
+        drift[weight] = _drift(run / "adapter", base_hf_dir, replay)
+
+    assert drift[5.0] < 0.7 * drift[0.0], drift
