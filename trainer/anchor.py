@@ -63,28 +63,30 @@ def anchored(trainer_class):
             supervised = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
                                          ignore_index=-100, reduction="sum")
             supervised = supervised / torch.as_tensor(denominator, device=supervised.device).clamp(min=1)
-            held = answer & anchor[:, 1:].bool()
-            with torch.no_grad(), self.accelerator.unwrap_model(model).disable_adapter():
-                start = model(**forward).logits[:, :-1].float()
-            kl = _kl(logits[held], start[held])
-            loss = supervised + self.kl_weight * kl
-            self._metrics["train"]["anchor_kl"].append(float(kl.detach()))  # logged beside the loss
+            loss = supervised + self.kl_weight * _kl_to_start(self, model, forward, logits, answer & anchor[:, 1:].bool())
             return (loss, outputs) if return_outputs else loss
 
     return AnchoredSFTTrainer
 
 
-def _kl(logits, start_logits):
-    """KL(start || adapted) per position, averaged over the positions (rows of the two [positions, vocab])."""
+def _kl_to_start(trainer, model, forward: dict, logits, held):
+    """KL(start || adapted), averaged over the ``held`` positions of ``logits`` (the adapted model's on ``forward``,
+    shifted), the start being ``model`` with every adapter off; logged as ``anchor_kl`` beside the loss."""
+    import torch
     import torch.nn.functional as F
 
-    return F.kl_div(F.log_softmax(logits, dim=-1), F.log_softmax(start_logits, dim=-1), log_target=True,
-                    reduction="batchmean")
+    with torch.no_grad(), trainer.accelerator.unwrap_model(model).disable_adapter():
+        start = model(**forward).logits[:, :-1].float()
+    kl = F.kl_div(F.log_softmax(logits[held], dim=-1), F.log_softmax(start[held], dim=-1), log_target=True,
+                  reduction="batchmean")
+    trainer._metrics["train"]["anchor_kl"].append(float(kl.detach()))
+    return kl
 
 
 def replay_anchored(trainer_class):
     """`trainer_class` (TRL's DPOTrainer or KTOTrainer) with the KL anchor on general replay rows of its own."""
     import torch
+    from trl.trainer.utils import pad
 
     class ReplayAnchoredTrainer(trainer_class):
         def __init__(self, *args, kl_weight: float, anchor_rows: list[dict], **kwargs):
@@ -97,28 +99,24 @@ def replay_anchored(trainer_class):
             size = self.args.per_device_train_batch_size
             start = (self.state.global_step * size) % len(self.anchor_rows)
             rows = (self.anchor_rows * 2)[start:start + min(size, len(self.anchor_rows))]
-            width = max(len(r["input_ids"]) for r in rows)
-            pad_id = self.processing_class.pad_token_id or 0
 
-            def padded(values, fill):
-                return torch.tensor([v + [fill] * (width - len(v)) for v in values], device=self.args.device)
+            def padded(key, fill):
+                return pad([torch.tensor(r[key]) for r in rows], padding_value=fill,
+                           padding_side="right").to(self.args.device)
 
-            return {"input_ids": padded([r["input_ids"] for r in rows], pad_id),
-                    "attention_mask": padded([[1] * len(r["input_ids"]) for r in rows], 0),
-                    "answer": padded([r["labels"] for r in rows], -100) != -100}
+            ids = padded("input_ids", self.processing_class.pad_token_id or 0)
+            return {"input_ids": ids, "attention_mask": padded("input_ids", -1) != -1,
+                    "answer": padded("labels", -100) != -100}
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            if not model.training or not self.anchor_rows or not self.kl_weight:
+            if not model.training:
                 return out
             batch = self._anchor_batch()
-            forward = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
-            held = batch["answer"][:, 1:]
+            forward = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"].long(),
+                       "use_cache": False}
             logits = model(**forward).logits[:, :-1].float()
-            with torch.no_grad(), self.accelerator.unwrap_model(model).disable_adapter():
-                start = model(**forward).logits[:, :-1].float()
-            kl = _kl(logits[held], start[held])
-            self._metrics["train"]["anchor_kl"].append(float(kl.detach()))  # logged beside the loss
+            kl = _kl_to_start(self, model, forward, logits, batch["answer"][:, 1:])
             if return_outputs:
                 return out[0] + self.kl_weight * kl, out[1]
             return out + self.kl_weight * kl

@@ -106,8 +106,9 @@ def train_objective(data, output_dir: str | Path, *, base: str | Path | None = N
                           f"be >= 2, got {config.batch_size}")
 
     started = time.time()
+    examples = examples_of(data)
     if eval_data is None:
-        held_out = split_eval(examples_of(data), config.eval_fraction, config.seed)[1]
+        held_out = split_eval(examples, config.eval_fraction, config.seed)[1]
     else:
         held_out = examples_of(eval_data)
     start_adapter = None
@@ -122,7 +123,7 @@ def train_objective(data, output_dir: str | Path, *, base: str | Path | None = N
             return metrics
         start_adapter = output_dir / SFT_STAGE_DIR / "adapter"
     # The general replay examples of the training data: the preference stage's KL anchor (trainer/anchor.py).
-    anchors = [ex for ex in examples_of(data) if is_anchor(ex)]
+    anchors = [ex for ex in examples if is_anchor(ex)] if config.kl_weight > 0 else []
     metrics = _train_preference(stage, preference, output_dir, base, start_adapter, held_out, anchors, config, force,
                                 started)
     if start_adapter is not None and "fallback" not in metrics:  # a resumed fallback is already final
@@ -182,7 +183,7 @@ def _train_preference(stage: str, preference: PreferenceData, output_dir: Path, 
                       held_out: list, anchors: list, config: TrainConfig, force: bool, started: float) -> dict:
     rows = preference.pairs if stage == "dpo" else preference.labels
     identity = {"start_adapter": _fingerprint(start_adapter)}
-    if config.kl_weight > 0 and anchors:
+    if anchors:
         identity["anchor_examples"] = data_hash(anchors)
     run = open_run(output_dir, base, config, _rows_hash(rows), data_hash(held_out), force, started,
                    identity=identity)
@@ -192,7 +193,7 @@ def _train_preference(stage: str, preference: PreferenceData, output_dir: Path, 
 
     tokenizer = load_tokenizer(run.base_path)
     dataset_rows, tokenized = tokenize_preference(tokenizer, rows, stage, config.max_length)
-    anchor_rows = tokenize_examples(tokenizer, anchors, config.max_length).rows if config.kl_weight > 0 else []
+    anchor_rows = tokenize_examples(tokenizer, anchors, config.max_length).rows
     if not dataset_rows:
         raise PreferenceSkipped(f"no {stage.upper()} row has a prompt shorter than max_length={config.max_length}")
     checkpoint = run.checkpoint()

@@ -56,8 +56,9 @@ def build_preference_trainer(stage: str, base_path: str, start_adapter: Path | N
                              output_dir: Path, config: TrainConfig, anchor_rows: list[dict] | None = None):
     """(DPOTrainer or KTOTrainer, divergence guard) on tokenised rows, with the SFT run's LoRA and callbacks.
 
-    With ``config.kl_weight > 0`` and ``anchor_rows`` (tokenised general replay examples) the trainer holds their
-    answers to the starting weights (trainer/anchor.py, ``replay_anchored``), as the SFT stage does."""
+    Given ``anchor_rows`` (tokenised general replay examples; trainer/preference.py passes them only when
+    ``config.kl_weight > 0``) the trainer holds their answers to the starting weights (trainer/anchor.py,
+    ``replay_anchored``), as the SFT stage does."""
     import torch
     from datasets import Dataset
     from peft import PeftModel
@@ -79,7 +80,7 @@ def build_preference_trainer(stage: str, base_path: str, start_adapter: Path | N
     trainer_class, config_class = (_PretokenizedDPO(DPOTrainer), DPOConfig) if stage == "dpo" else \
         (_PretokenizedKTO(KTOTrainer), KTOConfig)
     anchor = {}
-    if config.kl_weight > 0 and anchor_rows:
+    if anchor_rows:
         from trainer.anchor import replay_anchored
 
         trainer_class, anchor = replay_anchored(trainer_class), {"kl_weight": config.kl_weight,
