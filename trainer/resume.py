@@ -132,7 +132,7 @@ def clear_run(run_dir: Path) -> None:
     run_dir = Path(run_dir)
     for path in list_checkpoints(run_dir) + [run_dir / TORN_DIR, run_dir / "adapter", run_dir / "best_epoch"]:
         shutil.rmtree(path, ignore_errors=True)
-    for name in (PROGRESS_FILE, "metrics.json", "loss_curve.png", "best_epoch.json"):
+    for name in (PROGRESS_FILE, "metrics.json", "loss_curve.png", "best_epoch.json", "general_kept.json"):
         (run_dir / name).unlink(missing_ok=True)
 
 

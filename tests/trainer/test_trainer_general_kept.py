@@ -44,6 +44,46 @@ def test_the_starting_weights_keep_every_answer_and_a_wrong_answer_is_lost(base_
     assert probe.share(model, tokenizer) == pytest.approx((len(probe.right) - 1) / len(probe.right))
 
 
+def test_a_model_that_still_answers_as_the_start_did_is_judged_without_generating(base_hf_dir, monkeypatch):
+    import trainer.general_kept as general_kept
+    from trainer.evaluate import load_for_eval, regression_examples
+
+    model, tokenizer = load_for_eval(base_hf_dir)
+    probe = KeptProbe.build(model, tokenizer, regression_examples()[:6], 128)
+    generated: list = []
+    greedy = general_kept._greedy
+    monkeypatch.setattr(general_kept, "_greedy", lambda m, t, prompts: generated.extend(prompts) or greedy(m, t, prompts))
+    assert probe.share(model, tokenizer) == 1.0
+    assert generated == []  # one teacher-forced pass showed every answer unchanged
+    # An answer recorded otherwise than the model writes it is not shown unchanged: that one alone is generated.
+    changed = probe.right[0]["id"]
+    probe.answers[changed] = "The capital is Lumen, a city of lights."
+    assert probe.kept(model, tokenizer)[changed] is True  # generated: the model's own answer still names it
+    assert generated == [probe.right[0]["messages"]]
+
+
+@pytest.mark.slow
+def test_the_fast_judge_gives_the_verdicts_of_generating_every_answer_when_some_answers_changed(base_hf_dir):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from trainer.evaluate import load_for_eval, regression_examples
+    from trainer.general_kept import _greedy
+
+    model, tokenizer = load_for_eval(base_hf_dir)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    probe = KeptProbe.build(model, tokenizer, regression_examples(), 128)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a nudged adapter: most answers stay word for word, a few change
+        for name, weight in model.named_parameters():
+            if "lora_B" in name:
+                weight.copy_(torch.randn_like(weight) * 0.006)
+    answers = _greedy(model, tokenizer, [e["messages"] for e in probe.right])
+    unchanged = sum(a == probe.answers[e["id"]] for e, a in zip(probe.right, answers))
+    assert 0 < unchanged < len(probe.right)  # both paths of the fast judge are taken
+    assert probe.kept(model, tokenizer) == {e["id"]: is_right(a, e["expect"]) for e, a in zip(probe.right, answers)}
+
+
 def test_an_epoch_that_lost_general_answers_is_never_eligible():
     row = {"eval_loss": 0.1, "regression_loss": 1.0}
     assert eligible({**row, "general_kept": 0.96}, 1.0, 0.05, 0.95)

@@ -10,6 +10,7 @@ import pytest
 from test_trainer_train import facts, small_config
 
 from trainer.data import write_examples
+from trainer.general_kept import PROBE_FILE
 from trainer.refit import FAILED, REFUSED, SKIPPED, USED, refit_variant
 from trainer.variants import VariantResult
 
@@ -17,6 +18,11 @@ from trainer.variants import VariantResult
 def chosen(tmp_path: Path, lr: float = 1e-3, objective: str = "sft") -> VariantResult:
     return VariantResult(name=f"lr{lr}_r8", learning_rate=lr, lora_rank=8, lora_alpha=16, run_dir=tmp_path / "v",
                          status="ok", objective=objective)
+
+
+def paris_probe() -> dict:
+    return {"id": "paris", "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "expect": ["paris"]}
 
 
 def split(tmp_path: Path) -> tuple[Path, Path]:
@@ -31,13 +37,20 @@ def test_the_chosen_variant_is_trained_again_with_its_held_out_examples_and_serv
         base_hf_dir, tmp_path):
     train, held_out = split(tmp_path)
     config = small_config(tmp_path, max_steps=2, batch_size=2, save_steps=1, min_general_kept=0.0)
-    refit = refit_variant(chosen(tmp_path), train, held_out, base_hf_dir, tmp_path / "refit", config)
+    judged = chosen(tmp_path)
+    # The judged run's record of the starting model's right general answers (here: one, "Paris").
+    (judged.run_dir).mkdir()
+    (judged.run_dir / PROBE_FILE).write_text(json.dumps({"right": [paris_probe()], "asked": 1,
+                                                         "answers": {"paris": "The capital of France is Paris."}}))
+    refit = refit_variant(judged, train, held_out, base_hf_dir, tmp_path / "refit", config)
 
     assert refit.status == USED, refit.reason
     metrics = json.loads((tmp_path / "refit" / "metrics.json").read_text())
     assert refit.examples == len(facts()) == metrics["examples"]["train"]
-    # the held-out examples are trained on, and also scored by the epoch judge (only its forgetting rules matter)
-    assert metrics["examples"]["eval"] == 2
+    assert metrics["examples"]["eval"] == 2  # the held-out examples are trained on and scored once, at the end
+    # judged on its final weights only: no epoch was scored, and the starting answers were not generated again
+    assert metrics["epoch_scores"] is None and not (tmp_path / "refit" / "best_epoch.json").exists()
+    assert metrics["general_right_start"] == 1 and refit.general_kept in (0.0, 1.0)
     assert metrics["config"]["learning_rate"] == 1e-3 and metrics["config"]["lora_rank"] == 8
     assert Path(refit.adapter_dir) == tmp_path / "refit" / "adapter"
     assert (Path(refit.adapter_dir) / "adapter_config.json").is_file()
@@ -68,18 +81,3 @@ def test_refit_is_skipped_with_its_reason_when_off_for_preference_variants_and_w
         refit = refit_variant(best, train, eval_path, None, tmp_path / "refit", run_config)
         assert refit.status == SKIPPED and why in refit.reason and refit.adapter_dir is None
     assert not (tmp_path / "refit").exists()
-
-
-def test_a_refit_kept_at_an_earlier_epoch_than_the_judged_variant_is_not_served(tmp_path):
-    from trainer.refit import _stopped_earlier
-
-    config = small_config(tmp_path, epochs=6)
-    judged_at_3 = chosen(tmp_path)
-    judged_at_3.metrics = {"best_epoch": {"epoch": 3.0}}
-    judged_last = chosen(tmp_path)  # best_epoch None: the last epoch was kept
-    assert "epoch 2, before the judged variant's epoch 3" in _stopped_earlier(
-        judged_at_3, {"best_epoch": {"epoch": 2.0}}, config)
-    assert _stopped_earlier(judged_at_3, {"best_epoch": {"epoch": 3.0}}, config) is None
-    assert _stopped_earlier(judged_at_3, {"best_epoch": None}, config) is None
-    assert "epoch 5, before the judged variant's epoch 6" in _stopped_earlier(
-        judged_last, {"best_epoch": {"epoch": 5.0}}, config)

@@ -155,6 +155,7 @@ def test_resume_contract_mismatch_is_an_error_unless_forced(tmp_path):
     assert check_or_start(run, first, force=False) is False  # fresh: contract written
     assert check_or_start(run, first, force=False) is True  # same run: resume
     (run / "checkpoint-5").mkdir()
+    (run / "general_kept.json").write_text("{}")  # the old base's answers: another base answers otherwise
 
     other = TrainingProgress(config=TrainConfig(learning_rate=5e-5, lora_rank=64).resume_fields(),
                              data_hash="d2", eval_hash="e1", base={"base": "/models/b", "fingerprint": "y"})
@@ -166,7 +167,7 @@ def test_resume_contract_mismatch_is_an_error_unless_forced(tmp_path):
     assert (run / "checkpoint-5").exists()  # nothing was touched
 
     assert check_or_start(run, other, force=True) is False  # forced: the old run is discarded
-    assert not (run / "checkpoint-5").exists()
+    assert not (run / "checkpoint-5").exists() and not (run / "general_kept.json").exists()
     assert TrainingProgress.load(run) == other
 
     foreign = tmp_path / "foreign"
