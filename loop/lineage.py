@@ -32,6 +32,7 @@ from typing import Any
 from loop.core import paths
 from loop.core.io import read_jsonl
 from loop.core.registry import Registry, Version
+from trainer.anchor import GENERAL_REPLAY_PREFIX
 
 PROVENANCE_KEYS = ("record_id", "turn_id", "dataset", "reviewers", "reviewer_names", "corrected_by", "quality",
                    "source")
@@ -90,9 +91,10 @@ def lineage(registry: Registry, vid: str, home: Path | None = None) -> dict[str,
         mix_file = home / "cycles" / str(cycle_id) / "train.jsonl"
         rows = read_jsonl(mix_file) if mix_file.is_file() else None
         mix = {str(r.get("id")) for r in rows} if rows is not None else None
+        replayed = sum(1 for i in mix if i.startswith(GENERAL_REPLAY_PREFIX)) if mix is not None else None
         out["cycle"] = {"id": cycle_id, "train_file": str(mix_file), "present": rows is not None,
                         "examples": len(rows) if rows is not None else None,
-                        "general_replay": sum(1 for i in mix if i.startswith("general-")) if mix is not None else None}
+                        "general_replay": replayed}
     if not out["snapshot"]["present"]:
         return out
     provenance = {row["id"]: row for row in read_jsonl(snap_dir / "provenance.jsonl", missing_ok=True)}

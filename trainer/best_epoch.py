@@ -44,13 +44,27 @@ def read_scores(output_dir: Path) -> dict:
 
 
 def eligible(row: dict, start_regression: float | None, tolerance: float, min_kept: float = 0.0) -> bool:
+    """A scored row the judge may keep: a finite held-out loss and within the forgetting rules."""
     if row.get("eval_loss") is None or not math.isfinite(row["eval_loss"]):
         return False
-    if row.get("general_kept") is not None and row["general_kept"] < min_kept:
-        return False
-    if start_regression is None or row.get("regression_loss") is None:
-        return True
-    return row["regression_loss"] <= start_regression * (1.0 + tolerance)
+    return forgetting(row, start_regression, tolerance, min_kept) is None
+
+
+def forgetting(row: dict, start_regression: float | None, tolerance: float, min_kept: float = 0.0) -> str | None:
+    """Why a scored row breaks the gate's forgetting rules, None when it keeps them: fewer than ``min_kept`` of
+    the general answers kept, or a regression loss beyond ``tolerance`` of the starting weights' (a row or a
+    start without one is judged on the general answers alone)."""
+    kept, now = row.get("general_kept"), row.get("regression_loss")
+    if kept is not None and kept < min_kept:
+        return f"kept {kept:.0%} of the general answers, below {min_kept:.0%}"
+    if start_regression is None or now is None:
+        return None
+    if not math.isfinite(now):
+        return f"no finite regression loss ({now})"
+    if now > start_regression * (1.0 + tolerance):
+        return (f"regression loss {now:.4f} is {(now - start_regression) / start_regression:+.1%} from the start, "
+                f"beyond +{tolerance:.0%}")
+    return None
 
 
 def make_callback(output_dir: Path, tokenizer, held_out: list, regression: list, config: TrainConfig):

@@ -218,12 +218,11 @@ class TrainConfig:
             p.append(f"trainer.loss_explode_factor must be > 1, got {self.loss_explode_factor!r}")
         if self.cuda_precision not in CUDA_PRECISIONS:
             p.append(f"trainer.cuda_precision must be one of {CUDA_PRECISIONS}, got {self.cuda_precision!r}")
-        if isinstance(self.neftune_noise_alpha, bool) or not isinstance(self.neftune_noise_alpha, (int, float)) \
-                or not (self.neftune_noise_alpha >= 0 and math.isfinite(self.neftune_noise_alpha)):
-            p.append(f"trainer.neftune_noise_alpha must be a number >= 0, got {self.neftune_noise_alpha!r}")
-        if isinstance(self.kl_weight, bool) or not isinstance(self.kl_weight, (int, float)) \
-                or not (self.kl_weight >= 0 and math.isfinite(self.kl_weight)):
-            p.append(f"trainer.kl_weight must be a number >= 0, got {self.kl_weight!r}")
+        for name in ("neftune_noise_alpha", "kl_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not (value >= 0 and math.isfinite(value)):
+                p.append(f"trainer.{name} must be a number >= 0, got {value!r}")
         if not isinstance(self.inject_nan_at_step, int) or self.inject_nan_at_step < 0:
             p.append(f"trainer.inject_nan_at_step must be an integer >= 0, got {self.inject_nan_at_step!r}")
         if self.objective not in OBJECTIVES:

@@ -45,13 +45,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from loop.core.errors import ConfigError
 from trainer.anchor import is_anchor
-from trainer.best_epoch import eligible
+from trainer.best_epoch import forgetting
 from trainer.config import TrainConfig
 from trainer.data import TokenizedSet, data_hash, split_eval, tokenize_examples
 from trainer.preference_data import (
@@ -139,15 +140,11 @@ def _refusal(metrics: dict, config: TrainConfig) -> str | None:
     """Why the gate's rules (as the best-epoch judge applies them) would refuse this run; None if they would not."""
     if metrics.get("status") != "ok":
         return f"it failed: {metrics.get('reason')}"
-    row = {k: metrics.get(k) for k in ("eval_loss", "regression_loss", "general_kept")}
-    if eligible(row, metrics.get("regression_loss_start"), config.regression_tolerance, config.min_general_kept):
-        return None
-    start = metrics.get("regression_loss_start")
-    regression = (f"regression {(row['regression_loss'] - start) / start:+.1%}"
-                  if row["regression_loss"] is not None and start else f"regression {row['regression_loss']}")
-    kept = f"{row['general_kept']:.0%}" if row["general_kept"] is not None else "not measured"
-    return (f"held-out {row['eval_loss']}, {regression} (at most +{config.regression_tolerance:.0%}), general "
-            f"answers kept {kept} (at least {config.min_general_kept:.0%})")
+    held_out = metrics.get("eval_loss")
+    if held_out is None or not math.isfinite(held_out):
+        return f"no finite held-out loss ({held_out})"
+    return forgetting({k: metrics.get(k) for k in ("regression_loss", "general_kept")},
+                      metrics.get("regression_loss_start"), config.regression_tolerance, config.min_general_kept)
 
 
 def _fall_back_to_sft_stage(output_dir: Path, sft: dict, refused: dict, why: str, preference: PreferenceData,

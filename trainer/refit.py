@@ -17,7 +17,7 @@ Contract: ``refit_variant(best, train_path, eval_path, base_dir, out_dir, config
     (``select_best_epoch`` off): an epoch judge would score held-out examples the refit trains on, which
     cannot measure generalisation and only falls, so all it could do is keep the last epoch that passed the
     forgetting rules, and it did keep the last one in 46 of 48 suite runs (benchmarks/RESULTS.md, "Judging
-    cost"). The per-epoch judging was a third of the refit's time on 2 cores. The starting model's general
+    cost"). The per-epoch judging was about a fifth of the refit's time on 2 cores. The starting model's general
     answers are the judged variant's (the same starting weights answer the same prompts): its
     ``general_kept.json`` is copied, not generated again.
   - It is ``used`` only when it succeeded and passes the gate's forgetting rules on its final weights
@@ -107,15 +107,12 @@ def refit_variant(best, train_path: str | Path, eval_path: str | Path | None, ba
 
 def _forgets(refit: Refit, config: TrainConfig) -> str | None:
     """Why the gate's forgetting rules refuse the refit's final weights; None when they pass."""
-    start, now = refit.regression_loss_start, refit.regression_loss
-    if now is None or not math.isfinite(now):
+    from trainer.best_epoch import forgetting
+
+    if refit.regression_loss is None or not math.isfinite(refit.regression_loss):
         return "no finite regression loss"
-    if start and now > start * (1.0 + config.regression_tolerance):
-        return (f"regression loss {now:.4f} is {(now - start) / start:+.1%} from the start, beyond "
-                f"+{config.regression_tolerance:.0%}")
-    if refit.general_kept is not None and refit.general_kept < config.min_general_kept:
-        return f"kept {refit.general_kept:.0%} of the general answers, below {config.min_general_kept:.0%}"
-    return None
+    return forgetting({"regression_loss": refit.regression_loss, "general_kept": refit.general_kept},
+                      refit.regression_loss_start, config.regression_tolerance, config.min_general_kept)
 
 
 def _reuse_start_answers(best, out_dir: Path) -> None:

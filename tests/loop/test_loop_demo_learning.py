@@ -36,9 +36,10 @@ TRAINED_ON: dict[int, str] = {}
 
 
 def _content(train_path: str) -> str:
-    texts = sorted(json.dumps(json.loads(line)["messages"], sort_keys=True)
-                   for line in Path(train_path).read_text().splitlines() if line.strip())
-    return hashlib.sha256("\n".join(texts).encode()).hexdigest()
+    from trainer.data import _content_key, load_examples
+
+    keys = sorted(_content_key(example) for example in load_examples(Path(train_path)))
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()
 
 
 def _recall(gguf: Path) -> float:
