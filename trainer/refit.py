@@ -16,10 +16,10 @@ Contract: ``refit_variant(best, train_path, eval_path, base_dir, out_dir, config
     run directory: a killed cycle resumes it) and is judged once, on its final weights, not at every epoch
     (``select_best_epoch`` off): an epoch judge would score held-out examples the refit trains on, which
     cannot measure generalisation and only falls, so all it could do is keep the last epoch that passed the
-    forgetting rules, and it did keep the last one in 46 of 48 suite runs (benchmarks/RESULTS.md, "Judging
-    cost"). The per-epoch judging was about a fifth of the refit's time on 2 cores. The starting model's general
-    answers are the judged variant's (the same starting weights answer the same prompts): its
-    ``general_kept.json`` is copied, not generated again.
+    forgetting rules, and with the default configuration the last epoch passed them in 24 of 24 suite runs
+    (benchmarks/RESULTS.md, "Judging cost"). The per-epoch judging was about a fifth of the refit's time on
+    2 cores. The starting model's general answers are the judged variant's (the same starting weights answer
+    the same prompts): its ``general_kept.json`` is copied, not generated again.
   - It is ``used`` only when it succeeded and passes the gate's forgetting rules on its final weights
     (regression loss within ``config.regression_tolerance`` of the starting weights' and at least
     ``config.min_general_kept`` of the general answers kept). Otherwise it is ``refused`` (or ``failed``: an
