@@ -99,33 +99,47 @@ def masked_nll(model, sequences: list[list[int]], loss_masks: list[list[int]], p
     """
     import torch
 
-    device = next(model.parameters()).device
     out: list[tuple[float, int]] = []
+    for start, ids, logits in padded_logits(model, sequences, pad, batch_size, disable_adapter):
+        masks = loss_masks[start:start + len(ids)]
+        scored = torch.zeros(ids.shape, dtype=torch.bool)
+        for i, mask in enumerate(masks):
+            scored[i, :len(mask)] = torch.tensor(mask, dtype=torch.bool)
+        # Position t predicts token t + 1.
+        targets, target_mask = ids[:, 1:].to(logits.device), scored[:, 1:].to(logits.device)
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1, :].float().transpose(1, 2), targets,
+                                                reduction="none") * target_mask
+        out.extend(zip(nll.sum(-1).tolist(), target_mask.sum(-1).tolist()))
+    return out
+
+
+def padded_logits(model, sequences: list[list[int]], pad: int, batch_size: int = 4, disable_adapter: bool = False):
+    """Yield (index of the batch's first sequence, its right-padded ids, the model's logits) batch by batch.
+
+    The one batched no-grad forward of the judge: ``masked_nll`` and the general-answers check
+    (trainer/general_kept.py) both read it. The model is in eval mode while the batches are consumed and back in
+    training mode afterwards if it was; ``disable_adapter=True`` runs a PEFT model's base weights.
+    """
+    import torch
+
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     adapter_off = model.disable_adapter() if disable_adapter else nullcontext()
     try:
         with torch.no_grad(), adapter_off:
             for start in range(0, len(sequences), batch_size):
-                batch, masks = sequences[start:start + batch_size], loss_masks[start:start + batch_size]
-                width = max(len(ids) for ids in batch)
+                batch = sequences[start:start + batch_size]
+                width = max(len(row) for row in batch)
                 ids = torch.full((len(batch), width), pad, dtype=torch.long)
                 attention = torch.zeros((len(batch), width), dtype=torch.long)
-                scored = torch.zeros((len(batch), width), dtype=torch.bool)
-                for i, (row, mask) in enumerate(zip(batch, masks)):
+                for i, row in enumerate(batch):
                     ids[i, :len(row)] = torch.tensor(row)
                     attention[i, :len(row)] = 1
-                    scored[i, :len(mask)] = torch.tensor(mask, dtype=torch.bool)
-                logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits.float()
-                # Position t predicts token t + 1.
-                targets, target_mask = ids[:, 1:].to(device), scored[:, 1:].to(device)
-                nll = torch.nn.functional.cross_entropy(logits[:, :-1, :].transpose(1, 2), targets,
-                                                        reduction="none") * target_mask
-                out.extend(zip(nll.sum(-1).tolist(), target_mask.sum(-1).tolist()))
+                yield start, ids, model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits
     finally:
         if was_training:
             model.train()
-    return out
 
 
 def load_general_replay(config: TrainConfig | None = None) -> list[dict]:

@@ -125,6 +125,7 @@ def _reproduces(model, tokenizer, cases: list[tuple[list[dict], str | None]], ba
     import torch
 
     from trainer.data import hf_chat_ids
+    from trainer.evaluate import pad_id, padded_logits
 
     eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [tokenizer.eos_token_id])
@@ -138,31 +139,15 @@ def _reproduces(model, tokenizer, cases: list[tuple[list[dict], str | None]], ba
         rows.append((len(prompt), prompt + ids, len(ids)))
     out = [False] * len(cases)
     todo = [i for i, row in enumerate(rows) if row is not None]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(todo), batch_size):
-                chunk = todo[start:start + batch_size]
-                width = max(len(rows[i][1]) for i in chunk)  # type: ignore[index]
-                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                attention = torch.zeros((len(chunk), width), dtype=torch.long)
-                for j, i in enumerate(chunk):
-                    seq = rows[i][1]  # type: ignore[index]
-                    ids[j, :len(seq)] = torch.tensor(seq)
-                    attention[j, :len(seq)] = 1
-                best = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits.argmax(-1).cpu()
-                for j, i in enumerate(chunk):
-                    begin, seq, n = rows[i]  # type: ignore[misc]
-                    # Position t predicts token t + 1: the answer's tokens, then what follows its last one.
-                    same = torch.equal(best[j, begin - 1:begin - 1 + n], torch.tensor(seq[begin:]))
-                    ends = n == ANSWER_TOKENS or int(best[j, begin - 1 + n]) in eos_ids
-                    out[i] = bool(same and ends)
-    finally:
-        if was_training:
-            model.train()
+    sequences = [rows[i][1] for i in todo]  # type: ignore[index]
+    for start, _, logits in padded_logits(model, sequences, pad_id(tokenizer), batch_size):
+        best = logits.argmax(-1).cpu()
+        for j, i in enumerate(todo[start:start + len(best)]):
+            begin, seq, n = rows[i]  # type: ignore[misc]
+            # Position t predicts token t + 1: the answer's tokens, then what follows its last one.
+            same = torch.equal(best[j, begin - 1:begin - 1 + n], torch.tensor(seq[begin:]))
+            ends = n == ANSWER_TOKENS or int(best[j, begin - 1 + n]) in eos_ids
+            out[i] = bool(same and ends)
     return out
 
 
