@@ -43,7 +43,8 @@ FIELDS = {"lr": ("learning_rate", float), "rank": ("lora_rank", int), "alpha": (
           "targets": ("target_modules", str), "neftune": ("neftune_noise_alpha", float),
           "wd": ("weight_decay", float), "tol": ("regression_tolerance", float),
           "kept": ("min_general_kept", float), "kl": ("kl_weight", float), "greplay": ("general_replay", str),
-          "best": ("select_best_epoch", lambda v: v.lower() in ("1", "true", "yes"))}
+          "best": ("select_best_epoch", lambda v: v.lower() in ("1", "true", "yes")),
+          "repochs": ("refit_epochs", float)}
 
 
 def parse_config(text: str) -> dict:
@@ -149,7 +150,8 @@ def run_one(scenario: dict, overrides: dict, seed: int, base: str, work: Path, h
     examples = curated_examples(scenario)
     split = split_for_judging(examples, eval_percent=10, min_held_out=2)
     held_out = [e for e in examples if e["id"] in split.held_out_ids]
-    # "none" trains on the judge's examples too: what holding them out costs in recall.
+    # "none" trains on the judge's examples too: what holding them out costs in recall. "refit" trains the
+    # judged run, then refits it as a cycle does (trainer/refit.py) and scores the refit.
     train_set = examples if holdout == "none" else [e for e in examples if e["id"] not in split.held_out_ids]
     config = replace(TrainConfig(), seed=seed, save_steps=10_000, **overrides)
     if DEVICE == "cuda":
@@ -159,6 +161,19 @@ def run_one(scenario: dict, overrides: dict, seed: int, base: str, work: Path, h
     run_dir = work / f"run-{time.monotonic_ns()}"
     started = time.perf_counter()
     metrics = train(mixed, run_dir, base=base, eval_data=held_out, config=config)
+    judged_epoch = (metrics.get("best_epoch") or {}).get("epoch")
+    if holdout == "refit":
+        from trainer.refit import refit_variant
+        from trainer.variants import VariantResult
+
+        judged = VariantResult.from_metrics("judged", config, run_dir, metrics)
+        mixed_path = work / f"mixed-{time.monotonic_ns()}.jsonl"
+        held_path = work / f"held-{time.monotonic_ns()}.jsonl"
+        for path, rows in ((mixed_path, mixed), (held_path, held_out)):
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        refit = refit_variant(judged, mixed_path, held_path, base, work / f"refit-{time.monotonic_ns()}", config)
+        if refit.status == "used":
+            run_dir, metrics = Path(refit.run_dir), refit.metrics
     train_s = time.perf_counter() - started
     model, tokenizer = load_model(run_dir / "adapter", base=base)
     base_ok = base_general(scenario, base)
@@ -183,7 +198,7 @@ def run_one(scenario: dict, overrides: dict, seed: int, base: str, work: Path, h
         "general_lost": [p["messages"][-1]["content"] for p, now, before in
                          zip(scenario["general_probes"], general_ok, base_ok) if before and not now],
         "train_s": round(train_s, 1),
-        "best_epoch": (metrics.get("best_epoch") or {}).get("epoch"),
+        "best_epoch": judged_epoch, "refit": holdout == "refit" and str(run_dir.name).startswith("refit"),
         "judge_general_kept": metrics.get("general_kept"),
         "epoch_scores": [(r["epoch"], round(r["eval_loss"], 4), round(r["regression_loss"], 4), r.get("general_kept"))
                          for r in metrics.get("epoch_scores") or [] if r.get("eval_loss") is not None
@@ -242,8 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenario", action="append", required=True)
     parser.add_argument("--config", action="append", required=True, help='e.g. "lr=1e-3,rank=16,epochs=3"')
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--holdout", choices=["judge", "none"], default="judge",
-                        help="none: also train on the judge's held-out examples (measures what holding out costs)")
+    parser.add_argument("--holdout", choices=["judge", "none", "refit"], default="judge",
+                        help="none: also train on the judge's held-out examples (measures what holding out costs); refit: "
+                             "train the judged run, then refit it as a cycle does, and score the refit")
     parser.add_argument("--replay-source", choices=["shipped", "self"], default="self",
                         help="self (the trainer's default): replay the general prompts with the starting model's own "
                              "answers; shipped: the replay file's answers")

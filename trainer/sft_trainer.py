@@ -30,6 +30,11 @@ def build_trainer(base_path: str, tokenizer, train_rows: list, eval_rows: list, 
 
     cuda = torch.cuda.is_available()
     model = load_model(base_path, config, cuda)
+    peft_config = lora_config(config)
+    if config.init_adapter:  # continue an adapter's weights (the refit continues the judged variant)
+        from peft import PeftModel
+
+        model, peft_config = PeftModel.from_pretrained(model, config.init_adapter, is_trainable=True), None
     sft_kwargs = dict(
         trainer_args(config, output_dir, cuda),
         eval_strategy="steps" if eval_rows else "no",
@@ -51,7 +56,7 @@ def build_trainer(base_path: str, tokenizer, train_rows: list, eval_rows: list, 
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
-        peft_config=lora_config(config),
+        peft_config=peft_config,
         callbacks=callbacks,
         **anchor,
     )
