@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from test_trainer_train import facts, small_config
 
+from trainer.anchor import _kl_to_start
 from trainer.config import TrainConfig
 from trainer.data import tokenize_examples, write_examples
 from trainer.evaluate import load_general_replay
@@ -129,3 +130,41 @@ def test_a_preference_stage_holds_the_general_replay_answers_of_its_data_to_the_
         drift[weight] = _drift(run / "adapter", base_hf_dir, replay)
 
     assert drift[5.0] < 0.7 * drift[0.0], drift
+
+
+@pytest.mark.slow
+def test_only_the_rows_holding_anchored_tokens_go_through_the_starting_weights_and_the_kl_is_unchanged(base_hf_dir):
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    import torch
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(base_hf_dir, dtype=torch.float32)
+    # random B matrices: the adapted model differs from the starting weights, so the KL is not zero
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    ids = torch.randint(10, 1000, (4, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = mask[3, 7:] = 0  # right padding
+    forward = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+    held = torch.zeros(4, 11, dtype=torch.bool)
+    held[0, 5:9] = held[2, 3:11] = True  # anchored answer tokens in rows 0 and 2 only
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(unwrap_model=lambda m: m),
+                              _metrics={"train": defaultdict(list)})
+    seen = []
+    hook = base.get_input_embeddings().register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    with torch.no_grad():
+        logits = model(**forward).logits[:, :-1].float()
+        seen.clear()
+        kl = _kl_to_start(trainer, model, forward, logits, held)
+        hook.remove()
+        with model.disable_adapter():
+            start = model(**forward).logits[:, :-1].float()
+    whole = F.kl_div(F.log_softmax(logits[held], dim=-1), F.log_softmax(start[held], dim=-1), log_target=True,
+                     reduction="batchmean")
+    assert seen == [2]  # one forward pass of the starting weights, on the two anchored rows
+    assert float(kl) > 0 and torch.allclose(kl, whole, rtol=1e-4, atol=1e-6), (float(kl), float(whole))
+    assert trainer._metrics["train"]["anchor_kl"] == [pytest.approx(float(kl))]
