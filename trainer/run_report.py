@@ -81,16 +81,21 @@ def report(trainer, guard, tokenizer, result, config: TrainConfig, output_dir: P
         best_epoch = restore_best(model, output_dir) if config.select_best_epoch else None
         save_adapter(model, tokenizer, adapter, base_path)
         regression = regression_examples(config.regression_set or None)
+        # The epoch judge already scored these very weights (the restored best epoch, or the last one when it
+        # ended the run) and the starting weights, on the same sets with the same function: reuse its figures.
+        scores = read_scores(output_dir) if config.select_best_epoch else {}
+        epochs = scores.get("epochs") or []
+        judged = best_epoch or next((r for r in epochs if r.get("step") == trainer.state.global_step), None)
+        start = scores.get("start") or {}
         for name, examples in (("eval_loss", held_out), ("regression_loss", regression)):
             if examples:
-                losses[name] = eval_loss(model, examples, tokenizer, config.max_length, config.batch_size)
-                losses[f"{name}_start"] = eval_loss(model, examples, tokenizer, config.max_length,
-                                                    config.batch_size, disable_adapter=True)
+                losses[name] = (judged[name] if judged and judged.get(name) is not None else
+                                eval_loss(model, examples, tokenizer, config.max_length, config.batch_size))
+                losses[f"{name}_start"] = (start[name] if start.get(name) is not None else
+                                           eval_loss(model, examples, tokenizer, config.max_length,
+                                                     config.batch_size, disable_adapter=True))
         kept_probe = KeptProbe.for_run(output_dir, model, tokenizer, regression, config.max_length)
-        # The epoch judge already answered the general prompts with these very weights (the restored best
-        # epoch, or the last one when it ended the run): greedy answers do not change, so reuse its figure.
-        epochs = read_scores(output_dir).get("epochs") or []
-        judged = best_epoch or next((r for r in epochs if r.get("step") == trainer.state.global_step), None)
+        # Greedy answers of the same weights do not change either: reuse the judge's general answers kept.
         losses["general_kept"] = (judged["general_kept"] if judged and "general_kept" in judged
                                   else kept_probe.share(model, tokenizer))
         losses["general_right_start"] = len(kept_probe.right)

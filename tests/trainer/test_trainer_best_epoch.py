@@ -58,3 +58,32 @@ def test_without_selection_the_last_epoch_stands_and_nothing_is_scored(base_hf_d
     metrics = train(data, tmp_path / "run", base=base_hf_dir, eval_data=data, config=config)
     assert metrics["status"] == "ok" and metrics["best_epoch"] is None and not metrics["epoch_scores"]
     assert not (tmp_path / "run" / "best_epoch.json").exists()
+
+
+@pytest.mark.slow
+def test_a_judged_runs_final_losses_are_the_epoch_judges_figures_not_computed_again(base_hf_dir, tmp_path,
+                                                                                   monkeypatch):
+    import trainer.run_report as run_report
+    from trainer.evaluate import eval_loss
+    from trainer.train import train
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("disable_adapter", False))
+        return eval_loss(*args, **kwargs)
+
+    monkeypatch.setattr(run_report, "eval_loss", counted)
+    data = tmp_path / "facts.jsonl"
+    write_examples(data, facts()[2:])
+    config = small_config(tmp_path, max_steps=-1, epochs=2, batch_size=4, save_steps=100, regression_tolerance=10.0)
+    metrics = train(data, tmp_path / "run", base=base_hf_dir, eval_data=facts()[:2], config=config)
+
+    assert metrics["status"] == "ok", metrics["reason"]
+    assert calls == []  # the report scored nothing itself
+    scores = json.loads((tmp_path / "run" / "best_epoch.json").read_text())
+    kept = metrics["best_epoch"] or scores["epochs"][-1]
+    for name in ("eval_loss", "regression_loss"):
+        assert metrics[name] == kept[name] and metrics[f"{name}_start"] == scores["start"][name]
+    assert eval_loss(tmp_path / "run" / "adapter", facts()[:2], max_length=64) == pytest.approx(kept["eval_loss"],
+                                                                                                rel=1e-4)
