@@ -7,8 +7,8 @@ more, without gradients, to hold the general replay answers to their distributio
 row of the batch; it now runs only the rows that hold anchored tokens (about half of a batch mixed at
 ``replay_ratio`` 0.5). Three step variants run here, interleaved step by step on the same batches, on the
 bundled SmolLM2-135M with a rank-16 LoRA on every linear layer (the trainer's shape): the shipped general replay
-mixed half and half with the demo's corrections (the training questions of loop/scenario/zephyr_facts.jsonl),
-batches of ``--batch`` in a fixed shuffled order.
+mixed half and half with the curated corrections of the demo's scenario (benchmarks/scenarios/zephyr.json, as
+``learning_sweep.curated_examples`` builds them), batches of ``--batch`` in a fixed shuffled order.
 
   * ``no anchor``: forward, cross-entropy, backward (no update: every variant sees the same weights);
   * ``whole batch``: plus the starting weights on every row (the earlier way);
@@ -20,7 +20,6 @@ Reported: the median seconds per step of each, their ratios, and the largest dif
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -32,6 +31,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     import torch.nn.functional as F
+    from learning_sweep import curated_examples, load_scenario
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -56,11 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     base_path = resolve_base(args.base)
     tokenizer = load_tokenizer(base_path)
-    facts = [json.loads(line) for line in (Path(__file__).resolve().parent.parent / "loop" / "scenario"
-                                           / "zephyr_facts.jsonl").read_text().splitlines() if line.strip()]
-    corrections = [{"id": f"{fact['fact']}-{i}", "messages": [{"role": "user", "content": question},
-                                                              {"role": "assistant", "content": fact["answer"]}]}
-                   for fact in facts for i, question in enumerate(fact["train_questions"])]
+    corrections = curated_examples(load_scenario("zephyr"))
     mixed = build_training_set(corrections, load_general_replay(TrainConfig()), 0.5, seed=0)
     rows = tokenize_examples(tokenizer, mixed, 512, anchor=True).rows
     random.Random(0).shuffle(rows)

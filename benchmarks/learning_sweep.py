@@ -162,17 +162,19 @@ def run_one(scenario: dict, overrides: dict, seed: int, base: str, work: Path, h
     started = time.perf_counter()
     metrics = train(mixed, run_dir, base=base, eval_data=held_out, config=config)
     judged_epoch = (metrics.get("best_epoch") or {}).get("epoch")
+    refit_used = False
     if holdout == "refit":
-        from trainer.refit import refit_variant
+        from trainer.data import write_examples
+        from trainer.refit import USED, refit_variant
         from trainer.variants import VariantResult
 
         judged = VariantResult.from_metrics("judged", config, run_dir, metrics)
-        mixed_path = work / f"mixed-{time.monotonic_ns()}.jsonl"
-        held_path = work / f"held-{time.monotonic_ns()}.jsonl"
-        for path, rows in ((mixed_path, mixed), (held_path, held_out)):
-            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        refit = refit_variant(judged, mixed_path, held_path, base, work / f"refit-{time.monotonic_ns()}", config)
-        if refit.status == "used":
+        mixed_path, held_path = run_dir / "train.jsonl", run_dir / "held_out.jsonl"
+        write_examples(mixed_path, mixed)
+        write_examples(held_path, held_out)
+        refit = refit_variant(judged, mixed_path, held_path, base, run_dir.with_name(run_dir.name + "-refit"), config)
+        refit_used = refit.status == USED
+        if refit_used:
             run_dir, metrics = Path(refit.run_dir), refit.metrics
     train_s = time.perf_counter() - started
     model, tokenizer = load_model(run_dir / "adapter", base=base)
@@ -198,7 +200,7 @@ def run_one(scenario: dict, overrides: dict, seed: int, base: str, work: Path, h
         "general_lost": [p["messages"][-1]["content"] for p, now, before in
                          zip(scenario["general_probes"], general_ok, base_ok) if before and not now],
         "train_s": round(train_s, 1),
-        "best_epoch": judged_epoch, "refit": holdout == "refit" and str(run_dir.name).startswith("refit"),
+        "best_epoch": judged_epoch, "refit": refit_used,
         "judge_general_kept": metrics.get("general_kept"),
         "epoch_scores": [(r["epoch"], round(r["eval_loss"], 4), round(r["regression_loss"], 4), r.get("general_kept"))
                          for r in metrics.get("epoch_scores") or [] if r.get("eval_loss") is not None

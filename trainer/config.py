@@ -227,14 +227,11 @@ class TrainConfig:
             p.append(f"trainer.loss_explode_factor must be > 1, got {self.loss_explode_factor!r}")
         if self.cuda_precision not in CUDA_PRECISIONS:
             p.append(f"trainer.cuda_precision must be one of {CUDA_PRECISIONS}, got {self.cuda_precision!r}")
-        for name in ("neftune_noise_alpha", "kl_weight"):
+        for name in ("neftune_noise_alpha", "kl_weight", "refit_epochs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
                     or not (value >= 0 and math.isfinite(value)):
                 p.append(f"trainer.{name} must be a number >= 0, got {value!r}")
-        if isinstance(self.refit_epochs, bool) or not isinstance(self.refit_epochs, (int, float)) \
-                or not (self.refit_epochs >= 0 and math.isfinite(self.refit_epochs)):
-            p.append(f"trainer.refit_epochs must be a number >= 0 (0: retrain from the start), got {self.refit_epochs!r}")
         if self.init_adapter and self.objective != "sft":
             p.append(f"trainer.init_adapter continues an sft adapter; objective {self.objective!r} starts fresh")
         if not isinstance(self.inject_nan_at_step, int) or self.inject_nan_at_step < 0:

@@ -30,11 +30,12 @@ def build_trainer(base_path: str, tokenizer, train_rows: list, eval_rows: list, 
 
     cuda = torch.cuda.is_available()
     model = load_model(base_path, config, cuda)
-    peft_config = lora_config(config)
     if config.init_adapter:  # continue an adapter's weights (the refit continues the judged variant)
         from peft import PeftModel
 
         model, peft_config = PeftModel.from_pretrained(model, config.init_adapter, is_trainable=True), None
+    else:
+        peft_config = lora_config(config)
     sft_kwargs = dict(
         trainer_args(config, output_dir, cuda),
         eval_strategy="steps" if eval_rows else "no",
