@@ -44,7 +44,8 @@ FIELDS = {"lr": ("learning_rate", float), "rank": ("lora_rank", int), "alpha": (
           "wd": ("weight_decay", float), "tol": ("regression_tolerance", float),
           "kept": ("min_general_kept", float), "kl": ("kl_weight", float), "greplay": ("general_replay", str),
           "best": ("select_best_epoch", lambda v: v.lower() in ("1", "true", "yes")),
-          "repochs": ("refit_epochs", float)}
+          "repochs": ("refit_epochs", float), "obj": ("objective", str),
+          "plr": ("preference_learning_rate", float), "beta": ("preference_beta", float)}
 
 
 def parse_config(text: str) -> dict:
@@ -72,6 +73,64 @@ def curated_examples(scenario: dict) -> list[dict]:
             out.append({"id": f"{scenario['name']}-{i:03d}",
                         "messages": chat["messages"] + [{"role": "assistant", "content": answer}]})
     return out
+
+
+def preference_rows(scenario: dict, logged: list[str]) -> tuple[list[dict], list[dict]]:
+    """(pairs, labels) the scripted reviewer's verdicts give (loop.demo.scripted_review, read by
+    annotation.pull.preference_signals): a correction is a pair (chosen = the correction, rejected = the logged
+    answer) and, rated 2, an undesirable label; a thumbs-up answer, rated 5, a desirable label; a thumbs-down
+    without correction, rated 1 under ``thumbs_down_review = "rate_low"``, an undesirable label. ``logged[i]``
+    is what chat i's user saw. Ids are ``curated_examples``' so the judge's split holds them out alike."""
+    from annotation.judge_split import normalise
+
+    pairs, labels = [], []
+    rate_low = scenario.get("thumbs_down_review", "discard") == "rate_low"
+    for i, (chat, answer) in enumerate(zip(scenario["chats"], logged)):
+        fb, row_id, prompt = chat.get("feedback") or {}, f"{scenario['name']}-{i:03d}", chat["messages"]
+        if not answer.strip():
+            continue
+        if fb.get("correction"):
+            if normalise(fb["correction"]) != normalise(answer):
+                pairs.append({"id": row_id, "prompt": prompt, "chosen": fb["correction"], "rejected": answer})
+            labels.append({"id": row_id, "prompt": prompt, "answer": answer, "label": "undesirable"})
+        elif fb.get("thumbs") == "up":
+            labels.append({"id": row_id, "prompt": prompt, "answer": answer, "label": "desirable"})
+        elif fb.get("thumbs") == "down" and rate_low:
+            labels.append({"id": row_id, "prompt": prompt, "answer": answer, "label": "undesirable"})
+    return pairs, labels
+
+
+_LOGGED: dict[str, list[str]] = {}
+
+
+def logged_answers(scenario: dict, base: str) -> list[str]:
+    """What each chat's user saw: the scenario's ``answer``, else the base model's greedy answer (the end-to-end
+    runner asks the base GGUF; here transformers answers, as for every other sweep measure)."""
+    if scenario["name"] not in _LOGGED:
+        missing = [i for i, chat in enumerate(scenario["chats"]) if not chat.get("answer")]
+        answers = [chat.get("answer") or "" for chat in scenario["chats"]]
+        if missing:
+            from loop.core.config import AppConfig
+
+            model, tokenizer = load_model(base)
+            generated = answer_probes(model, tokenizer, [scenario["chats"][i] for i in missing],
+                                      AppConfig().max_tokens)
+            for i, text in zip(missing, generated):
+                answers[i] = text
+        _LOGGED[scenario["name"]] = answers
+    return _LOGGED[scenario["name"]]
+
+
+def preference_data(scenario: dict, base: str, examples: list[dict], held_out_ids: set[str]):
+    """The scenario's PreferenceData, split as a snapshot splits it (annotation.snapshot.split_preferences)."""
+    from annotation.snapshot import split_preferences
+    from trainer.preference_data import EVAL_LABELS, EVAL_PAIRS, LABELS, PAIRS, PreferenceData
+
+    pairs, labels = preference_rows(scenario, logged_answers(scenario, base))
+    texts = split_preferences(pairs, labels, examples, held_out_ids)
+    rows = {name: [json.loads(line) for line in text.splitlines() if line.strip()] for name, text in texts.items()}
+    return PreferenceData(pairs=rows[PAIRS], labels=rows[LABELS], eval_pairs=rows[EVAL_PAIRS],
+                          eval_labels=rows[EVAL_LABELS])
 
 
 DEVICE = "cpu"
@@ -160,7 +219,19 @@ def run_one(scenario: dict, overrides: dict, seed: int, base: str, work: Path, h
     mixed = build_training_set(train_set, general, config.replay_ratio, seed)
     run_dir = work / f"run-{time.monotonic_ns()}"
     started = time.perf_counter()
-    metrics = train(mixed, run_dir, base=base, eval_data=held_out, config=config)
+    if config.objective == "sft":
+        metrics = train(mixed, run_dir, base=base, eval_data=held_out, config=config)
+    else:
+        from trainer.preference import train_objective
+        from trainer.preference_data import PreferenceSkipped
+
+        preference = preference_data(scenario, base, examples, split.held_out_ids)
+        try:
+            metrics = train_objective(mixed, run_dir, base=base, eval_data=held_out, preference=preference,
+                                      config=config)
+        except PreferenceSkipped as skipped:
+            return {"scenario": scenario["name"], "split": scenario.get("split"), "config": overrides,
+                    "seed": seed, "holdout": holdout, "status": "skipped", "reason": str(skipped)}
     judged_epoch = (metrics.get("best_epoch") or {}).get("epoch")
     refit_used = False
     if holdout == "refit":
@@ -177,7 +248,13 @@ def run_one(scenario: dict, overrides: dict, seed: int, base: str, work: Path, h
         if refit_used:
             run_dir, metrics = Path(refit.run_dir), refit.metrics
     train_s = time.perf_counter() - started
-    model, tokenizer = load_model(run_dir / "adapter", base=base)
+    if metrics.get("status") != "ok":
+        return {"scenario": scenario["name"], "split": scenario.get("split"), "config": overrides, "seed": seed,
+                "holdout": holdout, "status": metrics.get("status"), "reason": metrics.get("reason"),
+                "train_s": round(train_s, 1)}
+    from trainer.run_report import adapter_subdir
+
+    model, tokenizer = load_model(run_dir / adapter_subdir(metrics), base=base)
     base_ok = base_general(scenario, base)
     by_scale = {str(scale): _scored_at_scale(model, tokenizer, scenario, base_ok, scale, config)
                 for scale in SCALES if scale != 1.0}
@@ -188,13 +265,16 @@ def run_one(scenario: dict, overrides: dict, seed: int, base: str, work: Path, h
     kept = [now for now, before in zip(general_ok, base_ok) if before]
     return {
         "scenario": scenario["name"], "split": scenario.get("split"), "config": overrides, "device": DEVICE,
-        "seed": seed, "holdout": holdout, "replay_source": replay_source, "train_examples": len(mixed),
+        "seed": seed, "holdout": holdout, "replay_source": replay_source, "status": "ok",
+        "objective": config.objective, "fallback": metrics.get("fallback"), "train_examples": len(mixed),
         "held_out": len(held_out), "steps": metrics.get("steps"),
         "eval_loss_start": metrics.get("eval_loss_start"), "eval_loss": metrics.get("eval_loss"),
         "regression_rel": ((metrics["regression_loss"] - metrics["regression_loss_start"])
                            / metrics["regression_loss_start"]) if metrics.get("regression_loss") else None,
         "probe_pass": sum(passes(p["check"], a) for p, a in zip(scenario["probes"], probe_answers))
         / len(scenario["probes"]),
+        "probe_words": statistics.mean(len(a.split()) for a in probe_answers),
+        "preference": metrics.get("preference"),
         "general_pass": sum(general_ok) / len(general_ok),
         "general_kept": sum(kept) / len(kept) if kept else None,
         "general_lost": [p["messages"][-1]["content"] for p, now, before in
@@ -299,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
                     fh.write(json.dumps(row) + "\n")
     by_config: dict[str, list[dict]] = {}
     for row in rows:
+        if row.get("status", "ok") != "ok":
+            continue  # printed above with its reason
         by_config.setdefault(f"{row['scenario']} {json.dumps(row['config'])}", []).append(row)
     for key, group in sorted(by_config.items()):
         probe = [r["probe_pass"] for r in group]
