@@ -7,7 +7,9 @@ the side-by-side view's). Every answer comes from a ``loop.core.gguf_model.GgufM
 tokenises and decodes through the same object, so a prompt's text is never read as special tokens
 and the arena sees the token ids users' chats see. Greedy is exactly argmax (no sampler chain in
 between); each chosen token's logprob comes from the last row of logits. Each answer evaluates its
-prompt afresh, so it never depends on what the model was asked before.
+prompt afresh, so it never depends on what the model was asked before. :func:`greedy_answers` gives
+the answers :func:`greedy_answer` gives (up to float rounding) to many chats at once, decoded side
+by side (``GgufModel.greedy_batch``): the cycle's self-replay answers its general prompts with it.
 
 Generation holds the model's own lock (a llama.cpp context is not thread-safe); the app's Versions
 tab runs its generations in the chat's one-at-a-time queue, so on a small CPU they never slow each other.
@@ -19,19 +21,19 @@ import collections
 import random
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loop.core.gguf_model import GgufModel, argmax
+from loop.core.gguf_model import BATCH_WIDTH, Decoded, GgufModel, argmax
 from loop.core.probes import FALLBACK_PROBES, as_messages, last_user_text, load_probes, probes_file
 
 # The probe set is the core's (``loop.core.probes``); it is named here too so that callers that run
 # probes find the set and the runner in one place.
 __all__ = [
     "FALLBACK_PROBES", "LlamaCache", "ProbeAnswer", "ProbeRun", "as_messages", "greedy_answer",
-    "last_user_text", "load_probes", "probes_file", "run_probes", "sampled_answer",
+    "greedy_answers", "last_user_text", "load_probes", "probes_file", "run_probes", "sampled_answer",
 ]
 
 
@@ -49,6 +51,19 @@ class ProbeAnswer:
 def greedy_answer(model: GgufModel, messages: list[dict[str, str]], max_tokens: int = 64) -> ProbeAnswer:
     """Decode greedily (argmax) from the chat-templated messages."""
     return sampled_answer(model, messages, max_tokens=max_tokens, temperature=0.0)
+
+
+def greedy_answers(model: GgufModel, conversations: Sequence[list[dict[str, str]]], max_tokens: int = 64, *,
+                   width: int = BATCH_WIDTH) -> list[ProbeAnswer]:
+    """:func:`greedy_answer` for every conversation, in order, decoded side by side in one pass
+    (``GgufModel.greedy_batch``, ``width`` sequences at once): the same answers up to float rounding, in
+    less time. An answer's ``seconds`` is an equal share of the pass's wall time, so that the answers'
+    seconds add up to it."""
+    with model.lock:
+        start = time.perf_counter()
+        decoded = model.greedy_batch([model.prompt_tokens(m) for m in conversations], max_tokens, width=width)
+        share = (time.perf_counter() - start) / max(1, len(decoded))
+        return [_probe_answer(model, messages, steps, share, None) for messages, steps in zip(conversations, decoded)]
 
 
 def _chooser(temperature: float, top_p: float, seed: int | None) -> Any:
@@ -79,24 +94,26 @@ def sampled_answer(model: GgufModel, messages: list[dict[str, str]], max_tokens:
     choose = _chooser(temperature, top_p, seed)
     with model.lock:
         start = time.perf_counter()
-        out: list[int] = []
-        logprobs: list[float] = []
-        finished = False
-        for step in model.decode(model.prompt_tokens(messages), max_tokens, choose):
-            logprobs.append(step.logprob)
-            if step.end:
-                finished = True
-                break
-            out.append(step.token)
-        return ProbeAnswer(
-            prompt=last_user_text(messages),
-            answer=model.text(out).strip(),
-            n_tokens=len(out),
-            mean_logprob=(sum(logprobs) / len(logprobs)) if logprobs else None,
-            seconds=time.perf_counter() - start,
-            finished=finished,
-            seed=seed if temperature > 0 else None,
-        )
+        steps = list(model.decode(model.prompt_tokens(messages), max_tokens, choose))
+        seconds = time.perf_counter() - start
+        return _probe_answer(model, messages, steps, seconds, seed if temperature > 0 else None)
+
+
+def _probe_answer(model: GgufModel, messages: list[dict[str, str]], steps: list[Decoded], seconds: float,
+                  seed: int | None) -> ProbeAnswer:
+    """The answer decoded as ``steps``: an end-of-generation token (only ever last) ends it and is no
+    part of its text, but its logprob counts in the mean."""
+    finished = bool(steps) and steps[-1].end
+    out = [step.token for step in (steps[:-1] if finished else steps)]
+    return ProbeAnswer(
+        prompt=last_user_text(messages),
+        answer=model.text(out).strip(),
+        n_tokens=len(out),
+        mean_logprob=(sum(step.logprob for step in steps) / len(steps)) if steps else None,
+        seconds=seconds,
+        finished=finished,
+        seed=seed,
+    )
 
 
 @dataclass

@@ -177,16 +177,15 @@ def _answered_by(version, examples: list[dict[str, Any]]) -> tuple[list[dict[str
     same knowledge moves the model too, and that movement is where forgetting starts (docs/judging.md)."""
     if version is None or not Path(version.gguf_path).is_file():
         return examples, "shipped (no servable starting version to answer them)"
-    from app.probe_runner import greedy_answer
+    from app.probe_runner import greedy_answers
     from loop.core.gguf_model import GgufModel
 
     model = GgufModel.load(version.gguf_path, n_ctx=1024)
-    out = []
     try:
-        for ex in examples:
-            answer = greedy_answer(model, ex["messages"][:-1], max_tokens=96).answer.strip()
-            if answer:
-                out.append({**ex, "messages": ex["messages"][:-1] + [{"role": "assistant", "content": answer}]})
+        # Side by side, one llama_decode per step for all of them: greedy_answer's answers, sooner.
+        answers = greedy_answers(model, [ex["messages"][:-1] for ex in examples], max_tokens=96)
     finally:
         model.close()
+    out = [{**ex, "messages": ex["messages"][:-1] + [{"role": "assistant", "content": a.answer}]}
+           for ex, a in zip(examples, answers) if a.answer]
     return out, f"self ({version.id}, {len(out)} of {len(examples)} answered)"

@@ -25,6 +25,11 @@ Contracts:
   llama.cpp's own sampler chain reading the same row), and yields it with its log-probability under
   that row. Only the last row is read, so no ``logits_all=True`` buffer (n_ctx x n_vocab floats,
   about 400 MB for SmolLM2 at 2048 tokens) is needed.
+- :meth:`GgufModel.greedy_batch` decodes many prompts greedily side by side (one ``llama_decode`` per
+  step for all live sequences, each its own ``seq_id``; the prompts' common prefix evaluated once) and
+  gives, per prompt, what ``decode`` with argmax yields, up to float rounding. Its sequences live in a
+  second context on the same weights, opened and freed within the call: the model's own context, and
+  the cache a chat keeps there for its next turn, are left as they were.
 
 Imports: the standard library and the core at module level; numpy and llama-cpp-python lazily.
 """
@@ -128,6 +133,11 @@ class Decoded:
     token: int
     logprob: float
     end: bool  # an end-of-generation token of the vocabulary: the last step yielded
+
+
+# Sequences decoded at once by greedy_batch: enough for the cycle's general prompts (33) in one pass.
+# Each holds its own KV cells for the call, at least 256 of them (about 6 MB for SmolLM2-135M).
+BATCH_WIDTH = 64
 
 
 class GgufModel:
@@ -247,3 +257,181 @@ class GgufModel:
             llama.reset()
             keep = 0
         llama.eval(prompt[keep:])
+
+    # -- batched greedy decoding -------------------------------------------------------------------
+
+    def greedy_batch(self, prompts: Sequence[Sequence[int]], max_tokens: int, *,
+                     width: int = BATCH_WIDTH) -> list[list[Decoded]]:
+        """Greedy continuations of every prompt, decoded side by side: the i-th list is what
+        ``list(decode(prompts[i], max_tokens))`` yields (argmax, the end-of-generation token yielded
+        and last), up to float rounding. ValueError, before anything is decoded, when a prompt is
+        empty or leaves no room in the context.
+
+        At most ``width`` sequences are decoded at once, each its own ``seq_id`` with its own KV cells,
+        one ``llama_decode`` per step carrying one token of every live sequence; a finished sequence's
+        cells are removed and its slot takes the next waiting prompt. The tokens all prompts start with
+        (a chat template's default system prompt) are evaluated once and copied into each sequence. The
+        sequences live in a second llama.cpp context on the same weights, opened for the call and freed
+        after it, so the model's own context (and the cache a chat keeps for its next turn) is untouched.
+        The caller holds ``lock``.
+        """
+        asked = [list(p) for p in prompts]
+        for prompt in asked:
+            if not prompt:
+                raise ValueError("an empty prompt has no logits to decode from")
+            if self.n_ctx - len(prompt) <= 0:
+                raise ValueError(f"prompt of {len(prompt)} tokens does not fit the context of {self.n_ctx}")
+        if not self.lock.locked():
+            raise RuntimeError(f"{self.name or 'the model'}: greedy_batch called without holding the model's lock")
+        limits = [min(max_tokens, self.n_ctx - len(p)) for p in asked]
+        todo = [i for i, limit in enumerate(limits) if limit > 0]
+        out: list[list[Decoded]] = [[] for _ in asked]
+        if todo:
+            n_ctx_seq = max(len(asked[i]) + limits[i] for i in todo)
+            with _Streams(self, n_seq=_width(width, len(todo)), n_ctx_seq=n_ctx_seq) as streams:
+                streams.share(_common_prefix([asked[i] for i in todo]))
+                _side_by_side(self, streams, asked, limits, todo, out)
+        return out
+
+    def _greedy_step(self, logits: Any) -> Decoded:
+        token = argmax(logits)
+        return Decoded(token, log_softmax_at(logits, token), bool(self._is_eog(self._vocab, token)))
+
+
+class _Streams:
+    """A llama.cpp context on ``model``'s weights holding ``n_seq`` sequences of up to ``n_ctx_seq``
+    tokens each (seq ids 0 .. n_seq-1) and one more (seq id ``n_seq``) for the prompts' shared prefix,
+    every sequence in its own KV stream (``kv_unified`` off: a token attends over its own sequence's
+    cells only), and a batch to feed it. A context manager: freed on exit, error or not.
+
+    ``Llama(...)`` in llama-cpp-python 0.3.36 has no ``n_seq_max`` argument (it sets one only for
+    embeddings), so the context is built from the model's own parameters with the low-level API.
+    """
+
+    def __init__(self, model: GgufModel, *, n_seq: int, n_ctx_seq: int):
+        import llama_cpp
+
+        llama = model.llama
+        params = type(llama.context_params).from_buffer_copy(llama.context_params)
+        params.n_seq_max = n_seq + 1  # and one for the prompts' shared prefix
+        params.kv_unified = False
+        # llama.cpp gives each stream n_ctx / n_seq_max cells, rounded up to a multiple of 256.
+        params.n_ctx = (n_seq + 1) * -(-n_ctx_seq // 256) * 256
+        self.n_seq = n_seq
+        self.shared: list[int] = []  # the prefix held by sequence n_seq, copied into each prompt's sequence
+        self.n_batch = int(params.n_batch)  # prompts are evaluated in chunks of it, as Llama.eval does
+        params.n_batch = max(self.n_batch, n_seq)  # a step carries one token per sequence
+        self.n_vocab = model.n_vocab
+        self._lib = llama_cpp
+        self.ctx = llama_cpp.llama_init_from_model(llama._model.model, params)
+        if not self.ctx:
+            raise RuntimeError(f"llama.cpp could not open a context for {n_seq} sequences of {n_ctx_seq} tokens")
+        if llama_cpp.llama_n_ctx_seq(self.ctx) < n_ctx_seq:  # a sequence would run out of cells mid-answer
+            llama_cpp.llama_free(self.ctx)
+            raise RuntimeError(f"llama.cpp gave {n_seq} sequences fewer than {n_ctx_seq} cells each")
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.batch = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._lib.llama_batch_free(self.batch)
+        self._lib.llama_free(self.ctx)
+
+    def share(self, prefix: list[int]) -> None:
+        """Evaluate ``prefix`` once, as the extra sequence; every prompt starts from a copy of it."""
+        self._evaluate(self.n_seq, prefix, 0)
+        self.shared = prefix
+
+    def prompt(self, seq: int, tokens: list[int]) -> Any:
+        """Evaluate ``tokens`` (which start with the shared prefix) as sequence ``seq``; the logits row
+        of its last token."""
+        if self.shared:
+            # A whole-stream copy (the only kind llama.cpp makes between streams), done at the next decode.
+            self._lib.llama_memory_seq_cp(self.memory, self.n_seq, seq, -1, -1)
+        return self._evaluate(seq, tokens[len(self.shared):], len(self.shared))
+
+    def _evaluate(self, seq: int, tokens: list[int], start: int) -> Any:
+        """Evaluate ``tokens`` as sequence ``seq`` from position ``start``, in chunks of ``n_batch`` as
+        ``Llama.eval`` does; the logits row of the last token."""
+        rows = 0
+        for offset in range(0, len(tokens), self.n_batch):
+            chunk = tokens[offset:offset + self.n_batch]
+            self._decode([(seq, token, start + offset + k) for k, token in enumerate(chunk)], last_only=True)
+            rows = len(chunk)
+        return self.logits(rows - 1) if rows else None
+
+    def step(self, entries: list[tuple[int, int, int]]) -> None:
+        """Evaluate one ``(seq, token, position)`` per live sequence in one ``llama_decode``; row ``k``
+        of :meth:`logits` is then the ``k``-th entry's."""
+        self._decode(entries, last_only=False)
+
+    def logits(self, row: int) -> Any:
+        import numpy as np
+
+        pointer = self._lib.llama_get_logits_ith(self.ctx, row)
+        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
+
+    def drop(self, seq: int) -> None:
+        """Remove every cell of ``seq`` (removing a whole sequence never fails)."""
+        self._lib.llama_memory_seq_rm(self.memory, seq, -1, -1)
+
+    def _decode(self, entries: list[tuple[int, int, int]], *, last_only: bool) -> None:
+        batch = self.batch
+        batch.n_tokens = len(entries)
+        for k, (seq, token, pos) in enumerate(entries):
+            batch.token[k], batch.pos[k], batch.n_seq_id[k] = token, pos, 1
+            batch.seq_id[k][0] = seq
+            batch.logits[k] = not last_only or k == len(entries) - 1
+        status = self._lib.llama_decode(self.ctx, batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed ({status}) on a batch of {len(entries)} tokens")
+
+
+def _side_by_side(model: GgufModel, streams: _Streams, prompts: list[list[int]], limits: list[int],
+                  todo: list[int], out: list[list[Decoded]]) -> None:
+    """Fill ``out[i]`` for every ``i`` of ``todo``: prompts take free slots in order, every live
+    sequence advances one token per step, a sequence stops at an end-of-generation token or its limit
+    and frees its slot (its last token is never evaluated, as in :meth:`GgufModel.decode`)."""
+    waiting = list(reversed(todo))
+    free = list(reversed(range(streams.n_seq)))
+    live: dict[int, int] = {}  # seq -> prompt index
+
+    def record(seq: int, i: int, logits: Any) -> None:
+        out[i].append(model._greedy_step(logits))
+        if out[i][-1].end or len(out[i]) >= limits[i]:
+            streams.drop(seq)
+            free.append(seq)
+        else:
+            live[seq] = i
+
+    while waiting or live:
+        while waiting and free:
+            seq, i = free.pop(), waiting.pop()
+            record(seq, i, streams.prompt(seq, prompts[i]))
+        if not live:
+            continue
+        stepping = list(live.items())
+        live.clear()
+        streams.step([(seq, out[i][-1].token, len(prompts[i]) + len(out[i]) - 1) for seq, i in stepping])
+        for row, (seq, i) in enumerate(stepping):
+            record(seq, i, streams.logits(row))
+
+
+def _width(asked: int, n_prompts: int) -> int:
+    """Sequences to decode at once: ``asked``, no more than there are prompts, and within llama.cpp's
+    limit on sequences once the shared prefix has its own."""
+    import llama_cpp
+
+    return max(1, min(asked, n_prompts, int(llama_cpp.llama_max_parallel_sequences()) - 1))
+
+
+def _common_prefix(prompts: list[list[int]]) -> list[int]:
+    """The tokens every prompt starts with, short of the shortest prompt's last (whose logits each
+    prompt needs of its own)."""
+    shortest = min(prompts, key=len)
+    n = 0
+    while n < len(shortest) - 1 and all(p[n] == shortest[n] for p in prompts):
+        n += 1
+    return shortest[:n]
