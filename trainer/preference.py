@@ -143,6 +143,10 @@ def _refusal(metrics: dict, config: TrainConfig) -> str | None:
     held_out = metrics.get("eval_loss")
     if held_out is None or not math.isfinite(held_out):
         return f"no finite held-out loss ({held_out})"
+    start = metrics.get("eval_loss_start")
+    if start is not None and math.isfinite(start) and held_out >= start:
+        # The gate promotes only a held-out loss below the current version's, which the starting weights are.
+        return f"held-out loss {held_out:.4f} is not below the starting weights' {start:.4f}"
     return forgetting({k: metrics.get(k) for k in ("regression_loss", "general_kept")},
                       metrics.get("regression_loss_start"), config.regression_tolerance, config.min_general_kept)
 

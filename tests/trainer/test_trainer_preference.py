@@ -153,6 +153,18 @@ def test_a_preference_stage_that_breaks_the_model_leaves_the_variant_its_sft_sta
     assert again == metrics
 
 
+def test_a_preference_stage_whose_held_out_loss_is_not_below_the_start_is_refused_though_it_forgets_nothing():
+    from trainer.preference import _refusal
+
+    config = TrainConfig(regression_tolerance=0.5, min_general_kept=0.6)
+    kept = {"status": "ok", "regression_loss": 0.9, "regression_loss_start": 1.0, "general_kept": 1.0,
+            "eval_loss_start": 2.3}
+    assert _refusal({**kept, "eval_loss": 0.1}, config) is None
+    why = _refusal({**kept, "eval_loss": 7.0}, config)
+    assert why == "held-out loss 7.0000 is not below the starting weights' 2.3000"
+    assert _refusal({**kept, "eval_loss": 2.3}, config) is not None
+
+
 @pytest.mark.slow
 def test_nan_guard_stops_a_preference_run_as_diverged(base_hf_dir, tmp_path):
     data = tmp_path / "train.jsonl"
