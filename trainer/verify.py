@@ -6,6 +6,17 @@ loss, computed from llama.cpp's own logits, must stay within a tolerance of the 
 very same token ids. Both sides see identical inputs: every prompt and example is rendered with the merged model's
 chat template and tokenised once by its HF tokenizer; those ids go to both models.
 
+The probes' greedy answers. The merged model answers every probe at once (left-padded batches, transformers'
+`generate`, plain argmax: no setting of the checkpoint's generation config applies); a row stops at its first stop
+token, kept, or after `probe_tokens` tokens, and never carries padding. Batched answers can differ from
+one-at-a-time decoding by float rounding on a near-tie; the gate holds either way, since both models are then
+teacher-forced along the same answers. The GGUF's free-running answer is reported, never gated (`exact_agreement`,
+each probe's `gguf_ids`/`gguf_text`). Teacher-forced along the merged answer, llama.cpp's argmax is the answer's
+next token at every position exactly when greedy decoding in llama.cpp writes that answer token for token and stops
+where it stops, up to llama.cpp's own rounding: scoring a sequence at once and a token at a time can differ by about
+0.1 logit on a quantised file, which flips a near-tie now and then. Such a probe's GGUF answer is the merged answer;
+only the other probes are decoded free-running in llama.cpp.
+
 A file that will not load gives `passed=False` with the reason; no exception from loading escapes `verify_gguf`.
 """
 
@@ -32,6 +43,9 @@ from loop.core.probes import PROBES_FILE as PROBES_PATH
 from trainer.data import tokenize_example
 from trainer.export_config import ExportConfig, VerifyConfig
 
+# Probes the merged model answers in one `generate` call (left-padded to the batch's longest prompt).
+_PROBE_BATCH = 32
+
 # End-of-turn markers of common chat templates; generation stops at any that exist in the vocabulary.
 _END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "</s>", "<|endoftext|>")
 
@@ -46,7 +60,8 @@ class VerificationResult:
     # Gated: fraction of probes on which, along the merged model's greedy answer, llama.cpp's top token at each of the
     # first `probe_tokens` positions is the merged model's top token or within `tie_margin` logits of it.
     agreement: float | None = None
-    # Reported: fraction of probes whose free-running greedy answers have identical first `probe_tokens` token ids.
+    # Reported: fraction of probes whose free-running greedy answers have identical first `probe_tokens` token ids
+    # (the GGUF's answer is the merged one wherever its forced argmax follows that answer: see the module docstring).
     exact_agreement: float | None = None
     # Reported: fraction of all teacher-forced positions where both models' top token is the same.
     token_agreement: float | None = None
@@ -152,6 +167,13 @@ def _forced_logits(side, prompt: Sequence[int], answer: Sequence[int]) -> np.nda
     """Logits predicting each answer token, with the prompt and the answer so far as input (teacher forcing)."""
     ids = list(prompt) + list(answer)
     return side.logits(ids)[len(prompt) - 1: len(ids) - 1]
+
+
+def _follows(forced: np.ndarray, answer: Sequence[int]) -> bool:
+    """Whether greedy decoding writes `answer`, given `_forced_logits` along it: every row's argmax is the answer's
+    token at that position. The answer ends at its first stop token or at the token budget, so greedy decoding
+    would stop there too."""
+    return len(forced) == len(answer) and bool(np.array_equal(forced.argmax(axis=1), np.asarray(answer)))
 
 
 def _cut_at_stop(ids: list[int], stops: set[int]) -> list[int]:
@@ -265,11 +287,14 @@ class _HfSide:
 
     def __init__(self, merged_dir: Path):
         import torch
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, GenerationConfig
 
         self.torch = torch
         self.model = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32)
         self.model.eval()
+        # `generate` fills unset options from the checkpoint's generation config (a repetition penalty, say); the
+        # probes' answers are plain argmax decoding, so none of those may apply.
+        self.model.generation_config = GenerationConfig()
         # transformers 5.x renamed the KV-cache argument and output `past_key_values` -> `cache`; accept either.
         params = inspect.signature(self.model.forward).parameters
         self.cache_name = "cache" if "cache" in params else "past_key_values"
@@ -279,7 +304,35 @@ class _HfSide:
             out = self.model(self.torch.tensor([list(ids)]))
         return out.logits[0].float().numpy()
 
+    def greedy_batch(self, prompts: Sequence[Sequence[int]], n: int, stops: set[int]) -> list[list[int]]:
+        """Greedy answers to `prompts`, `_PROBE_BATCH` at a time in left-padded `generate` calls. Each answer is what
+        `greedy` writes (up to float rounding): at most `n` tokens, ending at the first stop token, which is kept."""
+        from transformers import GenerationConfig
+
+        torch = self.torch
+        if n < 1:
+            return [[] for _ in prompts]
+        # A finished row is padded with a stop token, so cutting each row at its first stop drops the padding.
+        pad = min(stops) if stops else 0
+        settings = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=n, pad_token_id=pad,
+                                    eos_token_id=sorted(stops) or None)
+        answers: list[list[int]] = []
+        for start in range(0, len(prompts), _PROBE_BATCH):
+            rows = [list(p) for p in prompts[start: start + _PROBE_BATCH]]
+            width = max(len(r) for r in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, row in enumerate(rows):
+                ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+                mask[i, width - len(row):] = 1
+            with torch.inference_mode():
+                out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=settings)
+            answers.extend(_cut_at_stop(row, stops) for row in out[:, width:].tolist())
+        return answers
+
     def greedy(self, ids: Sequence[int], n: int, stops: set[int]) -> list[int]:
+        """One prompt's greedy answer, one token per forward pass: the reference `greedy_batch` is measured
+        against (tests/trainer/test_trainer_verify_speed.py, benchmarks/verify_speed.py)."""
         torch = self.torch
         out: list[int] = []
         with torch.inference_mode():
@@ -396,8 +449,7 @@ def verify_gguf(
         # The merged model answers first: its greedy answers are the path both models are teacher-forced along.
         with _torch_threads(config.resolved_threads()):
             hf = _HfSide(merged_dir)
-            hf_probe_ids = [hf.greedy(ids, config.probe_tokens, stops)
-                            for _, ids in tqdm(probe_inputs, desc="probes (merged model)", leave=False)]
+            hf_probe_ids = hf.greedy_batch([ids for _, ids in probe_inputs], config.probe_tokens, stops)
             hf_forced = [_forced_logits(hf, ids, ans) for (_, ids), ans in zip(probe_inputs, hf_probe_ids)]
             hf_nll, hf_near_top = [], []
             for ids, mask in tqdm(examples, desc="held-out loss (merged model)", leave=False):
@@ -407,9 +459,13 @@ def verify_gguf(
         del hf
         gc.collect()
 
-        gguf_probe_ids = [gguf.greedy(ids, config.probe_tokens, stops)
-                          for _, ids in tqdm(probe_inputs, desc="probes (gguf)", leave=False)]
         gguf_forced = [_forced_logits(gguf, ids, ans) for (_, ids), ans in zip(probe_inputs, hf_probe_ids)]
+        # Where llama.cpp's forced argmax follows the merged answer, that answer is its free-running one (up to rounding).
+        gguf_probe_ids = [list(ans) if _follows(forced, ans) else None
+                          for ans, forced in zip(hf_probe_ids, gguf_forced)]
+        differing = [i for i, g_ids in enumerate(gguf_probe_ids) if g_ids is None]
+        for i in tqdm(differing, desc="probes (gguf)", leave=False):
+            gguf_probe_ids[i] = gguf.greedy(probe_inputs[i][1], config.probe_tokens, stops)
         token_matches = [gguf.chat_ids(hf_chat_segments(tokenizer, msgs, True)) == ids for msgs, ids in probe_inputs]
         gguf_nll, gguf_top = [], []
         for ids, mask in tqdm(examples, desc="held-out loss (gguf)", leave=False):
