@@ -62,6 +62,28 @@ def _fmt(v: Any) -> str:
     return "—" if v is None else str(v)
 
 
+def variants_table(variants: list[dict[str, Any]]) -> list[str]:
+    """The variants side by side, whatever their objective: the numbers the gate and the best-variant choice
+    read (held-out loss, regression loss against the start, general answers kept), the preference measure
+    (trainer/preference_measure.py: held-out pairs the chosen answer wins, and the chosen-minus-rejected
+    log-probability margin) and why a variant was skipped, failed or fell back to its SFT stage."""
+    lines = ["| variant | objective | status | held-out loss (start) | regression loss vs start | general kept "
+             "| pairs won (margin) | tokens/s | wall s | note |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for v in variants:
+        held = _fmt(v.get("eval_loss")) + (f" ({_fmt(v.get('eval_loss_start'))})" if v.get("eval_loss_start") else "")
+        reg, start = v.get("regression_loss"), v.get("regression_loss_start")
+        change = f"{(reg - start) / start:+.1%}" if isinstance(reg, float) and isinstance(start, float) and start else "—"
+        kept = v.get("general_kept")
+        pref = v.get("preference") or {}
+        won = (f"{pref['win_rate']:.0%} ({pref.get('margin', 0.0):+.2f})"
+               if isinstance(pref.get("win_rate"), float) else "—")
+        note = (v.get("reason") or "").replace("|", "/").replace("\n", " ")
+        lines.append(f"| {v.get('name')} | {v.get('objective', 'sft')} | {v.get('status')} | {held} | {change} "
+                     f"| {'—' if kept is None else f'{kept:.0%}'} | {won} | {_fmt(v.get('tokens_per_s'))} "
+                     f"| {_fmt(v.get('wall_s'))} | {note} |")
+    return lines
+
+
 def write_report(cycle, state) -> dict[str, Any]:
     reports = paths.reports_dir(cycle.home)
     reports.mkdir(parents=True, exist_ok=True)
@@ -122,13 +144,7 @@ def write_report(cycle, state) -> dict[str, Any]:
         lines += ["", "## Snapshot", "", f"hash `{pulled.get('hash')}`", "", "```json",
                   json.dumps(pulled.get("counts"), indent=1), "```"]
     if variants:
-        lines += ["", "## Variants", "", "| variant | status | held-out loss | regression loss | tokens/s | wall s |",
-                  "|---|---|---:|---:|---:|---:|"]
-        for v in variants:
-            lines.append(
-                f"| {v.get('name')} | {v.get('status')} | {_fmt(v.get('eval_loss'))} | {_fmt(v.get('regression_loss'))} "
-                f"| {_fmt(v.get('tokens_per_s'))} | {_fmt(v.get('wall_s'))} |"
-            )
+        lines += ["", "## Variants", ""] + variants_table(variants)
         if loss_png:
             lines += ["", f"![loss curves]({loss_png.name})"]
     gate = state.result("gate") or state.stage("gate").get("result")

@@ -110,6 +110,30 @@ def test_two_cycles_train_promote_then_do_nothing(loop_env):
     assert [h["to"] for h in registry.history() if h["action"] == "promote"] == ["v1", "v2"]
 
 
+def test_a_cycle_trains_every_objective_of_its_grid_from_one_snapshot_and_reports_them_side_by_side(
+        loop_env, monkeypatch):
+    monkeypatch.setenv("LOOP_TRAINER__OBJECTIVES", "sft,sft+dpo")
+    monkeypatch.setenv("LOOP_TRAINER__PREFERENCE_LEARNING_RATE", "2e-5")
+    config = _seed_and_review(loop_env)
+
+    summary = Cycle(config, progress=False).run()
+    assert summary["outcome"] == "promoted", summary
+    train = summary["stages"]["train"]["result"]
+    by_objective = {v["objective"]: v for v in train["variants"]}
+    assert list(by_objective) == ["sft", "sft+dpo"]
+    for v in by_objective.values():  # both judged on the same held-out and regression sets, from the same start
+        assert v["status"] == "ok", v
+        assert v["eval_loss_start"] == by_objective["sft"]["eval_loss_start"]
+        assert v["regression_loss_start"] == by_objective["sft"]["regression_loss_start"]
+    dpo = by_objective["sft+dpo"]
+    assert dpo["preference"]["pairs"] > 0 and dpo["metrics"]["stages"]["sft"]["status"] == "ok"
+    assert train["best"] in {v["name"] for v in train["variants"]}
+    report = Path(summary["report"]).read_text()
+    rows = [line for line in report.splitlines() if line.startswith(("| lr0.001_r16 |", "| lr0.001_r16_sft+dpo |"))]
+    assert [row.split(" | ")[1] for row in rows] == ["sft", "sft+dpo"]
+    assert "## Gate" in report
+
+
 def test_killed_mid_training_resumes_and_promotes_once(loop_env):
     _seed_and_review(loop_env)
     home = Path(os.environ["LOOP_HOME"])
