@@ -12,7 +12,8 @@ cycles:
                    through the GGUF's own tokenizer and chat template; logits and NLL from
                    ``trainer.verify``'s llama.cpp side)
   general_right    share of the regression prompts that carry ``expect`` whose greedy answer
-                   (``app.probe_runner.greedy_answer``, ``trainer.general_kept.ANSWER_TOKENS`` tokens)
+                   (``app.probe_runner.greedy_answers``: ``greedy_answer``'s answers, up to float rounding,
+                   decoded side by side; ``trainer.general_kept.ANSWER_TOKENS`` tokens)
                    matches one of them (``trainer.general_kept.is_right``)
   probe_pass_rate  share of the fixed probe set's checkable probes (loop/core/probes.jsonl) whose greedy
                    answer (``PROBE_TOKENS`` tokens) matches the probe's ``expect`` patterns; a probe
@@ -216,20 +217,20 @@ def run_measures(gguf: str | Path, sets: FixedSets, names: list[str] | tuple[str
         loss_inputs = []
         try:
             if "general_right" in names:
-                started, right = time.perf_counter(), {}
-                for example in asked:
-                    answer = probe_runner.greedy_answer(model, example["messages"][:-1], max_tokens=sets.answer_tokens)
-                    right[example["id"]] = is_right(answer.answer, example["expect"])
-                    bar.update()
+                started = time.perf_counter()
+                answers = probe_runner.greedy_answers(model, [e["messages"][:-1] for e in asked],
+                                                      max_tokens=sets.answer_tokens)
+                right = {e["id"]: is_right(a.answer, e["expect"]) for e, a in zip(asked, answers)}
+                bar.update(len(asked))
                 n = len(right)
                 done("general_right", sets.regression, started, value=sum(right.values()) / n if n else None,
                      right=sum(right.values()), n=n, items=right)
             if "probe_pass_rate" in names:
-                started, passed = time.perf_counter(), []
-                for probe in sets.probes.items:
-                    answer = probe_runner.greedy_answer(model, probe["messages"], max_tokens=PROBE_TOKENS)
-                    passed.append(is_right(answer.answer, probe["expect"]))
-                    bar.update()
+                started = time.perf_counter()
+                answers = probe_runner.greedy_answers(model, [p["messages"] for p in sets.probes.items],
+                                                      max_tokens=PROBE_TOKENS)
+                passed = [is_right(a.answer, p["expect"]) for p, a in zip(sets.probes.items, answers)]
+                bar.update(len(passed))
                 n = len(passed)
                 done("probe_pass_rate", sets.probes, started, value=sum(passed) / n if n else None,
                      passed=sum(passed), n=n, unchecked=sets.unchecked_probes,

@@ -83,6 +83,23 @@ def test_the_base_v1_gets_every_fixed_measure_from_its_served_gguf(small_sets, r
     assert "fixed measures:" in shown and "regression_loss" in shown and sets.regression.hash[:12] in shown
 
 
+def test_the_answers_of_a_version_are_decoded_side_by_side_one_pass_per_measure(small_sets, registry, capsys,
+                                                                                  monkeypatch):
+    from loop.core.gguf_model import GgufModel
+
+    passes: list[int] = []
+    batch = GgufModel.greedy_batch
+
+    def counted(self, prompts, max_tokens, **kw):
+        passes.append(len(prompts))
+        return batch(self, prompts, max_tokens, **kw)
+
+    monkeypatch.setattr(GgufModel, "greedy_batch", counted)
+    [report] = _measure_cli("v1", capsys=capsys)
+    assert report["measured"] == list(vm.NAMES)
+    assert passes == [4, 3]  # the 4 regression prompts with expect, then the 3 checked probes: one pass each
+
+
 def test_the_regression_loss_is_the_trainers_regression_loss_measured_on_the_served_file(base_hf_dir):
     """The same tokens scored as trainer/evaluate.py scores them (answer and end-of-turn, prompt not), on the
     shipped regression set: against HF weights derived from this very GGUF, the two losses may differ only
