@@ -5,7 +5,7 @@ Each run is a fresh LOOP_HOME, so turn and record ids are new random ULIDs: neit
 the same examples (checked end to end here, through Argilla; tests/annotation/test_annotation_priority.py,
 tests/annotation/test_annotation_judge_split.py and tests/trainer/test_trainer_data.py check each rule).
 The cycle runs with the shipped defaults (real grid, real gate); the probes are the scenario's held-out
-questions, which appear nowhere in the training data. Two draws, ~5-15 min each on 2 cores:
+questions, which appear nowhere in the training data. Three draws, ~5-15 min each on 2 cores:
 benchmarks/scenarios/run.py measures learning over seeds and unseen scenarios.
 """
 
@@ -57,7 +57,7 @@ def _recall(gguf: Path) -> float:
     return sum(hits) / len(hits)
 
 
-@pytest.mark.parametrize("draw", [1, 2])
+@pytest.mark.parametrize("draw", [1, 2, 3])
 def test_the_demo_promotes_and_recalls_reworded_facts_under_any_id_draw(draw, argilla_stack, monkeypatch,
                                                                          base_hf_dir):
     monkeypatch.setenv("ARGILLA_API_URL", argilla_stack.api_url)
