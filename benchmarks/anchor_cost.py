@@ -1,20 +1,27 @@
-"""The KL anchor's extra forward pass: over the whole batch vs over the rows that hold anchored tokens.
+"""The KL anchor's step: logits over every position vs the LM head on the answer tokens only.
 
-    python benchmarks/anchor_cost.py [--base DIR] [--steps 12] [--batch 4]
+    python benchmarks/anchor_cost.py [--base DIR] [--steps 12] [--batch 4] [--scenario ebike_faq]
 
-A training step with the anchor (``trainer.anchor``) runs the starting weights (the adapter switched off) once
-more, without gradients, to hold the general replay answers to their distribution. It used to run them on every
-row of the batch; it now runs only the rows that hold anchored tokens (about half of a batch mixed at
-``replay_ratio`` 0.5). Three step variants run here, interleaved step by step on the same batches, on the
+A training step with the anchor (``trainer.anchor``) computes the supervised loss on the answer tokens and the KL
+to the starting weights (the adapter switched off, no gradients) on the general replay answers. Both read the
+logits only at answer tokens, about a third of a padded batch of chat turns (the system prompt, the question and
+the padding are the rest). Three step variants run here, interleaved step by step on the same batches, on the
 bundled SmolLM2-135M with a rank-16 LoRA on every linear layer (the trainer's shape): the shipped general replay
-mixed half and half with the curated corrections of the demo's scenario (benchmarks/scenarios/zephyr.json, as
-``learning_sweep.curated_examples`` builds them), batches of ``--batch`` in a fixed shuffled order.
+mixed half and half with the curated corrections of a scenario (as ``learning_sweep.curated_examples`` builds
+them), batches of ``--batch`` in a fixed shuffled order.
 
-  * ``no anchor``: forward, cross-entropy, backward (no update: every variant sees the same weights);
-  * ``whole batch``: plus the starting weights on every row (the earlier way);
-  * ``anchored rows``: plus ``trainer.anchor._kl_to_start`` (the way the trainer does it now).
+  * ``no anchor``: forward over every position, cross-entropy, backward (no update: every variant sees the
+    same weights);
+  * ``full logits``: plus the starting weights on the rows that hold anchored tokens, logits at every position
+    of both forward passes (the way before ``trainer.anchor.answer_logits``);
+  * ``answer positions``: the decoder then the LM head at the answer tokens only, for the supervised loss and
+    for both sides of the KL (``trainer.anchor.answer_logits``), the starting weights run at every step;
+  * ``+ start cache``: the trainer's way now, the starting weights' log-probabilities of each row kept from the
+    first epoch (``trainer.anchor.StartCache``; filled by one pass over every batch before the timing, as the
+    first epoch fills it), so the steps of the later epochs are timed.
 
-Reported: the median seconds per step of each, their ratios, and the largest difference between the two KL values.
+Reported: the median seconds per step of each, their ratios, and the largest differences of the loss and the KL
+between the anchored ways and ``full logits``.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", default=None, help="HF base directory (default: the bundled model, converted)")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--scenario", default="ebike_faq", help="a scenario of benchmarks/scenarios/")
     args = parser.parse_args(argv)
 
     import torch
@@ -48,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from trainer.anchor import _kl_to_start
+    from trainer.anchor import StartCache, _kl_to_start, answer_logits
     from trainer.base_model import resolve_base
     from trainer.config import TrainConfig
     from trainer.data import build_training_set, tokenize_examples
@@ -57,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     base_path = resolve_base(args.base)
     tokenizer = load_tokenizer(base_path)
-    corrections = curated_examples(load_scenario("zephyr"))
+    corrections = curated_examples(load_scenario(args.scenario))
     mixed = build_training_set(corrections, load_general_replay(TrainConfig()), 0.5, seed=0)
     rows = tokenize_examples(tokenizer, mixed, 512, anchor=True).rows
     random.Random(0).shuffle(rows)
@@ -79,47 +87,65 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     trainer = SimpleNamespace(accelerator=SimpleNamespace(unwrap_model=lambda m: m),
                               _metrics={"train": defaultdict(list)})
+    cached = SimpleNamespace(accelerator=trainer.accelerator, _metrics=trainer._metrics, start_cache=StartCache(),
+                             args=SimpleNamespace(neftune_noise_alpha=None))
 
-    def step(i: int, how: str) -> tuple[float, float | None]:
+    def step(i: int, how: str) -> tuple[float, float, float | None]:
         forward, labels, anchor = batch(i)
         started = time.perf_counter()
-        logits = model(**forward).logits[:, :-1].float()
         targets = labels[:, 1:]
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        held = (targets != -100) & anchor[:, 1:].bool()
+        answer = targets != -100
+        held = answer & anchor[:, 1:].bool()
         kl = None
-        if how == "whole batch" and held.any():
-            with torch.no_grad(), model.disable_adapter():
-                start = model(**forward).logits[:, :-1].float()
-            kl = F.kl_div(F.log_softmax(logits[held], dim=-1), F.log_softmax(start[held], dim=-1), log_target=True,
-                          reduction="batchmean")
-        elif how == "anchored rows" and held.any():
-            kl = _kl_to_start(trainer, model, forward, logits, held)
+        if how in ("answer positions", "+ start cache"):
+            who = cached if how == "+ start cache" else trainer
+            logits = answer_logits(who, model, forward, answer)
+            loss = F.cross_entropy(logits, targets[answer])
+            if held.any():
+                kl = _kl_to_start(who, model, forward, logits[held[answer]], held)
+        else:
+            logits = model(**forward).logits[:, :-1].float()
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+            if how == "full logits" and held.any():
+                rows = held.any(dim=1)
+                with torch.no_grad(), model.disable_adapter():
+                    start = model(input_ids=forward["input_ids"][rows], attention_mask=forward["attention_mask"][rows],
+                                  use_cache=False).logits[:, :-1].float()
+                kl = F.kl_div(F.log_softmax(logits[held], dim=-1), F.log_softmax(start[held[rows]], dim=-1),
+                              log_target=True, reduction="batchmean")
         (loss + kl if kl is not None else loss).backward()
         optimizer.zero_grad(set_to_none=True)  # no update: every variant sees the same weights
-        return time.perf_counter() - started, float(kl.detach()) if kl is not None else None
+        return time.perf_counter() - started, float(loss.detach()), float(kl.detach()) if kl is not None else None
 
-    ways = ("no anchor", "whole batch", "anchored rows")
+    ways = ("no anchor", "full logits", "answer positions", "+ start cache")
     seconds: dict[str, list[float]] = {w: [] for w in ways}
-    kls: dict[str, list[float | None]] = {w: [] for w in ways}
-    step(0, "whole batch")  # warm-up
+    values: dict[str, list[tuple[float, float | None]]] = {w: [] for w in ways}
+    step(0, "full logits")  # warm-up
+    step(0, "answer positions")
+    for i in range(-(-len(rows) // args.batch)):  # the first epoch, which fills the start cache
+        step(i, "+ start cache")
     for i in range(args.steps):
         for way in ways:
-            took, kl = step(i, way)
+            took, loss, kl = step(i, way)
             seconds[way].append(took)
-            kls[way].append(kl)
+            values[way].append((loss, kl))
     anchored = sum(1 for r in rows if r.get("anchor")) / len(rows)
+    total = sum(len(r["input_ids"]) for r in rows)
+    answers = sum(sum(1 for x in r["labels"] if x != -100) for r in rows)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
-          f"{torch.get_num_threads()}; {len(rows)} rows ({anchored:.0%} anchored), batch {args.batch}, "
-          f"{args.steps} steps each")
+          f"{torch.get_num_threads()}; {args.scenario}: {len(rows)} rows ({anchored:.0%} anchored, answer tokens "
+          f"{answers / total:.0%} of the unpadded tokens), batch {args.batch}, {args.steps} steps each")
     base = statistics.median(seconds["no anchor"])
     for way in ways:
         median = statistics.median(seconds[way])
-        print(f"{way:>14}: {median:.3f} s/step ({median / base:.2f}x no anchor)")
-    ratio = statistics.median(seconds["whole batch"]) / statistics.median(seconds["anchored rows"])
-    diff = max((abs(a - b) for a, b in zip(kls["whole batch"], kls["anchored rows"]) if a is not None and b is not None),
-               default=0.0)
-    print(f"whole batch / anchored rows: {ratio:.2f}x; largest KL difference {diff:.2e}")
+        print(f"{way:>16}: {median:.3f} s/step ({median / base:.2f}x no anchor)")
+    for way in ways[2:]:
+        ratio = statistics.median(seconds["full logits"]) / statistics.median(seconds[way])
+        pairs = list(zip(values["full logits"], values[way]))
+        loss_diff = max(abs(a[0] - b[0]) for a, b in pairs)
+        kl_diff = max((abs(a[1] - b[1]) for a, b in pairs if a[1] is not None and b[1] is not None), default=0.0)
+        print(f"full logits / {way}: {ratio:.2f}x; largest loss difference {loss_diff:.2e}, "
+              f"largest KL difference {kl_diff:.2e}")
     return 0
 
 

@@ -4,9 +4,10 @@ Replay teaches the starting model's own greedy answer to each general prompt, on
 adds ``TrainConfig.kl_weight`` x KL(start || adapted), the mean over the answer tokens of the general replay
 examples, to the supervised loss: every position pulls the adapted model towards the starting weights' full
 distribution (what they would have said, and how sure they were), not only towards their top token. The
-starting weights are the same model with its LoRA adapter switched off (``disable_adapter``), so the anchor
-costs one more forward pass without gradients, over the rows of a batch that hold anchored tokens only, and no
-second copy of the model.
+starting weights are the same model with its LoRA adapter switched off (``disable_adapter``): no second copy of
+the model. Their log-probabilities are computed once per run for each anchored row, with a forward pass without
+gradients over the rows of a batch that hold anchored tokens, and kept (``StartCache``) for the later epochs;
+the LM head, adapted or not, runs on the answer tokens only where the model allows it (``answer_logits``).
 
 Contract:
   - ``anchored(SFTTrainer)`` returns a subclass of the trainer that takes ``kl_weight``; its training rows carry
@@ -43,6 +44,7 @@ def anchored(trainer_class):
             super().__init__(*args, **kwargs)
             self.kl_weight = kl_weight
             self.data_collator = AnchorCollator(self.data_collator)
+            self.start_cache = StartCache()
 
         def _set_signature_columns_if_needed(self):
             super()._set_signature_columns_if_needed()
@@ -51,28 +53,41 @@ def anchored(trainer_class):
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             anchor = inputs.pop("anchor", None)
-            if anchor is None or not model.training or not bool(anchor.any()):
+            if anchor is None or not model.training or not bool(anchor.any()) or return_outputs:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             labels = inputs["labels"]
             forward = {k: v for k, v in inputs.items() if k != "labels"}
             forward["use_cache"] = False
-            outputs = model(**forward)
-            logits = outputs.logits[:, :-1].float()
             targets = labels[:, 1:]
             answer = targets != -100
+            logits = answer_logits(self, model, forward, answer)  # one row per answer token
             denominator = answer.sum() if num_items_in_batch is None else num_items_in_batch
-            supervised = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                         ignore_index=-100, reduction="sum")
+            supervised = F.cross_entropy(logits, targets[answer], reduction="sum")
             supervised = supervised / torch.as_tensor(denominator, device=supervised.device).clamp(min=1)
-            loss = supervised + self.kl_weight * _kl_to_start(self, model, forward, logits, answer & anchor[:, 1:].bool())
-            return (loss, outputs) if return_outputs else loss
+            held = answer & anchor[:, 1:].bool()
+            return supervised + self.kl_weight * _kl_to_start(self, model, forward, logits[held[answer]], held)
 
     return AnchoredSFTTrainer
 
 
-def _kl_to_start(trainer, model, forward: dict, logits, held):
-    """KL(start || adapted), averaged over the ``held`` positions of ``logits`` (the adapted model's on ``forward``,
-    shifted), the start being ``model`` with every adapter off; logged as ``anchor_kl`` beside the loss."""
+def _kl_to_start(trainer, model, forward: dict, adapted, held):
+    """KL(start || adapted), averaged over the ``held`` positions (a mask over ``forward``'s shifted positions);
+    ``adapted`` holds the adapted model's logits at those positions, in order, the start is ``model`` with every
+    adapter off; logged as ``anchor_kl`` beside the loss."""
+    import torch.nn.functional as F
+
+    cache = getattr(trainer, "start_cache", None)
+    if cache is not None and cache.usable(trainer, forward):
+        start = cache.log_probs(trainer, model, forward, held)
+    else:
+        start = _start_log_probs(trainer, model, forward, held)
+    kl = F.kl_div(F.log_softmax(adapted, dim=-1), start, log_target=True, reduction="batchmean")
+    trainer._metrics["train"]["anchor_kl"].append(float(kl.detach()))
+    return kl
+
+
+def _start_log_probs(trainer, model, forward: dict, held):
+    """The starting weights' log-probabilities at the ``held`` positions, in mask order."""
     import torch
     import torch.nn.functional as F
 
@@ -83,12 +98,76 @@ def _kl_to_start(trainer, model, forward: dict, logits, held):
     sliced = {k: v[rows] if torch.is_tensor(v) and v.dim() > 0 and v.size(0) == rows.size(0) else v
               for k, v in forward.items()}
     with torch.no_grad(), trainer.accelerator.unwrap_model(model).disable_adapter():
-        start = model(**sliced).logits[:, :-1].float()
-    held = held[rows]
-    kl = F.kl_div(F.log_softmax(logits[rows][held], dim=-1), F.log_softmax(start[held], dim=-1), log_target=True,
-                  reduction="batchmean")
-    trainer._metrics["train"]["anchor_kl"].append(float(kl.detach()))
-    return kl
+        return F.log_softmax(answer_logits(trainer, model, sliced, held[rows]), dim=-1)
+
+
+# What the start cache may hold: a 135M model's 33 general replay answers take about 300 MB; rows beyond the budget
+# are computed at every step, as without the cache.
+START_CACHE_BYTES = 1 << 30
+
+
+class StartCache:
+    """The starting weights' log-probabilities at each training row's anchored tokens, computed once per run.
+
+    The starting weights never change during a run and every epoch shows them the same general replay rows, so
+    from the second epoch on the anchor needs no forward pass of its own. A row is known by its tokens and its
+    anchored positions. Only padded batches are cached (each row its own sequence: a padding-free batch packs
+    different rows together every epoch), and not with NEFTune, whose noise reaches the starting weights too.
+    Cached values equal recomputed ones up to the float rounding of another batch's padding."""
+
+    def __init__(self, budget: int = START_CACHE_BYTES):
+        self.rows: dict[bytes, object] = {}
+        self.budget, self.size = budget, 0
+
+    @staticmethod
+    def usable(trainer, forward: dict) -> bool:
+        packed = any(k in forward for k in ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k"))
+        noisy = getattr(getattr(trainer, "args", None), "neftune_noise_alpha", None)
+        return "attention_mask" in forward and not packed and not noisy
+
+    def log_probs(self, trainer, model, forward: dict, held):
+        import torch
+
+        ids, mask = forward["input_ids"], forward["attention_mask"].bool()
+        order = [int(i) for i in held.any(dim=1).nonzero().flatten()]
+        keys = {i: ids[i][mask[i]].cpu().numpy().tobytes() + b"|" + held[i].nonzero().cpu().numpy().tobytes()
+                for i in order}
+        missing = [i for i in order if keys[i] not in self.rows]
+        fresh = {}
+        if missing:
+            only = torch.zeros_like(held)
+            only[missing] = held[missing]
+            parts = _start_log_probs(trainer, model, forward, only).split(held[missing].sum(dim=1).tolist())
+            fresh = dict(zip(missing, parts))
+            for i, part in fresh.items():
+                size = part.numel() * part.element_size()
+                if self.size + size <= self.budget:
+                    self.rows[keys[i]], self.size = part, self.size + size
+        return torch.cat([fresh[i] if i in fresh else self.rows[keys[i]] for i in order])
+
+
+# Causal LMs whose logits are exactly ``lm_head(final hidden state)``: no soft-capping, scaling or bias added
+# after the head, so the head can run on the positions that count and give the same numbers.
+PLAIN_HEADS = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2"})
+
+
+def answer_logits(trainer, model, forward: dict, positions):
+    """The next-token logits of ``model`` on ``forward`` at ``positions`` (a bool mask over the shifted positions,
+    ``[rows, length - 1]``), as float32 rows in mask order.
+
+    The LM head is a fifth of a small model's forward pass and its vocabulary-wide softmax dominates the memory
+    traffic, yet the loss reads it only at answer tokens (a third of a padded batch of chat turns). So when the
+    model runs unwrapped (one process: no data-parallel wrapper whose forward must run) and has a plain head
+    (``PLAIN_HEADS``), the decoder runs and the head sees only those positions; otherwise the whole forward runs
+    and the positions are picked from its logits. Both give the same numbers up to float rounding."""
+    inner = trainer.accelerator.unwrap_model(model)
+    causal = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    decoder, head = causal.get_decoder(), causal.get_output_embeddings()
+    plain = getattr(causal.config, "model_type", None) in PLAIN_HEADS and decoder is not None and head is not None
+    if inner is not model or not plain:
+        return model(**forward).logits[:, :-1][positions].float()
+    hidden = decoder(**forward).last_hidden_state[:, :-1]
+    return head(hidden[positions]).float()
 
 
 def replay_anchored(trainer_class):
@@ -101,6 +180,7 @@ def replay_anchored(trainer_class):
             super().__init__(*args, **kwargs)
             self.kl_weight = kl_weight
             self.anchor_rows = anchor_rows
+            self.start_cache = StartCache()
 
         def _anchor_batch(self) -> dict:
             """The anchor rows of this optimizer step, right-padded: ids, attention and the answer tokens."""
@@ -123,8 +203,8 @@ def replay_anchored(trainer_class):
             batch = self._anchor_batch()
             forward = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"].long(),
                        "use_cache": False}
-            logits = model(**forward).logits[:, :-1].float()
-            kl = _kl_to_start(self, model, forward, logits, batch["answer"][:, 1:])
+            held = batch["answer"][:, 1:]
+            kl = _kl_to_start(self, model, forward, answer_logits(self, model, forward, held), held)
             if return_outputs:
                 return out[0] + self.kl_weight * kl, out[1]
             return out + self.kl_weight * kl

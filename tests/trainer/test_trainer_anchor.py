@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from test_trainer_train import facts, small_config
 
-from trainer.anchor import _kl_to_start
+from trainer.anchor import _kl_to_start, answer_logits
 from trainer.config import TrainConfig
 from trainer.data import tokenize_examples, write_examples
 from trainer.evaluate import load_general_replay
@@ -132,34 +132,47 @@ def test_a_preference_stage_holds_the_general_replay_answers_of_its_data_to_the_
     assert drift[5.0] < 0.7 * drift[0.0], drift
 
 
-@pytest.mark.slow
-def test_only_the_rows_holding_anchored_tokens_go_through_the_starting_weights_and_the_kl_is_unchanged(base_hf_dir):
-    from collections import defaultdict
-    from types import SimpleNamespace
-
+def _randomly_adapted(base_hf_dir):
+    """(base, PEFT model) of the bundled model with random LoRA B matrices on q and v, in eval mode: the adapted
+    model differs from the starting weights, so a KL between them is not zero."""
     import torch
-    import torch.nn.functional as F
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(base_hf_dir, dtype=torch.float32)
-    # random B matrices: the adapted model differs from the starting weights, so the KL is not zero
-    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    return base, get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False)).eval()
+
+
+def _one_process_trainer(**fields):
+    """What the anchor reads of a trainer run in one process (no data-parallel wrapper to unwrap)."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    return SimpleNamespace(accelerator=SimpleNamespace(unwrap_model=lambda m: m),
+                           _metrics={"train": defaultdict(list)}, **fields)
+
+
+@pytest.mark.slow
+def test_only_the_rows_holding_anchored_tokens_go_through_the_starting_weights_and_the_kl_is_unchanged(base_hf_dir):
+    import torch
+    import torch.nn.functional as F
+
+    base, model = _randomly_adapted(base_hf_dir)
     ids = torch.randint(10, 1000, (4, 12))
     mask = torch.ones_like(ids)
     mask[1, 9:] = mask[3, 7:] = 0  # right padding
     forward = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
     held = torch.zeros(4, 11, dtype=torch.bool)
     held[0, 5:9] = held[2, 3:11] = True  # anchored answer tokens in rows 0 and 2 only
-    trainer = SimpleNamespace(accelerator=SimpleNamespace(unwrap_model=lambda m: m),
-                              _metrics={"train": defaultdict(list)})
+    trainer = _one_process_trainer()
     seen = []
     hook = base.get_input_embeddings().register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
     with torch.no_grad():
         logits = model(**forward).logits[:, :-1].float()
         seen.clear()
-        kl = _kl_to_start(trainer, model, forward, logits, held)
+        kl = _kl_to_start(trainer, model, forward, logits[held], held)
         hook.remove()
         with model.disable_adapter():
             start = model(**forward).logits[:, :-1].float()
@@ -168,3 +181,82 @@ def test_only_the_rows_holding_anchored_tokens_go_through_the_starting_weights_a
     assert seen == [2]  # one forward pass of the starting weights, on the two anchored rows
     assert float(kl) > 0 and torch.allclose(kl, whole, rtol=1e-4, atol=1e-6), (float(kl), float(whole))
     assert trainer._metrics["train"]["anchor_kl"] == [pytest.approx(float(kl))]
+
+
+@pytest.mark.slow
+def test_the_lm_head_runs_on_the_answer_tokens_only_and_gives_the_logits_of_a_whole_forward_pass(base_hf_dir):
+    from types import SimpleNamespace
+
+    import torch
+
+    base, model = _randomly_adapted(base_hf_dir)
+    ids = torch.randint(10, 1000, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # right padding
+    forward = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+    positions = torch.zeros(3, 9, dtype=torch.bool)
+    positions[0, 4:9] = positions[1, 2:5] = positions[2, 7] = True  # 9 answer tokens of 27 positions
+    heads = []
+    hook = base.get_output_embeddings().register_forward_hook(lambda module, args, out: heads.append(args[0].shape))
+    one_process = _one_process_trainer()
+    wrapped = torch.nn.Module()  # stands for a data-parallel wrapper: its own forward must run, so no shortcut
+    wrapped.forward = lambda **kw: model(**kw)
+    data_parallel = SimpleNamespace(accelerator=SimpleNamespace(unwrap_model=lambda m: model))
+    with torch.no_grad():
+        whole = model(**forward).logits[:, :-1][positions]
+        heads.clear()
+        picked = answer_logits(one_process, model, forward, positions)
+        assert [tuple(s) for s in heads] == [(9, 576)]  # the head saw the answer tokens, not 3 x 10 positions
+        heads.clear()
+        fallback = answer_logits(data_parallel, wrapped, forward, positions)
+        assert [tuple(s) for s in heads] == [(3, 10, 576)]
+    hook.remove()
+    assert picked.shape == whole.shape == (9, base.config.vocab_size)
+    assert torch.allclose(picked, whole, atol=1e-4) and torch.equal(fallback, whole)
+
+
+@pytest.mark.slow
+def test_the_starting_weights_answer_each_anchored_row_once_per_run_and_the_kl_is_unchanged(base_hf_dir):
+    from types import SimpleNamespace
+
+    import torch
+
+    from trainer.anchor import StartCache
+
+    base, model = _randomly_adapted(base_hf_dir)
+    rows = torch.randint(10, 1000, (3, 12))
+
+    def batch(order: list[int], width: int):
+        ids = torch.zeros(len(order), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        held = torch.zeros(len(order), width - 1, dtype=torch.bool)
+        for j, r in enumerate(order):
+            length = 12 - 2 * r  # rows of 12, 10 and 8 tokens, right-padded to the batch's width
+            ids[j, :length], mask[j, :length] = rows[r, :length], 1
+            held[j, length - 5:length - 1] = r != 1  # rows 0 and 2 hold anchored tokens
+        return {"input_ids": ids, "attention_mask": mask, "use_cache": False}, held
+
+    def trainer(cache):
+        return _one_process_trainer(start_cache=cache, args=SimpleNamespace(neftune_noise_alpha=None))
+
+    seen = []
+    hook = base.get_input_embeddings().register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    cached, plain = trainer(StartCache()), trainer(None)
+    kls = {}
+    with torch.no_grad():
+        for epoch, order in enumerate(([0, 1, 2], [2, 1, 0])):  # the second epoch pads the rows differently
+            forward, held = batch(order, 12 if epoch == 0 else 14)
+            adapted = answer_logits(plain, model, forward, held)
+            seen.clear()
+            kls[epoch] = (_kl_to_start(cached, model, forward, adapted, held),
+                          _kl_to_start(plain, model, forward, adapted, held))
+            assert seen == ([2] if epoch == 0 else []) + [2], (epoch, seen)  # the cache's pass, then the plain one
+    hook.remove()
+    for with_cache, without in kls.values():
+        assert float(without) > 0 and torch.allclose(with_cache, without, rtol=1e-5, atol=1e-7)
+    assert len(cached.start_cache.rows) == 2 and cached.start_cache.size > 0
+    small = StartCache(budget=1)  # beyond the budget nothing is kept and every step computes again
+    forward, held = batch([0, 1, 2], 12)
+    with torch.no_grad():
+        _kl_to_start(trainer(small), model, forward, answer_logits(plain, model, forward, held), held)
+    assert small.rows == {} and small.size == 0
