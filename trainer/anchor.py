@@ -146,28 +146,20 @@ class StartCache:
         return torch.cat([fresh[i] if i in fresh else self.rows[keys[i]] for i in order])
 
 
-# Causal LMs whose logits are exactly ``lm_head(final hidden state)``: no soft-capping, scaling or bias added
-# after the head, so the head can run on the positions that count and give the same numbers.
-PLAIN_HEADS = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2"})
-
-
 def answer_logits(trainer, model, forward: dict, positions):
     """The next-token logits of ``model`` on ``forward`` at ``positions`` (a bool mask over the shifted positions,
     ``[rows, length - 1]``), as float32 rows in mask order.
 
-    The LM head is a fifth of a small model's forward pass and its vocabulary-wide softmax dominates the memory
-    traffic, yet the loss reads it only at answer tokens (a third of a padded batch of chat turns). So when the
-    model runs unwrapped (one process: no data-parallel wrapper whose forward must run) and has a plain head
-    (``PLAIN_HEADS``), the decoder runs and the head sees only those positions; otherwise the whole forward runs
-    and the positions are picked from its logits. Both give the same numbers up to float rounding."""
-    inner = trainer.accelerator.unwrap_model(model)
-    causal = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    decoder, head = causal.get_decoder(), causal.get_output_embeddings()
-    plain = getattr(causal.config, "model_type", None) in PLAIN_HEADS and decoder is not None and head is not None
-    if inner is not model or not plain:
+    The loss reads the logits at answer tokens only (a third of a padded batch of chat turns), so when the model
+    runs unwrapped (one process: no data-parallel wrapper whose forward must run) the LM head sees only those
+    positions (``trainer.evaluate.logits_at``); otherwise the whole forward runs and the positions are picked."""
+    import torch.nn.functional as F
+
+    from trainer.evaluate import logits_at
+
+    if trainer.accelerator.unwrap_model(model) is not model:
         return model(**forward).logits[:, :-1][positions].float()
-    hidden = decoder(**forward).last_hidden_state[:, :-1]
-    return head(hidden[positions]).float()
+    return logits_at(model, forward, F.pad(positions, (0, 1)))
 
 
 def replay_anchored(trainer_class):

@@ -99,26 +99,29 @@ def masked_nll(model, sequences: list[list[int]], loss_masks: list[list[int]], p
     """
     import torch
 
+    # Position t predicts token t + 1: the logits wanted are those one before each marked token.
+    wanted = [[t - 1 for t, m in enumerate(mask[:len(seq)]) if m and t > 0]
+              for seq, mask in zip(sequences, loss_masks)]
     out: list[tuple[float, int]] = []
-    for start, ids, logits in padded_logits(model, sequences, pad, batch_size, disable_adapter):
-        masks = loss_masks[start:start + len(ids)]
-        scored = torch.zeros(ids.shape, dtype=torch.bool)
-        for i, mask in enumerate(masks):
-            scored[i, :len(mask)] = torch.tensor(mask, dtype=torch.bool)
-        # Position t predicts token t + 1.
-        targets, target_mask = ids[:, 1:].to(logits.device), scored[:, 1:].to(logits.device)
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1, :].float().transpose(1, 2), targets,
-                                                reduction="none") * target_mask
-        out.extend(zip(nll.sum(-1).tolist(), target_mask.sum(-1).tolist()))
+    for _, ids, at, logits in padded_logits(model, sequences, wanted, pad, batch_size, disable_adapter):
+        rows, positions = at.nonzero(as_tuple=True)
+        targets = ids[rows, positions + 1].to(logits.device)
+        nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        sums = torch.zeros(len(ids), dtype=nll.dtype, device=nll.device).index_add_(0, rows.to(nll.device), nll)
+        out.extend(zip(sums.tolist(), at.sum(-1).tolist()))
     return out
 
 
-def padded_logits(model, sequences: list[list[int]], pad: int, batch_size: int = 4, disable_adapter: bool = False):
-    """Yield (index of the batch's first sequence, its right-padded ids, the model's logits) batch by batch.
+def padded_logits(model, sequences: list[list[int]], positions: list[list[int]], pad: int, batch_size: int = 4,
+                  disable_adapter: bool = False):
+    """Yield (index of the batch's first sequence, its right-padded ids, the mask of the wanted positions, the
+    model's float32 logits at them, one row per position in mask order) batch by batch.
 
     The one batched no-grad forward of the judge: ``masked_nll`` and the general-answers check
-    (trainer/general_kept.py) both read it. The model is in eval mode while the batches are consumed and back in
-    training mode afterwards if it was; ``disable_adapter=True`` runs a PEFT model's base weights.
+    (trainer/general_kept.py) both read it. ``positions[i]`` lists the positions of sequence i whose next-token
+    logits are wanted; the LM head runs on those only where the model allows it (``logits_at``). The model is in
+    eval mode while the batches are consumed and back in training mode afterwards if it was;
+    ``disable_adapter=True`` runs a PEFT model's base weights.
     """
     import torch
 
@@ -133,13 +136,37 @@ def padded_logits(model, sequences: list[list[int]], pad: int, batch_size: int =
                 width = max(len(row) for row in batch)
                 ids = torch.full((len(batch), width), pad, dtype=torch.long)
                 attention = torch.zeros((len(batch), width), dtype=torch.long)
+                at = torch.zeros((len(batch), width), dtype=torch.bool)
                 for i, row in enumerate(batch):
                     ids[i, :len(row)] = torch.tensor(row)
                     attention[i, :len(row)] = 1
-                yield start, ids, model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits
+                    at[i, positions[start + i]] = True
+                forward = {"input_ids": ids.to(device), "attention_mask": attention.to(device)}
+                yield start, ids, at, logits_at(model, forward, at.to(device))
     finally:
         if was_training:
             model.train()
+
+
+# Causal LMs whose logits are exactly ``lm_head(final hidden state)``: no soft-capping, scaling or bias added
+# after the head, so the head can run on the positions that count and give the same numbers.
+PLAIN_HEADS = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2"})
+
+
+def logits_at(model, forward: dict, positions):
+    """The next-token logits of ``model`` (plain or PEFT, unwrapped) on ``forward`` at ``positions`` (a bool mask
+    over the input positions, ``[rows, length]``; position t predicts token t + 1), as float32 rows in mask order.
+
+    The LM head is a fifth of a small model's forward pass and its vocabulary-wide output dominates the memory
+    traffic, while a loss or a check reads it only at answer tokens (a third of a padded batch of chat turns, or
+    less). So for a plain head (``PLAIN_HEADS``) the decoder runs and the head sees only those positions;
+    otherwise the whole forward runs and the positions are picked from its logits. Both give the same numbers
+    up to float rounding."""
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder, head = causal.get_decoder(), causal.get_output_embeddings()
+    if getattr(causal.config, "model_type", None) not in PLAIN_HEADS or decoder is None or head is None:
+        return model(**forward).logits[positions].float()
+    return head(decoder(**forward).last_hidden_state[positions]).float()
 
 
 def load_general_replay(config: TrainConfig | None = None) -> list[dict]:

@@ -140,13 +140,14 @@ def _reproduces(model, tokenizer, cases: list[tuple[list[dict], str | None]], ba
     out = [False] * len(cases)
     todo = [i for i, row in enumerate(rows) if row is not None]
     sequences = [rows[i][1] for i in todo]  # type: ignore[index]
-    for start, _, logits in padded_logits(model, sequences, pad_id(tokenizer), batch_size):
-        best = logits.argmax(-1).cpu()
+    # Position t predicts token t + 1: from the prompt's last token, the answer's tokens, then what follows.
+    wanted = [list(range(rows[i][0] - 1, len(rows[i][1]))) for i in todo]  # type: ignore[index]
+    for start, _, at, logits in padded_logits(model, sequences, wanted, pad_id(tokenizer), batch_size):
+        best = logits.argmax(-1).cpu().split(at.sum(-1).tolist())
         for j, i in enumerate(todo[start:start + len(best)]):
             begin, seq, n = rows[i]  # type: ignore[misc]
-            # Position t predicts token t + 1: the answer's tokens, then what follows its last one.
-            same = torch.equal(best[j, begin - 1:begin - 1 + n], torch.tensor(seq[begin:]))
-            ends = n == ANSWER_TOKENS or int(best[j, begin - 1 + n]) in eos_ids
+            same = torch.equal(best[j][:n], torch.tensor(seq[begin:]))
+            ends = n == ANSWER_TOKENS or int(best[j][n]) in eos_ids
             out[i] = bool(same and ends)
     return out
 
