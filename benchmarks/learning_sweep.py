@@ -44,7 +44,8 @@ FIELDS = {"lr": ("learning_rate", float), "rank": ("lora_rank", int), "alpha": (
           "wd": ("weight_decay", float), "tol": ("regression_tolerance", float),
           "kept": ("min_general_kept", float), "kl": ("kl_weight", float), "greplay": ("general_replay", str),
           "best": ("select_best_epoch", lambda v: v.lower() in ("1", "true", "yes")),
-          "repochs": ("refit_epochs", float), "obj": ("objective", str),
+          "repochs": ("refit_epochs", float),
+          "rlrf": ("refit_learning_rate_factor", float), "obj": ("objective", str),
           "plr": ("preference_learning_rate", float), "beta": ("preference_beta", float)}
 
 

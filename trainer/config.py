@@ -72,6 +72,10 @@ class TrainConfig:
     # (recall 0.89 against 0.90, general answers kept 0.91 against 0.90) in about 40% of the refit's steps, where
     # one pass lost 9 points of recall and two lost general answers (docs/trainer.md, "The refit continues").
     refit_epochs: float = 3.0
+    # The refit's learning rate as a fraction of the judged variant's (a fresh optimizer and schedule). 1: at half
+    # or a quarter of the rate the refit recalled less on the tuning scenarios and kept no more general answers
+    # (docs/trainer.md, "Five epochs").
+    refit_learning_rate_factor: float = 1.0
     # Start from this LoRA adapter's weights instead of a fresh one ("" = fresh). The refit sets it to the
     # judged adapter; the adapter must match lora_rank, lora_alpha and target_modules.
     init_adapter: str = ""
@@ -234,6 +238,10 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
                     or not (value >= 0 and math.isfinite(value)):
                 p.append(f"trainer.{name} must be a number >= 0, got {value!r}")
+        if not (isinstance(self.refit_learning_rate_factor, (int, float)) and not isinstance(
+                self.refit_learning_rate_factor, bool) and 0 < self.refit_learning_rate_factor <= 1):
+            p.append("trainer.refit_learning_rate_factor must be a number in (0, 1], "
+                     f"got {self.refit_learning_rate_factor!r}")
         if self.init_adapter and self.objective != "sft":
             p.append(f"trainer.init_adapter continues an sft adapter; objective {self.objective!r} starts fresh")
         if not isinstance(self.inject_nan_at_step, int) or self.inject_nan_at_step < 0:

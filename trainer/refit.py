@@ -12,18 +12,18 @@ scenarios and from 0.66 to 0.82 on the unseen ones (benchmarks/RESULTS.md, "Lear
 Contract: ``refit_variant(best, train_path, eval_path, base_dir, out_dir, config)`` -> a ``Refit``.
   - It runs only for an ``sft`` variant with held-out examples (else ``skipped``, with the reason): the
     preference objectives are served as judged.
-  - The refit continues the judged adapter (``init_adapter``: its chosen epoch's weights, a fresh optimizer)
-    at the variant's learning rate for ``config.refit_epochs`` passes: three passes from there recalled and
-    kept what six from the starting weights did, in about 40% of the steps (docs/trainer.md, "The refit
-    continues"). ``refit_epochs = 0`` retrains the variant's learning rate and rank from the starting weights
-    for ``config.epochs`` passes. A judged variant without its adapter is ``skipped``. Either way it trains in
-    ``out_dir`` (an ordinary run directory: a killed cycle resumes it) and is judged once, on its final
-    weights, not at every epoch (``select_best_epoch`` off): an epoch judge would score held-out examples the
-    refit trains on, which cannot measure generalisation and only falls, so all it could do is keep the last
-    epoch that passed the forgetting rules, and the last epoch passed them in 24 of 24 suite runs
-    (benchmarks/RESULTS.md, "Judging cost"). The per-epoch judging was about a fifth of the refit's time on
-    2 cores. The starting model's general answers are the judged variant's (the same starting weights answer
-    the same prompts): its ``general_kept.json`` is copied, not generated again.
+  - The refit continues the judged adapter (``init_adapter``: its chosen epoch's weights, a fresh optimizer) at
+    the variant's learning rate times ``config.refit_learning_rate_factor`` for ``config.refit_epochs`` passes:
+    three passes from there recalled and kept what six from the starting weights did, in about 40% of the steps
+    (docs/trainer.md, "The refit continues"). ``refit_epochs = 0`` retrains the variant's learning rate and rank
+    from the starting weights for ``config.epochs`` passes. A judged variant without its adapter is ``skipped``.
+    Either way it trains in ``out_dir`` (an ordinary run directory: a killed cycle resumes it) and is judged once,
+    on its final weights, not at every epoch (``select_best_epoch`` off): an epoch judge would score held-out
+    examples the refit trains on, which cannot measure generalisation and only falls, so all it could do is keep
+    the last epoch that passed the forgetting rules, and the last epoch passed them in 24 of 24 suite runs
+    (benchmarks/RESULTS.md, "Judging cost"). The per-epoch judging was about a fifth of the refit's time on 2
+    cores. The starting model's general answers are the judged variant's (the same starting weights answer the
+    same prompts): its ``general_kept.json`` is copied, not generated again.
   - It is ``used`` only when it succeeded and passes the gate's forgetting rules on its final weights
     (regression loss within ``config.regression_tolerance`` of the starting weights' and at least
     ``config.min_general_kept`` of the general answers kept). Otherwise it is ``refused`` (or ``failed``: an
@@ -84,8 +84,8 @@ def refit_variant(best, train_path: str | Path, eval_path: str | Path | None, ba
     if not held_out:
         return Refit(SKIPPED, "no held-out examples to add")
     data = examples_of(train_path) + held_out
-    run_config = replace(config, learning_rate=best.learning_rate, lora_rank=best.lora_rank, objective="sft",
-                         select_best_epoch=False)
+    run_config = replace(config, learning_rate=best.learning_rate * config.refit_learning_rate_factor,
+                         lora_rank=best.lora_rank, objective="sft", select_best_epoch=False)
     if config.refit_epochs > 0:  # continue the judged adapter; 0 retrains from the starting weights
         if best.adapter_dir is None or not Path(best.adapter_dir).is_dir():
             return Refit(SKIPPED, f"the judged adapter of {best.name} is missing: nothing to continue")

@@ -134,3 +134,22 @@ def test_refit_epochs_must_be_a_finite_number_at_least_zero_and_only_sft_continu
     assert any("trainer.init_adapter" in p for p in problems)
     assert TrainConfig(init_adapter="some/adapter").resume_fields()["init_adapter"] == "some/adapter"
     assert "init_adapter" not in TrainConfig().resume_fields()  # older run directories still resume
+
+
+@pytest.mark.slow
+def test_the_refit_trains_at_its_factor_of_the_judged_variants_learning_rate(base_hf_dir, tmp_path):
+    train, held_out = split(tmp_path)
+    config = small_config(tmp_path, max_steps=1, batch_size=2, min_general_kept=0.0, refit_epochs=0.0,
+                          refit_learning_rate_factor=0.5)
+    refit = refit_variant(chosen(tmp_path, lr=1e-3), train, held_out, base_hf_dir, tmp_path / "refit", config)
+    assert refit.status == USED, refit.reason
+    assert refit.metrics["config"]["learning_rate"] == pytest.approx(5e-4)
+
+
+def test_the_refit_learning_rate_factor_is_a_fraction_of_the_variants_rate():
+    from trainer.config import TrainConfig
+
+    assert TrainConfig(refit_learning_rate_factor=0.25).validate() == []
+    for bad in (0.0, -0.5, 1.5, float("nan"), True, "0.5"):
+        problems = TrainConfig(refit_learning_rate_factor=bad).validate()
+        assert any("trainer.refit_learning_rate_factor" in p for p in problems), bad
