@@ -11,6 +11,7 @@ measure in an SFT run's metrics.json, so the gate can set SFT beside DPO/KTO.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -23,41 +24,52 @@ from trainer.run_report import ADAPTER_DIR, write_metrics
 
 def answer_logprobs(model, tokenizer, prompts_answers: list[tuple[list[dict], str]], max_length: int,
                     batch_size: int = 4, disable_adapter: bool = False) -> list[float]:
-    """Mean per-token log-probability of each answer (end-of-turn included) given its prompt."""
+    """Mean per-token log-probability of each answer (end-of-turn included) given its prompt, one value per
+    pair in order; nan where no answer token is left within ``max_length``."""
     examples = [{"messages": list(p) + [{"role": "assistant", "content": a}]} for p, a in prompts_answers]
-    rows = tokenize_examples(tokenizer, examples, max_length).rows
-    scored = masked_nll(model, [r["input_ids"] for r in rows], [answer_mask(r) for r in rows], pad_id(tokenizer),
-                        batch_size, disable_adapter)
-    return [-nll / max(n, 1) for nll, n in scored]
+    rows = [tokenize_examples(tokenizer, [e], max_length).rows for e in examples]
+    kept = [r[0] for r in rows if r]
+    scored = iter(masked_nll(model, [r["input_ids"] for r in kept], [answer_mask(r) for r in kept],
+                             pad_id(tokenizer), batch_size, disable_adapter))
+    out = []
+    for r in rows:
+        nll, n = next(scored) if r else (math.nan, 0)
+        out.append(-nll / n if n else math.nan)
+    return out
 
 
 def preference_measures(model, tokenizer, data: PreferenceData, config: TrainConfig) -> dict:
-    """The preference measure of a PEFT model and of its starting weights (module docstring)."""
+    """The preference measure of a PEFT model and of its starting weights (module docstring).
+
+    Every distinct (prompt, answer) is scored once per set of weights: a thumbs-down answer is usually both a
+    pair's rejected answer and an undesirable label, and it is the longest text here."""
     out: dict = {}
-    pairs, split = (data.eval_pairs, "eval") if data.eval_pairs else (data.pairs, "train")
+    pairs, pairs_split = (data.eval_pairs, "eval") if data.eval_pairs else (data.pairs, "train")
+    labels, labels_split = (data.eval_labels, "eval") if data.eval_labels else (data.labels, "train")
     if pairs:
-        out.update(pairs_split=split, pairs=len(pairs))
-        for suffix, off in (("", False), ("_start", True)):
-            chosen = answer_logprobs(model, tokenizer, [(p["prompt"], p["chosen"]) for p in pairs],
-                                     config.max_length, config.batch_size, disable_adapter=off)
-            rejected = answer_logprobs(model, tokenizer, [(p["prompt"], p["rejected"]) for p in pairs],
-                                       config.max_length, config.batch_size, disable_adapter=off)
-            n = min(len(chosen), len(rejected))
-            if n:
-                out[f"chosen_logprob{suffix}"] = _mean(chosen)
-                out[f"rejected_logprob{suffix}"] = _mean(rejected)
-                out[f"margin{suffix}"] = _mean([c - r for c, r in zip(chosen, rejected)])
-                out[f"win_rate{suffix}"] = sum(c > r for c, r in zip(chosen, rejected)) / n
-    labels, split = (data.eval_labels, "eval") if data.eval_labels else (data.labels, "train")
+        out.update(pairs_split=pairs_split, pairs=len(pairs))
     if labels:
-        out.update(labels_split=split, labels=len(labels))
-        for suffix, off in (("", False), ("_start", True)):
-            for kind in LABEL_VALUES:
-                rows = [(r["prompt"], r["answer"]) for r in labels if r["label"] == kind]
-                if rows:
-                    values = answer_logprobs(model, tokenizer, rows, config.max_length, config.batch_size,
-                                             disable_adapter=off)
-                    out[f"{kind}_logprob{suffix}"] = _mean(values)
+        out.update(labels_split=labels_split, labels=len(labels))
+    texts = [(p["prompt"], p["chosen"]) for p in pairs] + [(p["prompt"], p["rejected"]) for p in pairs] \
+        + [(r["prompt"], r["answer"]) for r in labels]
+    keys = [json.dumps(t, sort_keys=True) for t in texts]
+    unique = list(dict.fromkeys(keys))
+    first = {k: texts[keys.index(k)] for k in unique}
+    for suffix, off in (("", False), ("_start", True)):
+        scored = dict(zip(unique, answer_logprobs(model, tokenizer, [first[k] for k in unique], config.max_length,
+                                                  config.batch_size, disable_adapter=off))) if unique else {}
+        values = [scored[k] for k in keys]
+        chosen, rejected = values[:len(pairs)], values[len(pairs):2 * len(pairs)]
+        both = [(c, r) for c, r in zip(chosen, rejected) if math.isfinite(c) and math.isfinite(r)]
+        if both:
+            out[f"chosen_logprob{suffix}"] = _mean(chosen)
+            out[f"rejected_logprob{suffix}"] = _mean(rejected)
+            out[f"margin{suffix}"] = _mean([c - r for c, r in both])
+            out[f"win_rate{suffix}"] = sum(c > r for c, r in both) / len(both)
+        for kind in LABEL_VALUES:
+            rows = [v for r, v in zip(labels, values[2 * len(pairs):]) if r["label"] == kind]
+            if rows:
+                out[f"{kind}_logprob{suffix}"] = _mean(rows)
     return out
 
 
