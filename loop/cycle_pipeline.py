@@ -157,7 +157,10 @@ class Pipeline:
             ctx.log(f"stage {name}: {entry['status']} in {entry['seconds']:.1f}s"
                     + (f" ({entry.get('reason')})" if entry.get("reason") else ""))
             if entry["status"] == "done" and self.after_stage is not None:
+                t1 = time.perf_counter()
                 self.after_stage(ctx, name, result)
+                entry["after_stage_seconds"] = round(time.perf_counter() - t1, 3)
+                state.save()
             if entry["status"] == "stopped":
                 break
         self._finish(ctx, state)

@@ -174,6 +174,7 @@ def run_one(scenario: dict[str, Any], seed: int, home: Path) -> dict[str, Any]:
         promoted=current.id != base_version.id, current_version=current.id, outcome=summary.get("outcome"),
         reason=summary.get("reason"), variant=current.variant if current.id != base_version.id else None,
         cycle_seconds=round(cycle_s, 1), train_seconds=round(train_s, 1), other_seconds=round(cycle_s - train_s, 1),
+        served_seconds=served_seconds(summary, cycle_s) if current.id != base_version.id else None,
         stage_seconds={name: s.get("seconds") for name, s in stages.items()},
         preference=chosen_preference(summary),
         # the chosen variant trained again with the held-out wordings (trainer/refit.py): used, skipped, refused
@@ -267,6 +268,19 @@ def run_suite(scenarios: list[dict[str, Any]], seeds: list[int], keep: bool,
     return results
 
 
+def served_seconds(summary: dict[str, Any], cycle_s: float) -> float:
+    """Seconds from the cycle's start until its new version served: the end of ``promote``. After it the fixed
+    measures of the new version and its parent (the Versions tab: ``promote``'s ``after_stage_seconds``),
+    ``publish`` and ``report`` run before the cycle returns."""
+    from loop.cycle import STAGE_NAMES
+
+    stages = summary.get("stages") or {}
+    after = STAGE_NAMES[STAGE_NAMES.index("promote") + 1:]
+    tail = float((stages.get("promote") or {}).get("after_stage_seconds") or 0.0) + sum(
+        float((stages.get(name) or {}).get("seconds") or 0.0) for name in after)
+    return round(cycle_s - tail, 1)
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.0f}%"
 
@@ -280,7 +294,12 @@ def progress_line(r: dict[str, Any], n: int, total: int, seconds: float) -> str:
             f"general kept {r['general_kept']}/{r['general_base_right']}; "
             f"probe words {r.get('probe_words_served')} served vs {r.get('probe_words_base')} base; "
             f"refit {(r.get('refit') or {}).get('status', '-')}; "
-            f"cycle {r['cycle_seconds']:.0f}s (train {r['train_seconds']:.0f}s); run {seconds:.0f}s")
+            f"cycle {r['cycle_seconds']:.0f}s (train {r['train_seconds']:.0f}s, served at "
+            f"{_seconds(r.get('served_seconds'))}); run {seconds:.0f}s")
+
+
+def _seconds(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0f}s"
 
 
 def machine() -> str:
@@ -317,13 +336,14 @@ def markdown_section(results: list[dict[str, Any]], command: str, date: str, tit
         "kept = general probes the base answered right that the served model still answers right.",
         "",
         "| scenario | split | objective | seed | promoted | probe pass (served vs base) | general kept "
-        "| probe words (served vs base) | rejected log-prob (start → trained) | cycle s (train / other) |",
-        "| --- | --- | --- | ---: | --- | --- | --- | --- | --- | --- |",
+        "| probe words (served vs base) | rejected log-prob (start → trained) | cycle s (train / other) "
+        "| served at s |",
+        "| --- | --- | --- | ---: | --- | --- | --- | --- | --- | --- | ---: |",
     ]
     for r in results:
         if "probe_pass_served" not in r:
             lines.append(f"| {r['scenario']} | {r['split']} | {r.get('objective') or '-'} | {r['seed']} | "
-                         f"failed: {r.get('reason')} | - | - | - | - | - |")
+                         f"failed: {r.get('reason')} | - | - | - | - | - | - |")
             continue
         promoted = "yes" if r["promoted"] else f"no: {r.get('reason') or r.get('outcome')}"
         pref = r.get("preference") or {}
@@ -336,7 +356,8 @@ def markdown_section(results: list[dict[str, Any]], command: str, date: str, tit
             f"| {r['scenario']} | {r['split']} | {r.get('objective') or '-'} | {r['seed']} | {promoted} | "
             f"{_pct(r['probe_pass_served'])} vs {_pct(r['probe_pass_base'])} | "
             f"{r['general_kept']}/{r['general_base_right']} | {words} | {rejected} | "
-            f"{r['cycle_seconds']:.0f} ({r['train_seconds']:.0f} / {r['other_seconds']:.0f}) |")
+            f"{r['cycle_seconds']:.0f} ({r['train_seconds']:.0f} / {r['other_seconds']:.0f}) | "
+            f"{_seconds(r.get('served_seconds')).rstrip('s')} |")
     lines += ["", "| split | objective | scenarios | runs | promoted | pass mean | pass min | pass spread "
               "| worst general kept |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for s in split_summary(results):

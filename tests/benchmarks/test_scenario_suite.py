@@ -173,7 +173,7 @@ def _result(scenario, split, seed, served, base=0.0, promoted=True, kept=(9, 10)
     return {"scenario": scenario, "split": split, "seed": seed, "promoted": promoted, "outcome": "promoted",
             "reason": None, "probe_pass_served": served, "probe_pass_base": base, "general_kept": kept[0],
             "general_base_right": kept[1], "general_kept_rate": kept[0] / kept[1], "cycle_seconds": 300.0,
-            "train_seconds": 240.0, "other_seconds": 60.0}
+            "train_seconds": 240.0, "other_seconds": 60.0, "served_seconds": 280.0}
 
 
 def test_split_summary_gives_mean_min_spread_and_worst_general_kept_per_split():
@@ -200,8 +200,15 @@ def test_the_table_shows_the_signal_measures_when_a_run_has_them():
     row = {**_result("t", "unseen", 0, 0.8), "objective": "kto", "probe_words_served": 14.0,
            "probe_words_base": 41.0, "preference": {"rejected_logprob_start": -1.2, "rejected_logprob": -2.5}}
     text = run.markdown_section([row], "cmd", "2026-12-01")
-    assert "| t | unseen | kto | 0 | yes | 80% vs 0% | 9/10 | 14 vs 41 | -1.20 → -2.50 | 300 (240 / 60) |" in text
+    assert "| t | unseen | kto | 0 | yes | 80% vs 0% | 9/10 | 14 vs 41 | -1.20 → -2.50 | 300 (240 / 60) | 280 |" in text
     assert "| unseen | kto | 1 | 1 | 1/1 |" in text
+
+
+def test_the_new_version_serves_from_the_end_of_promote_before_the_fixed_measures_publish_and_report():
+    summary = {"stages": {"train": {"seconds": 200.0}, "promote": {"seconds": 0.2, "after_stage_seconds": 30.0},
+                          "publish": {"seconds": 1.0}, "report": {"seconds": 0.5}}}
+    assert run.served_seconds(summary, 300.0) == 268.5
+    assert run.served_seconds({"stages": {"promote": {"seconds": 0.2}}}, 300.0) == 300.0
 
 
 def test_the_preference_measure_is_read_from_the_chosen_variant_of_the_cycles_train_result():

@@ -263,6 +263,17 @@ def test_a_stage_that_finished_in_an_earlier_run_gets_no_after_stage_call_again(
     assert fakes.after.count("promote") == 1 and fakes.after[-1] == "report"
 
 
+def test_the_after_stage_call_is_timed_apart_from_its_stage_and_stored_with_it(tmp_path):
+    import time
+
+    fakes = Fakes(tmp_path)
+    fakes.pipeline.after_stage = lambda ctx, name, result: time.sleep(0.3 if name == "promote" else 0)
+    state = fakes.new()
+    fakes.pipeline.run(fakes.ctx, state)
+    promote = _on_disk(state)["stages"]["promote"]
+    assert promote["after_stage_seconds"] >= 0.3 and promote["seconds"] < 0.3
+
+
 def test_a_pipeline_refuses_two_stages_of_one_name():
     stage = Stage("a", lambda ctx, state: None)
     with pytest.raises(ValueError, match="distinct names"):
