@@ -2,18 +2,27 @@
 
 How many passes a few dozen corrections need depends on the data (a new fact needs more than a change
 of style), and a fixed epoch count is right for one scenario and wrong for the next. So a run trains
-``TrainConfig.epochs`` passes and, at the end of every epoch, scores the adapter on the cycle's judge:
-the held-out loss (held-out wordings of taught corrections), the general-ability regression loss and the
-share of general answers kept (trainer/general_kept.py). An epoch is *eligible* when its regression loss
-is within ``TrainConfig.regression_tolerance`` of the starting weights' and it kept at least
-``TrainConfig.min_general_kept`` of the general answers (the gate's own rules); the eligible epoch with the
-lowest held-out loss is kept. None eligible: the last epoch stands (the variant then fails the gate on its
-own numbers).
+``TrainConfig.epochs`` passes and keeps the adapter of the epoch the cycle's judge prefers: the epoch
+with the lowest held-out loss (held-out wordings of taught corrections) among the *eligible* ones, those
+whose general-ability regression loss is within ``TrainConfig.regression_tolerance`` of the starting
+weights' and that kept at least ``TrainConfig.min_general_kept`` of the general answers
+(trainer/general_kept.py; the gate's own rules). None eligible: the last epoch stands (the variant then
+fails the gate on its own numbers).
+
+The held-out loss is cheap (a few examples, one forward pass) and the forgetting rules are not (32
+regression examples, then the general answers, generated where they changed). So every epoch gets its
+held-out loss and its LoRA weights saved at its end, and only when training is over are the forgetting
+rules checked, epoch by epoch in order of held-out loss, until one passes (``choose``). That keeps the
+epoch the rule above defines, every epoch scored in full would keep the same one, and in the usual case
+(the last epoch is best and passes) one epoch is checked instead of all of them.
 
 Contract:
-  - ``DIR/best_epoch/`` holds the best adapter so far (written to a temporary sibling and renamed, so a
-    kill never leaves half of one) and ``DIR/best_epoch.json`` the score of every epoch so far; a
-    resumed run keeps the judgements up to the checkpoint it resumes from and forgets later ones.
+  - ``DIR/epoch_adapters/step-<N>.safetensors`` holds each epoch's LoRA weights (written to a temporary
+    name and renamed, so a kill never leaves half of one) until the run's adapter is saved
+    (``discard_epoch_adapters``); ``DIR/best_epoch.json`` the
+    starting weights' losses, every epoch's held-out loss, the forgetting figures of the epochs checked
+    (``checked: true``) and the chosen row. A resumed run keeps the rows up to the checkpoint it resumes
+    from, forgets later ones, and chooses again at its end; checks already made are reused.
   - With no held-out examples, or ``select_best_epoch = False``, nothing is scored and nothing changes.
   - Only the main process scores and writes (data-parallel runs hold identical weights).
 """
@@ -31,8 +40,8 @@ from trainer.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-BEST_DIR = "best_epoch"
 SCORES_FILE = "best_epoch.json"
+EPOCH_ADAPTERS = "epoch_adapters"
 
 
 def read_scores(output_dir: Path) -> dict:
@@ -67,14 +76,34 @@ def forgetting(row: dict, start_regression: float | None, tolerance: float, min_
     return None
 
 
-def make_callback(output_dir: Path, tokenizer, held_out: list, regression: list, config: TrainConfig):
-    """A TrainerCallback that scores each epoch (defined here so importing this module stays light)."""
+def choose(rows: list[dict], check, start_regression: float | None, tolerance: float,
+           min_kept: float = 0.0) -> dict | None:
+    """The eligible row with the lowest held-out loss (the earlier on a tie), or None when none is eligible.
+
+    ``check(row)`` fills in a row's ``regression_loss`` and ``general_kept`` and sets ``checked``, or returns
+    False when the row's weights cannot be judged (it is then passed over); it is called for rows in order of
+    held-out loss, only until one passes the forgetting rules, and never for a row already checked or one
+    without a finite held-out loss."""
+    ranked = sorted((r for r in rows if r.get("eval_loss") is not None and math.isfinite(r["eval_loss"])),
+                    key=lambda r: (r["eval_loss"], r["step"]))
+    for row in ranked:
+        if not row.get("checked") and check(row) is False:
+            continue
+        if eligible(row, start_regression, tolerance, min_kept):
+            return row
+    return None
+
+
+def make_callback(output_dir: Path, tokenizer, held_out: list, regression: list, config: TrainConfig, guard=None):
+    """A TrainerCallback that scores each epoch and chooses at the end (defined here so importing this module
+    stays light). ``guard``: the run's divergence guard; a run it stopped is not judged."""
     from transformers import TrainerCallback
 
     from trainer.evaluate import eval_loss
     from trainer.general_kept import KeptProbe
 
     output_dir = Path(output_dir)
+    weights_dir = output_dir / EPOCH_ADAPTERS
 
     class BestEpoch(TrainerCallback):
         def __init__(self):
@@ -96,12 +125,13 @@ def make_callback(output_dir: Path, tokenizer, held_out: list, regression: list,
             if not state.is_world_process_zero:
                 return
             if "start" in self.scores:
-                # Resumed from the checkpoint at state.global_step: later judgements will be made again, and
-                # a best adapter from beyond that step no longer matches any weights this run will have.
+                # Resumed from the checkpoint at state.global_step: later epochs will be scored again, and the
+                # choice is made again at the end.
                 self.scores["epochs"] = [r for r in self.scores["epochs"] if r["step"] <= state.global_step]
-                if (self.scores.get("best") or {}).get("step", 0) > state.global_step:
-                    self.scores["best"] = None
-                    shutil.rmtree(output_dir / BEST_DIR, ignore_errors=True)
+                self.scores["best"] = None
+                for path in weights_dir.glob("step-*.safetensors"):
+                    if _step_of(path) > state.global_step:
+                        path.unlink()
                 self._save()
                 return
             self.scores = {"start": {"eval_loss": self._score(model, held_out, disable_adapter=True),
@@ -113,18 +143,48 @@ def make_callback(output_dir: Path, tokenizer, held_out: list, regression: list,
             if not state.is_world_process_zero:
                 return
             row = {"epoch": round(state.epoch or 0, 3), "step": state.global_step,
-                   "eval_loss": self._score(model, held_out), "regression_loss": self._score(model, regression),
-                   "general_kept": self._kept(model)}
-            self.scores["epochs"].append(row)
-            start = self.scores["start"].get("regression_loss")
-            best = self.scores.get("best")
-            if eligible(row, start, config.regression_tolerance, config.min_general_kept) and (
-                    best is None or row["eval_loss"] < best["eval_loss"]):
-                _save_adapter_atomically(model, output_dir / BEST_DIR)
-                self.scores["best"] = row
-            log.info("epoch %s: held-out %s, regression %s, general kept %s (best: epoch %s)", row["epoch"],
-                     row["eval_loss"], row["regression_loss"], row["general_kept"],
-                     (self.scores.get("best") or {}).get("epoch"))
+                   "eval_loss": self._score(model, held_out), "regression_loss": None, "general_kept": None,
+                   "checked": False}
+            _save_weights_atomically(model, weights_dir / f"step-{state.global_step}.safetensors")
+            self.scores["epochs"] = [r for r in self.scores["epochs"] if r["step"] != row["step"]] + [row]
+            log.info("epoch %s: held-out %s", row["epoch"], row["eval_loss"])
+            self._save()
+
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            if not state.is_world_process_zero or (guard is not None and guard.reason is not None):
+                return
+            epochs = self.scores.get("epochs") or []
+            if not epochs:
+                return
+            last, final = epochs[-1], state.global_step
+            if not (weights_dir / f"step-{final}.safetensors").is_file():
+                _save_weights_atomically(model, weights_dir / f"step-{final}.safetensors")
+            loaded = {"step": final}  # whose weights the model holds
+
+            def check(row: dict) -> bool:
+                if loaded["step"] != row["step"]:
+                    path = weights_dir / f"step-{row['step']}.safetensors"
+                    if not path.is_file():  # its weights are gone (a resumed run's cleanup): it cannot be kept
+                        log.warning("epoch %s has no saved weights at %s; it cannot be kept", row["epoch"], path)
+                        return False
+                    _load_weights(model, path)
+                    loaded["step"] = row["step"]
+                row.update(regression_loss=self._score(model, regression), general_kept=self._kept(model),
+                           checked=True)
+                log.info("epoch %s checked: regression %s, general kept %s", row["epoch"], row["regression_loss"],
+                         row["general_kept"])
+                self._save()
+                return True
+
+            best = choose(epochs, check, self.scores["start"].get("regression_loss"), config.regression_tolerance,
+                          config.min_general_kept)
+            if best is None and last["step"] == final and not last.get("checked"):
+                check(last)  # none eligible: the last epoch stands, reported with its own figures
+            self.scores["best"] = best
+            if loaded["step"] != final:
+                # The model leaves training with its final weights; restore_best loads the chosen epoch's.
+                _load_weights(model, weights_dir / f"step-{final}.safetensors")
+            log.info("epoch kept: %s", (best or last)["epoch"])
             self._save()
 
         def _save(self):
@@ -136,29 +196,45 @@ def make_callback(output_dir: Path, tokenizer, held_out: list, regression: list,
     return BestEpoch()
 
 
-def _save_adapter_atomically(model, target: Path) -> None:
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.stem.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def _save_weights_atomically(model, target: Path) -> None:
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    old = target.with_name(target.name + ".old")
-    if target.exists():
-        os.replace(target, old)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    save_file(state, str(tmp))
     os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_weights(model, path: Path) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(path), device=str(next(model.parameters()).device)))
+
+
+def discard_epoch_adapters(output_dir: Path) -> None:
+    """Remove the per-epoch weights once the run's adapter (the chosen epoch's) is saved."""
+    shutil.rmtree(Path(output_dir) / EPOCH_ADAPTERS, ignore_errors=True)
 
 
 def restore_best(model, output_dir: Path) -> dict | None:
-    """Load the best epoch's LoRA weights into ``model`` when an earlier epoch beat the last; its score row."""
+    """Load the chosen epoch's LoRA weights into ``model`` when an earlier epoch beat the last; its score row."""
     scores = read_scores(output_dir)
     best, epochs = scores.get("best"), scores.get("epochs") or []
     if not best or not epochs or best["step"] == epochs[-1]["step"]:
         return None
-    weights = Path(output_dir) / BEST_DIR / "adapter_model.safetensors"
+    weights = Path(output_dir) / EPOCH_ADAPTERS / f"step-{best['step']}.safetensors"
     if not weights.is_file():
-        log.warning("best epoch %s has no saved adapter at %s; keeping the last epoch", best["epoch"], weights)
+        log.warning("best epoch %s has no saved weights at %s; keeping the last epoch", best["epoch"], weights)
         return None
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    set_peft_model_state_dict(model, load_file(str(weights), device=str(next(model.parameters()).device)))
+    _load_weights(model, weights)
     return best

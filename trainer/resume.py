@@ -130,7 +130,8 @@ def check_or_start(run_dir: Path, progress: TrainingProgress, force: bool, write
 def clear_run(run_dir: Path) -> None:
     """Delete a run's checkpoints, contract and outputs (not unrelated files a user put there)."""
     run_dir = Path(run_dir)
-    for path in list_checkpoints(run_dir) + [run_dir / TORN_DIR, run_dir / "adapter", run_dir / "best_epoch"]:
+    outputs = [run_dir / TORN_DIR, run_dir / "adapter", run_dir / "epoch_adapters", run_dir / "best_epoch"]
+    for path in list_checkpoints(run_dir) + outputs:
         shutil.rmtree(path, ignore_errors=True)
     for name in (PROGRESS_FILE, "metrics.json", "loss_curve.png", "best_epoch.json", "general_kept.json"):
         (run_dir / name).unlink(missing_ok=True)

@@ -60,7 +60,7 @@ def report(trainer, guard, tokenizer, result, config: TrainConfig, output_dir: P
     """Save the adapter (if the run succeeded), compute the losses, write metrics.json and the PNG."""
     import torch
 
-    from trainer.best_epoch import read_scores, restore_best
+    from trainer.best_epoch import discard_epoch_adapters, read_scores, restore_best
     from trainer.general_kept import KeptProbe
     from trainer.plots import plot_run
 
@@ -80,6 +80,7 @@ def report(trainer, guard, tokenizer, result, config: TrainConfig, output_dir: P
     if not failed:
         best_epoch = restore_best(model, output_dir) if config.select_best_epoch else None
         save_adapter(model, tokenizer, adapter, base_path)
+        discard_epoch_adapters(output_dir)
         regression = regression_examples(config.regression_set or None)
         # The epoch judge already scored these very weights (the restored best epoch, or the last one when it
         # ended the run) and the starting weights, on the same sets with the same function: reuse its figures.
@@ -96,7 +97,7 @@ def report(trainer, guard, tokenizer, result, config: TrainConfig, output_dir: P
                                                      config.batch_size, disable_adapter=True))
         kept_probe = KeptProbe.for_run(output_dir, model, tokenizer, regression, config.max_length)
         # Greedy answers of the same weights do not change either: reuse the judge's general answers kept.
-        losses["general_kept"] = (judged["general_kept"] if judged and "general_kept" in judged
+        losses["general_kept"] = (judged["general_kept"] if judged and judged.get("checked", "general_kept" in judged)
                                   else kept_probe.share(model, tokenizer))
         losses["general_right_start"] = len(kept_probe.right)
     peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None

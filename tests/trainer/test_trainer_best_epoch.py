@@ -1,13 +1,16 @@
-"""Early stopping on the judge: every epoch is scored, and the adapter of the best eligible epoch is kept."""
+"""Early stopping on the judge: every epoch gets its held-out loss, the forgetting rules are checked in that order
+until an epoch passes, and the adapter of the best eligible epoch is kept."""
 
 from __future__ import annotations
 
 import json
+import math
+import random
 
 import pytest
 from test_trainer_train import FACTS, facts, small_config
 
-from trainer.best_epoch import eligible
+from trainer.best_epoch import choose, eligible
 from trainer.data import write_examples
 
 
@@ -17,6 +20,50 @@ def test_an_epoch_that_forgot_beyond_the_tolerance_is_never_eligible():
     assert not eligible({"eval_loss": float("nan"), "regression_loss": 1.0}, 1.0, 0.05)
     assert not eligible({"eval_loss": None, "regression_loss": 1.0}, 1.0, 0.05)
     assert eligible({"eval_loss": 0.3, "regression_loss": None}, None, 0.05)  # no regression set: held-out decides
+
+
+def test_the_forgetting_rules_are_checked_in_order_of_held_out_loss_until_an_epoch_passes():
+    rows = [{"epoch": i + 1, "step": 2 * (i + 1), "eval_loss": e} for i, e in enumerate([0.9, 0.4, 0.5, 0.3])]
+    regression = {2: 1.0, 4: 1.01, 6: 1.0, 8: 2.0}  # the lowest held-out loss (step 8) forgot
+    checked = []
+
+    def check(row):
+        checked.append(row["step"])
+        row.update(regression_loss=regression[row["step"]], general_kept=1.0, checked=True)
+
+    assert choose(rows, check, 1.0, 0.05)["step"] == 4
+    assert checked == [8, 4]  # epochs 1 and 3 were never checked
+    assert choose(rows, check, 1.0, 0.05)["step"] == 4 and checked == [8, 4]  # checks already made are reused
+
+
+def test_choosing_lazily_keeps_the_epoch_that_scoring_every_epoch_keeps():
+    rng = random.Random(0)
+    for _ in range(500):
+        n = rng.randint(1, 6)
+        rows = [{"epoch": i + 1, "step": i + 1, "eval_loss": rng.choice([rng.random(), 0.5, math.nan, None])}
+                for i in range(n)]
+        full = {r["step"]: (rng.choice([0.9, 1.0, 1.2]), rng.choice([None, 0.5, 0.8, 1.0])) for r in rows}
+        every = [dict(r, regression_loss=full[r["step"]][0], general_kept=full[r["step"]][1]) for r in rows]
+        eligible_rows = [r for r in every if eligible(r, 1.0, 0.1, 0.7)]
+        expected = min(eligible_rows, key=lambda r: (r["eval_loss"], r["step"]))["step"] if eligible_rows else None
+
+        def check(row):
+            row.update(regression_loss=full[row["step"]][0], general_kept=full[row["step"]][1], checked=True)
+
+        chosen = choose([dict(r) for r in rows], check, 1.0, 0.1, 0.7)
+        assert (chosen or {}).get("step") == expected, rows
+
+
+def test_an_epoch_whose_weights_cannot_be_judged_is_passed_over():
+    rows = [{"epoch": 1, "step": 1, "eval_loss": 0.5}, {"epoch": 2, "step": 2, "eval_loss": 0.2}]
+
+    def check(row):
+        if row["step"] == 2:
+            return False
+        row.update(regression_loss=1.0, general_kept=1.0, checked=True)
+        return True
+
+    assert choose(rows, check, 1.0, 0.05)["step"] == 1
 
 
 @pytest.mark.slow
@@ -87,3 +134,25 @@ def test_a_judged_runs_final_losses_are_the_epoch_judges_figures_not_computed_ag
         assert metrics[name] == kept[name] and metrics[f"{name}_start"] == scores["start"][name]
     assert eval_loss(tmp_path / "run" / "adapter", facts()[:2], max_length=64) == pytest.approx(kept["eval_loss"],
                                                                                                 rel=1e-4)
+
+
+@pytest.mark.slow
+def test_when_the_last_epoch_is_best_and_keeps_the_rules_only_it_is_checked_for_forgetting(base_hf_dir, tmp_path):
+    from trainer.train import train
+
+    data = tmp_path / "facts.jsonl"
+    write_examples(data, facts())
+    run = tmp_path / "run"
+    # Held out: the trained facts themselves, so every pass lowers the held-out loss and the last epoch is best.
+    config = small_config(tmp_path, max_steps=-1, epochs=3, batch_size=4, save_steps=100, regression_tolerance=10.0)
+    metrics = train(data, run, base=base_hf_dir, eval_data=facts()[:3], config=config)
+
+    assert metrics["status"] == "ok", metrics["reason"]
+    scores = metrics["epoch_scores"]
+    assert [r["step"] for r in scores] == [2, 4, 6] and all(r["eval_loss"] is not None for r in scores)
+    assert min(scores, key=lambda r: r["eval_loss"])["step"] == 6 and metrics["best_epoch"] is None
+    assert [r["checked"] for r in scores] == [False, False, True]
+    assert [r["regression_loss"] is None for r in scores] == [True, True, False]
+    assert metrics["regression_loss"] == scores[-1]["regression_loss"]
+    assert metrics["general_kept"] == scores[-1]["general_kept"]
+    assert not (run / "epoch_adapters").exists()  # the per-epoch weights go once the adapter is saved
