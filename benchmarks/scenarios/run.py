@@ -2,7 +2,8 @@
 
     python benchmarks/scenarios/run.py [--scenario NAME ...] [--seeds 0 1 2] [--split unseen|tune|all]
                                        [--objective sft kto sft+kto ...] [--out results.json] [--keep]
-                                       [--write-results [--title "Preference: ..."]]
+                                       [--write-results [--title "Preference: ..."]] [--plot suite.png]
+    python benchmarks/scenarios/run.py --from s0.json s1.json ... [--out all.json] [--write-results] [--plot ...]
 
 For every scenario (benchmarks/scenarios/*.json, see suite.py) and seed, in a fresh temporary LOOP_HOME
 with its own local Argilla stack on free ports (a fresh home also gives every seed other ids):
@@ -28,7 +29,10 @@ before and after training, and the chosen answers' win rate), when the snapshot 
 
 ``--write-results`` replaces (or appends) today's section in benchmarks/RESULTS.md, headed ``--title`` (default
 "Learning scenario suite") with the date and machine: one row per run and a summary per split (mean, min and
-spread of the served pass rate, the worst share of general answers kept).
+spread of the served pass rate, the worst share of general answers kept). ``--plot`` draws the same runs to a PNG
+(plot.py: pass rate served vs base, general answers kept, the cycle's seconds by stage). ``--from`` runs nothing:
+it reads the runs of earlier ``--out`` files and groups them by scenario, so a suite run in pieces (a seed at a time, or
+resumed after a crash) gets one table, one summary and one plot; the section names the commands that made them.
 A scenario file that fails validation stops everything before any run starts, listing every problem.
 """
 
@@ -325,11 +329,16 @@ def split_summary(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def markdown_section(results: list[dict[str, Any]], command: str, date: str, title: str = SECTION_TITLE) -> str:
+def markdown_section(results: list[dict[str, Any]], command: str | list[str], date: str, title: str = SECTION_TITLE,
+                     machine_name: str | None = None) -> str:
+    """Today's RESULTS.md section: one row per run, then ``split_summary``. ``command``: what made the runs
+    (several when they were merged from earlier reports)."""
+    commands = [command] if isinstance(command, str) else command
     lines = [
-        f"## {title} ({date}, {machine()})",
+        f"## {title} ({date}, {machine_name or machine()})",
         "",
-        f"Command: `{command}` — per scenario and seed: a fresh LOOP_HOME and local Argilla stack, the chats "
+        f"Command{'s' if len(commands) > 1 else ''}: {'; '.join(f'`{c}`' for c in commands)} — per scenario and "
+        "seed: a fresh LOOP_HOME and local Argilla stack, the chats "
         "answered by the base GGUF and logged with their feedback, push, the scripted reviewer, one real cycle "
         "(default config, `LOOP_TRAINER__SEED`=seed), then the served and the base GGUF answer every probe "
         f"greedily ({PROBE_MAX_TOKENS} tokens). Probes ask the taught things in words no chat used; general "
@@ -383,6 +392,47 @@ def write_results(section: str, path: Path = RESULTS_MD) -> None:
     path.write_text(new, encoding="utf-8")
 
 
+class ReportError(ValueError):
+    """Earlier ``--out`` files that cannot be read back; the message lists every problem."""
+
+
+def load_reports(paths: list[str]) -> list[dict[str, Any]]:
+    """The reports of earlier ``--out`` files, in the order given; every problem is reported at once."""
+    reports, problems = [], []
+    for path in paths:
+        try:
+            report = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            problems.append(f"{path}: cannot be read as JSON ({type(exc).__name__}: {exc})")
+            continue
+        if not isinstance(report, dict) or not isinstance(report.get("runs"), list):
+            problems.append(f"{path}: not a report of this script (no list of runs)")
+            continue
+        bad = [i for i, r in enumerate(report["runs"]) if not isinstance(r, dict) or not {"scenario", "seed"} <= set(r)]
+        if bad:
+            problems.append(f"{path}: run(s) {bad} lack a scenario and a seed")
+            continue
+        reports.append(report)
+    if problems:
+        raise ReportError("\n".join(problems))
+    return reports
+
+
+def merged_report(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report of several: their runs grouped by scenario (in the order scenarios first appear), then by
+    objective and seed; their dates as a range; their machines and commands."""
+    runs = [r for report in reports for r in report["runs"]]
+    first = {name: i for i, name in reversed(list(enumerate(r["scenario"] for r in runs)))}
+    runs.sort(key=lambda r: (first[r["scenario"]], str(r.get("objective") or ""), r["seed"]))
+    dates = sorted({report.get("date") for report in reports if report.get("date")})
+    date = dates[0] if len(dates) == 1 else (f"{dates[0]} to {dates[-1]}" if dates else dt.date.today().isoformat())
+    machines = list(dict.fromkeys(report.get("machine") for report in reports if report.get("machine")))
+    commands = list(dict.fromkeys(report.get("command") for report in reports if report.get("command")))
+    seeds = sorted({r["seed"] for r in runs})
+    return {"date": date, "machine": "; ".join(machines) or machine(), "seeds": seeds, "commands": commands,
+            "summary": split_summary(runs), "runs": runs}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
@@ -399,7 +449,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep each run's LOOP_HOME (its path is in the results)")
     parser.add_argument("--title", default=SECTION_TITLE,
                         help="heading of the RESULTS.md section --write-results writes (date and machine follow it)")
+    parser.add_argument("--plot", help="also draw the runs to this PNG (pass rates, general answers kept, seconds)")
+    parser.add_argument("--from", dest="from_files", nargs="+", default=[], metavar="JSON",
+                        help="run nothing: take the runs of these earlier --out files")
     args = parser.parse_args(argv)
+    command = ("python benchmarks/scenarios/run.py " + " ".join(argv)).strip()
+    if args.from_files:
+        try:
+            report = merged_report(load_reports(args.from_files))
+        except ReportError as exc:
+            print(f"--from files have problems:\n{exc}", file=sys.stderr)
+            return 2
+        return finish(report, report["commands"] or [command], args)
     try:
         scenarios = suite.load_scenarios(names=args.scenario)
     except suite.ScenarioError as exc:
@@ -411,13 +472,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no scenario matches (split {args.split}, names {args.scenario or 'any'})", file=sys.stderr)
         return 2
     results = run_suite(scenarios, args.seeds, args.keep, args.objective)
-    report = {"date": dt.date.today().isoformat(), "machine": machine(), "seeds": args.seeds,
+    report = {"date": dt.date.today().isoformat(), "machine": machine(), "seeds": args.seeds, "command": command,
               "summary": split_summary(results), "runs": results}
+    return finish(report, [command], args)
+
+
+def finish(report: dict[str, Any], commands: list[str], args: argparse.Namespace) -> int:
+    """Write what was asked for (--out, --write-results, --plot), print the report; 1 when a run failed."""
+    results = report["runs"]
     if args.out:
         Path(args.out).write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
     if args.write_results:
-        command = "python benchmarks/scenarios/run.py " + " ".join(argv)
-        write_results(markdown_section(results, command.strip(), report["date"], args.title))
+        write_results(markdown_section(results, commands, report["date"], args.title, report["machine"]), RESULTS_MD)
+    if args.plot:
+        from benchmarks.scenarios.plot import plot_suite
+
+        plot_suite(results, args.plot, title=f"{args.title} ({report['date']}, {report['machine']})")
     print(json.dumps(report, ensure_ascii=False))
     return 0 if all(r.get("outcome") != "failed" for r in results) else 1
 

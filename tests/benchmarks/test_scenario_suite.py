@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.scenarios import run, suite
+from benchmarks.scenarios import plot, run, suite
 
 REPO = Path(__file__).resolve().parents[2]
 REQUIRED_KINDS = {"facts", "faq", "behaviour", "multiturn", "restyle"}
@@ -255,6 +255,61 @@ def test_a_section_followed_by_another_is_replaced_in_place(tmp_path):
     text = md.read_text()
     assert "80% vs" in text and "50% vs" not in text and text.rstrip().endswith("text")
     assert text.index(run.SECTION_TITLE) < text.index("## Later section")
+
+
+# -- runs merged from earlier reports, and the plot ----------------------------------------------------
+
+def _report(path, date, command, runs):
+    path.write_text(json.dumps({"date": date, "machine": "M, 2 cores", "command": command, "runs": runs}))
+    return str(path)
+
+
+def test_runs_from_earlier_reports_become_one_table_summary_and_plot_grouped_by_scenario(tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "RESULTS_MD", tmp_path / "RESULTS.md")
+    a = _report(tmp_path / "a.json", "2026-12-04", "run.py --seeds 0", [_result("x", "unseen", 0, 0.5)])
+    b = _report(tmp_path / "b.json", "2026-12-05", "run.py --seeds 1",
+                [_result("x", "unseen", 1, 1.0), _result("y", "unseen", 1, 0.75)])
+    out, png = tmp_path / "all.json", tmp_path / "suite.png"
+    assert run.main(["--from", b, a, "--out", str(out), "--plot", str(png), "--write-results", "--title", "T"]) == 0
+    merged = json.loads(out.read_text())
+    assert [(r["scenario"], r["seed"]) for r in merged["runs"]] == [("x", 0), ("x", 1), ("y", 1)]
+    assert merged["date"] == "2026-12-04 to 2026-12-05" and merged["summary"][0]["runs"] == 3
+    assert merged["summary"][0]["pass_mean"] == pytest.approx(0.75)
+    section = (tmp_path / "RESULTS.md").read_text()
+    assert "## T (2026-12-04 to 2026-12-05, M, 2 cores)" in section
+    assert "Commands: `run.py --seeds 1`; `run.py --seeds 0` —" in section
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_from_files_that_cannot_be_read_are_all_named_and_nothing_is_written(tmp_path, capsys):
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    no_runs = tmp_path / "no_runs.json"
+    no_runs.write_text(json.dumps({"date": "2026-12-05"}))
+    out = tmp_path / "all.json"
+    assert run.main(["--from", str(tmp_path / "missing.json"), str(broken), str(no_runs), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "missing.json" in err and "broken.json" in err and "no_runs.json: not a report" in err
+    assert not out.exists()
+
+
+def test_the_plot_splits_each_cycle_into_parts_that_add_up_to_its_seconds():
+    r = {**_result("x", "unseen", 0, 0.8), "stage_seconds": {"decide": 20.0, "train": 200.0, "export": 30.0,
+                                                              "pull": 1.0, "promote": 0.5}}
+    parts = plot.time_parts(r)
+    assert list(parts) == list(plot.TIME_PARTS)
+    assert sum(parts.values()) == pytest.approx(r["cycle_seconds"])
+    assert parts["after serving"] == pytest.approx(r["cycle_seconds"] - r["served_seconds"])
+    assert parts["before serving"] == pytest.approx(r["served_seconds"] - 250.0)
+
+
+def test_the_plot_keeps_a_failed_run_and_compared_objectives_in_sight(tmp_path):
+    failed = {"scenario": "y", "split": "unseen", "seed": 2, "objective": "kto", "promoted": False,
+              "outcome": "failed", "reason": "the run's process exited with 1"}
+    runs = [{**_result("x", "unseen", 0, 0.8), "objective": "sft"}, failed]
+    assert plot.label(runs[0], objectives=2) == "x\ns0 sft" and plot.label(runs[0], objectives=1) == "x\ns0"
+    path = plot.plot_suite(runs, tmp_path / "suite.png", title="t")
+    assert path.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_questions_are_the_same_when_only_filler_differs_not_when_the_subject_does():
