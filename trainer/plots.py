@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the headless Agg backend (training and benchmark machines have no display)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on training machines
@@ -16,7 +17,7 @@ def _pyplot():
 
 def plot_run(metrics: dict, path: str | Path) -> Path:
     """One run's training-loss curve, its held-out loss points, and the final losses in the title."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     _draw(ax, metrics, label_prefix="")
     ax.set_title(_title(metrics), fontsize=9)
@@ -32,7 +33,7 @@ def plot_run(metrics: dict, path: str | Path) -> Path:
 
 def plot_variants(named_metrics: dict[str, dict], path: str | Path) -> Path:
     """Every variant's curves on one chart, so a reader sees at a glance which learned and which diverged."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.8))
     for index, (name, metrics) in enumerate(named_metrics.items()):
         _draw(ax, metrics, label_prefix=f"{name}: ", color=f"C{index % 10}")

@@ -41,16 +41,24 @@ def label(r: dict[str, Any], objectives: int) -> str:
     return f"{text} {r.get('objective') or '-'}" if objectives > 1 else text
 
 
+def mean_lines(results: list[dict[str, Any]]) -> list[tuple[str, float]]:
+    """The pass-rate means the summary table reports, as (name, mean): one per split and objective (a failed
+    run counts 0), never one across splits, because tuning and unseen scenarios are judged apart."""
+    from benchmarks.scenarios.run import split_summary
+
+    rows = split_summary(results)
+    objectives = len({row["objective"] for row in rows})
+    return [(row["split"] + (f" {row['objective'] or '-'}" if objectives > 1 else ""), row["pass_mean"])
+            for row in rows]
+
+
 def plot_suite(results: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    import matplotlib
+    from trainer.plots import pyplot
 
-    matplotlib.use("Agg")  # benchmarks run on machines without a display
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     n = len(results)
     xs = list(range(n))
     objectives = len({r.get("objective") for r in results})
-    measured = [r for r in results if "probe_pass_served" in r]
     fig, (ax_pass, ax_kept, ax_time) = plt.subplots(3, 1, figsize=(max(8.0, 0.62 * n + 3.5), 9.5), sharex=True)
 
     served = [r.get("probe_pass_served") or 0.0 for r in results]
@@ -61,9 +69,8 @@ def plot_suite(results: list[dict[str, Any]], path: str | Path, title: str = "")
                  "kx", markersize=7, label="base GGUF")
     ax_pass.axhline(RECALL_MEAN_BAR, color="C2", linestyle="--", linewidth=1, label="85%: mean over unseen")
     ax_pass.axhline(RECALL_RUN_FLOOR, color="C3", linestyle=":", linewidth=1, label="70%: every run")
-    if measured:
-        mean = sum(r["probe_pass_served"] for r in measured) / len(measured)
-        ax_pass.axhline(mean, color="C0", linestyle="-.", linewidth=1, label=f"mean here: {100 * mean:.0f}%")
+    for i, (name, mean) in enumerate(mean_lines(results)):
+        ax_pass.axhline(mean, color=f"C{4 + i}", linestyle="-.", linewidth=1, label=f"{name} mean: {100 * mean:.0f}%")
     ax_pass.set_ylim(0, 1.05)
     ax_pass.set_ylabel("probe pass rate")
     ax_pass.legend(**LEGEND)

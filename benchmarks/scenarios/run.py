@@ -460,7 +460,9 @@ def main(argv: list[str] | None = None) -> int:
         except ReportError as exc:
             print(f"--from files have problems:\n{exc}", file=sys.stderr)
             return 2
-        return finish(report, report["commands"] or [command], args)
+        # Reports saved before they named their command are drawn under the command that merged them.
+        report["commands"] = report["commands"] or [command]
+        return finish(report, args)
     try:
         scenarios = suite.load_scenarios(names=args.scenario)
     except suite.ScenarioError as exc:
@@ -474,12 +476,14 @@ def main(argv: list[str] | None = None) -> int:
     results = run_suite(scenarios, args.seeds, args.keep, args.objective)
     report = {"date": dt.date.today().isoformat(), "machine": machine(), "seeds": args.seeds, "command": command,
               "summary": split_summary(results), "runs": results}
-    return finish(report, [command], args)
+    return finish(report, args)
 
 
-def finish(report: dict[str, Any], commands: list[str], args: argparse.Namespace) -> int:
-    """Write what was asked for (--out, --write-results, --plot), print the report; 1 when a run failed."""
+def finish(report: dict[str, Any], args: argparse.Namespace) -> int:
+    """Write what was asked for (--out, --write-results, --plot), print the report; 1 when a run failed.
+    The section names the report's commands: its own, or those of the reports it merged."""
     results = report["runs"]
+    commands = report.get("commands") or [report["command"]]
     if args.out:
         Path(args.out).write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
     if args.write_results:

@@ -281,6 +281,15 @@ def test_runs_from_earlier_reports_become_one_table_summary_and_plot_grouped_by_
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_reports_saved_without_their_command_are_named_by_the_command_that_merged_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "RESULTS_MD", tmp_path / "RESULTS.md")
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"date": "2026-12-04", "machine": "M", "runs": [_result("x", "unseen", 0, 0.5)]}))
+    assert run.main(["--from", str(old), "--write-results", "--title", "T"]) == 0
+    assert f"Command: `python benchmarks/scenarios/run.py --from {old} --write-results --title T`" in (
+        tmp_path / "RESULTS.md").read_text()
+
+
 def test_from_files_that_cannot_be_read_are_all_named_and_nothing_is_written(tmp_path, capsys):
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
@@ -301,6 +310,13 @@ def test_the_plot_splits_each_cycle_into_parts_that_add_up_to_its_seconds():
     assert sum(parts.values()) == pytest.approx(r["cycle_seconds"])
     assert parts["after serving"] == pytest.approx(r["cycle_seconds"] - r["served_seconds"])
     assert parts["before serving"] == pytest.approx(r["served_seconds"] - 250.0)
+
+
+def test_the_plot_draws_each_splits_mean_as_the_summary_reports_it_never_one_across_splits():
+    runs = [_result("a", "tune", 0, 1.0), _result("b", "unseen", 0, 0.6), _result("c", "unseen", 1, 0.8)]
+    assert plot.mean_lines(runs) == [("tune", 1.0), ("unseen", pytest.approx(0.7))]
+    both = [{**runs[1], "objective": "sft"}, {**runs[2], "objective": "kto"}]
+    assert plot.mean_lines(both) == [("unseen sft", 0.6), ("unseen kto", 0.8)]
 
 
 def test_the_plot_keeps_a_failed_run_and_compared_objectives_in_sight(tmp_path):
