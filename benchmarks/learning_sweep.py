@@ -40,7 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 FIELDS = {"lr": ("learning_rate", float), "rank": ("lora_rank", int), "alpha": ("lora_alpha", int),
           "epochs": ("epochs", float), "replay": ("replay_ratio", float), "batch": ("batch_size", int),
           "sched": ("lr_scheduler", str), "warmup": ("warmup_ratio", float), "dropout": ("lora_dropout", float),
-          "targets": ("target_modules", str), "neftune": ("neftune_noise_alpha", float),
+          "targets": ("target_modules", str), "neftune": ("neftune_noise_alpha", float), "qdrop": ("question_dropout", float),
           "wd": ("weight_decay", float), "tol": ("regression_tolerance", float),
           "kept": ("min_general_kept", float), "kl": ("kl_weight", float), "greplay": ("general_replay", str),
           "best": ("select_best_epoch", lambda v: v.lower() in ("1", "true", "yes")),

@@ -142,6 +142,9 @@ class TrainConfig:
     # NEFTune: uniform noise of this scale on the input embeddings while training (0 = off). Noise on the
     # embeddings keeps a small set of corrections from being learned as exact token strings.
     neftune_noise_alpha: float = 0.0
+    # Question word dropout (trainer/augment.py): each word of a correction's question is left out with this
+    # probability, anew at every step, so no single word becomes the whole cue for its answer (0 = off).
+    question_dropout: float = 0.0
     # The KL anchor (trainer/anchor.py): this weight x KL(starting weights || adapted) over the answer tokens of
     # the general replay examples is added to the loss, so replay holds the starting model's whole next-token
     # distribution rather than only its greedy answer (0 = off: replay is supervised like any example). 1, because
@@ -231,6 +234,9 @@ class TrainConfig:
             p.append(f"trainer.eval_fraction must be in (0, 1), got {self.eval_fraction!r}")
         if not self.loss_explode_factor > 1.0:
             p.append(f"trainer.loss_explode_factor must be > 1, got {self.loss_explode_factor!r}")
+        if isinstance(self.question_dropout, bool) or not isinstance(self.question_dropout, (int, float)) \
+                or not 0 <= self.question_dropout < 1:
+            p.append(f"trainer.question_dropout must be a number in [0, 1), got {self.question_dropout!r}")
         if self.cuda_precision not in CUDA_PRECISIONS:
             p.append(f"trainer.cuda_precision must be one of {CUDA_PRECISIONS}, got {self.cuda_precision!r}")
         for name in ("neftune_noise_alpha", "kl_weight", "refit_epochs"):
@@ -277,6 +283,8 @@ class TrainConfig:
         values["lora_alpha"] = self.alpha
         if self.kl_weight:  # absent when off, so contracts written before the anchor existed still resume
             values["kl_weight"] = self.kl_weight
+        if self.question_dropout:  # absent when off, so contracts written before it existed still resume
+            values["question_dropout"] = self.question_dropout
         if self.init_adapter:  # absent when fresh, so contracts written before continued runs existed still resume
             values["init_adapter"] = self.init_adapter
         if self.objective != "sft":

@@ -207,11 +207,15 @@ class TokenizedSet:
     tokens: int  # total tokens in the kept rows
 
 
-def tokenize_examples(tokenizer, examples: list[dict], max_length: int, *, anchor: bool = False) -> TokenizedSet:
+def tokenize_examples(tokenizer, examples: list[dict], max_length: int, *, anchor: bool = False,
+                      words: bool = False) -> TokenizedSet:
     """Tokenise a list of examples, counting those truncated and dropping those with no answer left.
 
-    ``anchor=True`` adds each row's ``"anchor"`` flag: 1 for a general replay example (trainer/anchor.py)."""
+    ``anchor=True`` adds each row's ``"anchor"`` flag: 1 for a general replay example (trainer/anchor.py).
+    ``words=True`` adds each row's ``"words"``: the question's word index per token, all -1 on a general replay
+    example (trainer/augment.py)."""
     from trainer.anchor import is_anchor
+    from trainer.augment import NOT_A_WORD, question_words
 
     rows, truncated, dropped, tokens = [], 0, 0, 0
     for example in examples:
@@ -224,6 +228,9 @@ def tokenize_examples(tokenizer, examples: list[dict], max_length: int, *, ancho
         row = {"input_ids": tok.input_ids, "labels": labels}
         if anchor:
             row["anchor"] = int(is_anchor(example))
+        if words:
+            row["words"] = ([NOT_A_WORD] * len(tok.input_ids) if is_anchor(example)
+                            else question_words(tokenizer, example["messages"], tok.input_ids))
         rows.append(row)
         tokens += len(tok.input_ids)
     return TokenizedSet(rows, truncated, dropped, tokens)

@@ -61,6 +61,13 @@ def build_trainer(base_path: str, tokenizer, train_rows: list, eval_rows: list, 
         callbacks=callbacks,
         **anchor,
     )
+    if config.question_dropout > 0:
+        from trainer.augment import WordDropoutCollator
+
+        trainer._set_signature_columns_if_needed()
+        trainer._signature_columns = [*trainer._signature_columns, "words"]
+        trainer.data_collator = WordDropoutCollator(trainer.data_collator, config.question_dropout, config.seed,
+                                                    trainer.state)
     return trainer, callbacks[0]
 
 

@@ -75,7 +75,8 @@ def train(data: str | Path | list[dict], output_dir: str | Path, *, base: str | 
         return run.finished
 
     tokenizer = load_tokenizer(run.base_path)
-    train_set = tokenize_examples(tokenizer, train_examples, config.max_length, anchor=config.kl_weight > 0)
+    train_set = tokenize_examples(tokenizer, train_examples, config.max_length, anchor=config.kl_weight > 0,
+                                  words=config.question_dropout > 0)
     eval_set = tokenize_examples(tokenizer, held_out, config.max_length)
     if not train_set.rows:
         raise DataError(f"no training example has answer tokens within max_length={config.max_length}")
