@@ -6,9 +6,10 @@ out, anew at every optimizer step, keeps any one word from being the whole cue; 
 neither are general replay examples (the KL anchor holds those to the starting weights token for token).
 
 Contract:
-  - ``question_words(tokenizer, messages, input_ids)``: per token of ``input_ids`` (a chat as trainer/data.py
-    tokenises it), the index of the word of the last user message it belongs to, -1 elsewhere; all -1 when that
-    message cannot be found token for token (the row then trains unchanged).
+  - ``question_words(tokenizer, messages, input_ids, prompt_length)``: per token of ``input_ids`` (a chat as
+    trainer/data.py tokenises it, its answer starting at ``prompt_length``), the index of the word of the last
+    user message it belongs to, -1 elsewhere; all -1 when that message cannot be found token for token in the
+    prompt (the row then trains unchanged).
   - ``WordDropoutCollator(inner, rate, seed, state)``: wraps the trainer's collator. A row's ``"words"`` column
     is popped; each of its words is left out with probability ``rate`` (at least one word stays), its tokens
     taken out of ``input_ids`` and ``labels`` alike, before ``inner`` pads the batch. Which words go depends on
@@ -28,13 +29,13 @@ NOT_A_WORD = -1
 MIN_WORDS = 3  # a question of one or two words has nothing to spare
 
 
-def question_words(tokenizer: Any, messages: list[dict], input_ids: list[int]) -> list[int]:
+def question_words(tokenizer: Any, messages: list[dict], input_ids: list[int], prompt_length: int) -> list[int]:
     words = [NOT_A_WORD] * len(input_ids)
     users = [m for m in messages[:-1] if m.get("role") == "user"]
     if not users or not str(users[-1].get("content") or "").strip():
         return words
     content = hf_content_ids(tokenizer, str(users[-1]["content"]))
-    start = _last_occurrence(input_ids, content)
+    start = _last_occurrence(input_ids[:prompt_length], content)  # an answer may quote its question
     if start is None:
         return words
     word = -1

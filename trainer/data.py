@@ -230,7 +230,8 @@ def tokenize_examples(tokenizer, examples: list[dict], max_length: int, *, ancho
             row["anchor"] = int(is_anchor(example))
         if words:
             row["words"] = ([NOT_A_WORD] * len(tok.input_ids) if is_anchor(example)
-                            else question_words(tokenizer, example["messages"], tok.input_ids))
+                            else question_words(tokenizer, example["messages"], tok.input_ids,
+                                                tok.completion_mask.index(1)))
         rows.append(row)
         tokens += len(tok.input_ids)
     return TokenizedSet(rows, truncated, dropped, tokens)

@@ -43,7 +43,16 @@ def test_general_replay_and_questions_too_short_to_spare_a_word_are_never_touche
     examples = [{"id": "a", "messages": _chat("Price?")}, *general(1)]
     for row in tokenize_examples(tokenizer, examples, 512, words=True).rows:
         assert set(row["words"]) == {NOT_A_WORD}
-    assert question_words(tokenizer, [{"role": "assistant", "content": "x"}], [1, 2]) == [NOT_A_WORD] * 2
+    assert question_words(tokenizer, [{"role": "assistant", "content": "x"}], [1, 2], 2) == [NOT_A_WORD] * 2
+
+
+def test_an_answer_that_quotes_its_question_is_never_taken_for_the_question(tokenizer):
+    question = "How much does the Halvorn T8 cost?"
+    row = tokenize_examples(tokenizer, [{"id": "a", "messages": _chat(question, f"{question} It costs 2,450 euros.")}], 512,
+                            words=True).rows[0]
+    numbered = [i for i, w in enumerate(row["words"]) if w != NOT_A_WORD]
+    first_answer = next(i for i, label in enumerate(row["labels"]) if label != -100)
+    assert numbered and max(numbered) < first_answer
 
 
 def test_some_words_go_but_never_all_of_them():
