@@ -10,17 +10,19 @@ Contract:
     trainer/data.py tokenises it, its answer starting at ``prompt_length``), the index of the word of the last
     user message it belongs to, -1 elsewhere; all -1 when that message cannot be found token for token in the
     prompt (the row then trains unchanged).
-  - ``WordDropoutCollator(inner, rate, seed, state)``: wraps the trainer's collator. A row's ``"words"`` column
+  - ``WordDropoutCollator(inner, rate, seed, step)``: wraps the trainer's collator. A row's ``"words"`` column
     is popped; each of its words is left out with probability ``rate`` (at least one word stays), its tokens
     taken out of ``input_ids`` and ``labels`` alike, before ``inner`` pads the batch. Which words go depends on
-    ``seed``, the optimizer step (``state.global_step``) and the row's tokens alone, so a resumed run drops the
-    same words as one that never stopped. Nothing here imports torch at module level.
+    ``seed``, the optimizer step (``step()``, read at each batch: the Trainer replaces its state object when
+    training starts or resumes, so a state captured earlier would stay at step 0) and the row's tokens alone,
+    so a resumed run drops the same words as one that never stopped. Nothing here imports torch at module level.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Callable
 from typing import Any
 
 from loop.core.chat_template import hf_content_ids
@@ -67,11 +69,11 @@ def dropped(words: list[int], rate: float, rng: random.Random) -> set[int]:
 
 
 class WordDropoutCollator:
-    def __init__(self, inner, rate: float, seed: int, state: Any):
-        self.inner, self.rate, self.seed, self.state = inner, rate, seed, state
+    def __init__(self, inner, rate: float, seed: int, step: Callable[[], int]):
+        self.inner, self.rate, self.seed, self.step = inner, rate, seed, step
 
     def __call__(self, examples: list[dict]) -> dict:
-        step = int(getattr(self.state, "global_step", 0))
+        step = int(self.step())
         for example in examples:
             words = example.pop("words", None)
             if not words or self.rate <= 0:

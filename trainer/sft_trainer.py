@@ -67,7 +67,7 @@ def build_trainer(base_path: str, tokenizer, train_rows: list, eval_rows: list, 
         trainer._set_signature_columns_if_needed()
         trainer._signature_columns = [*trainer._signature_columns, "words"]
         trainer.data_collator = WordDropoutCollator(trainer.data_collator, config.question_dropout, config.seed,
-                                                    trainer.state)
+                                                    lambda: trainer.state.global_step)
     return trainer, callbacks[0]
 
 

@@ -71,7 +71,7 @@ def test_a_step_drops_whole_words_from_ids_and_labels_alike_and_the_same_step_dr
     row = tokenize_examples(tokenizer, [{"id": "a", "messages": _chat("How much does the Halvorn T8 e-bike "
                                                                       "cost in Norway today?")}], 512,
                             words=True).rows[0]
-    collator = WordDropoutCollator(lambda batch: batch, 0.3, seed=42, state=State())
+    collator = WordDropoutCollator(lambda batch: batch, 0.3, seed=42, step=lambda: State.global_step)
     questions = []
     for step in (0, 1, 2, 3, 0):
         State.global_step = step
@@ -102,6 +102,21 @@ def test_a_run_with_question_dropout_trains_on_batches_without_the_dropped_words
     full = {flag: sorted(len(r["input_ids"]) for r in rows if r["anchor"] == flag) for flag in (0, 1)}
     assert sorted(lengths[1]) == full[1]  # general replay keeps every token
     assert all(a < b for a, b in zip(sorted(lengths[0]), full[0]))  # the corrections' questions lost words
+
+
+def test_the_words_dropped_follow_the_step_of_the_state_the_trainer_trains_with(base_hf_dir, tokenizer, tmp_path):
+    from transformers import TrainerState
+
+    from trainer.train import build_trainer
+
+    config = small_config(tmp_path, batch_size=2, question_dropout=0.5)
+    rows = tokenize_examples(tokenizer, facts()[:2], 128, words=True).rows
+    trainer, _ = build_trainer(str(base_hf_dir), tokenizer, rows, [], tmp_path / "run", config)
+    batches = set()
+    for step in range(6):
+        trainer.state = TrainerState(global_step=step)  # as Trainer.train() replaces it on starting or resuming
+        batches.add(tuple(trainer.data_collator([dict(r) for r in rows])["input_ids"].flatten().tolist()))
+    assert len(batches) > 1
 
 
 def test_question_dropout_is_checked_and_part_of_the_contract_only_when_on():
