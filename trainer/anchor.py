@@ -26,6 +26,8 @@ Contract:
 
 from __future__ import annotations
 
+from trainer.data import keep_columns
+
 GENERAL_REPLAY_PREFIX = "general-"
 
 
@@ -45,11 +47,7 @@ def anchored(trainer_class):
             self.kl_weight = kl_weight
             self.data_collator = AnchorCollator(self.data_collator)
             self.start_cache = StartCache()
-
-        def _set_signature_columns_if_needed(self):
-            super()._set_signature_columns_if_needed()
-            if "anchor" not in self._signature_columns:
-                self._signature_columns = [*self._signature_columns, "anchor"]
+            keep_columns(self, "anchor")
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             anchor = inputs.pop("anchor", None)

@@ -237,6 +237,16 @@ def tokenize_examples(tokenizer, examples: list[dict], max_length: int, *, ancho
     return TokenizedSet(rows, truncated, dropped, tokens)
 
 
+def keep_columns(trainer, *names: str) -> None:
+    """Let the extra row columns ``names`` (``"anchor"``, ``"words"``) through the Trainer's column filter.
+
+    The Trainer drops every dataset column its model's forward does not take before the collator sees a batch;
+    the collator that reads an extra column pops it before the forward. Call after the Trainer is built."""
+    trainer._set_signature_columns_if_needed()
+    kept = trainer._signature_columns
+    trainer._signature_columns = [*kept, *(name for name in names if name not in kept)]
+
+
 def write_examples(path: str | Path, examples: list[dict]) -> None:
     """Write examples as JSON lines (used for snapshots and tests)."""
     with Path(path).open("w", encoding="utf-8") as handle:

@@ -63,9 +63,9 @@ def build_trainer(base_path: str, tokenizer, train_rows: list, eval_rows: list, 
     )
     if config.question_dropout > 0:
         from trainer.augment import WordDropoutCollator
+        from trainer.data import keep_columns
 
-        trainer._set_signature_columns_if_needed()
-        trainer._signature_columns = [*trainer._signature_columns, "words"]
+        keep_columns(trainer, "words")
         trainer.data_collator = WordDropoutCollator(trainer.data_collator, config.question_dropout, config.seed,
                                                     lambda: trainer.state.global_step)
     return trainer, callbacks[0]
