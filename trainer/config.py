@@ -87,8 +87,9 @@ class TrainConfig:
     min_general_kept: float = 0.6
     # Optimizer steps to run; > 0 overrides epochs (tests and smoke runs use a few).
     max_steps: int = -1
-    # Examples per device per forward pass.
-    batch_size: int = 4
+    # Examples per device per forward pass. Two, not four: twice the optimizer steps per epoch recalled more
+    # and kept more general answers on the tuning scenarios (docs/trainer.md, "Batches of two").
+    batch_size: int = 2
     # Forward passes accumulated per optimizer step (effective batch = batch_size * grad_accum * devices).
     grad_accum: int = 1
     # Token budget of one example (prompt + answer); longer ones are cut at the end and counted.
