@@ -122,10 +122,13 @@ class TrainConfig:
     replay_ratio: float = 0.5
     # When no eval file is given, hold out this share of the data (at least 1 example) for held-out loss.
     eval_fraction: float = 0.1
-    # A logged training loss above this multiple of the first logged loss (taken as at least 1 nat: single
-    # batches are noisy) counts as exploding and fails the run. A loss at chance level (0.9 x ln(vocab)) or
-    # non-finite fails it whatever this says.
+    # A run whose training loss stays above this multiple of the first logged loss (taken as at least 1 nat:
+    # single batches are noisy) is exploding and fails. "Stays": the median of the last
+    # `loss_explode_window` logged losses is above the limit, so one hard batch of two examples is not a
+    # divergence (a lone 5.3-nat batch in a run near 1 nat stopped good runs). A loss at chance level
+    # (0.9 x ln(vocab)) or non-finite fails the run at once whatever these say.
     loss_explode_factor: float = 5.0
+    loss_explode_window: int = 5
     # General-ability examples replayed beside the curated ones (chat JSON lines; disjoint from the regression
     # set): "" = trainer/general_replay.jsonl, "off" = none. Without them a first cycle, which has no earlier
     # corrections to replay, trains on corrections alone and the variants that learn most also forget most.
@@ -235,6 +238,9 @@ class TrainConfig:
             p.append(f"trainer.eval_fraction must be in (0, 1), got {self.eval_fraction!r}")
         if not self.loss_explode_factor > 1.0:
             p.append(f"trainer.loss_explode_factor must be > 1, got {self.loss_explode_factor!r}")
+        if isinstance(self.loss_explode_window, bool) or not isinstance(self.loss_explode_window, int) \
+                or self.loss_explode_window < 1:
+            p.append(f"trainer.loss_explode_window must be an integer >= 1, got {self.loss_explode_window!r}")
         if isinstance(self.question_dropout, bool) or not isinstance(self.question_dropout, (int, float)) \
                 or not 0 <= self.question_dropout < 1:
             p.append(f"trainer.question_dropout must be a number in [0, 1), got {self.question_dropout!r}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 from pathlib import Path
 
 from trainer.config import TrainConfig
@@ -113,7 +114,8 @@ def trainer_args(config: TrainConfig, output_dir: Path, cuda: bool) -> dict:
 def run_callbacks(model, config: TrainConfig) -> list:
     """[divergence guard, (NaN injector when config.inject_nan_at_step)]: the guard is always first."""
     guard_class, injector_class = _callbacks()
-    callbacks = [guard_class(config.loss_explode_factor, getattr(model.config, "vocab_size", None))]
+    callbacks = [guard_class(config.loss_explode_factor, getattr(model.config, "vocab_size", None),
+                             config.loss_explode_window)]
     if config.inject_nan_at_step:
         callbacks.append(injector_class(model, config.inject_nan_at_step))
     return callbacks
@@ -124,26 +126,39 @@ def _callbacks():
     from transformers import TrainerCallback
 
     class _DivergenceGuard(TrainerCallback):
-        """Stops a run whose loss turns NaN/inf, explodes or collapses to chance level; remembers why."""
+        """Stops a run whose loss turns NaN/inf, collapses to chance level, or stays exploded; remembers why.
 
-        def __init__(self, explode_factor: float, vocab_size: int | None):
-            self.explode_factor = explode_factor
+        Non-finite values and chance level stop the run at the step they appear. "Exploded" is judged on the
+        running median (the lower middle value) of the last ``window`` logged losses: a single noisy batch
+        cannot trip it, a loss that stays high trips it once more than half of the window is above the limit.
+        """
+
+        def __init__(self, explode_factor: float, vocab_size: int | None, window: int = 5):
+            self.explode_factor, self.window = explode_factor, window
             # Uniform guessing over the vocabulary scores ln(V) per token; a pretrained model is far below
             # that, so reaching 90% of it means the weights were wrecked (what lr=1e9 does: loss 10.8 = ln 49152).
             self.chance_loss = math.log(vocab_size) if vocab_size else math.inf
             self.first_loss: float | None = None
+            self.recent: list[float] = []
             self.reason: str | None = None
 
         def on_train_begin(self, args, state, control, **kwargs):
-            # On resume the reference is the run's first logged loss, not the first after the restart.
-            self.first_loss = next((h["loss"] for h in state.log_history if "loss" in h), None)
+            # On resume the reference is the run's first logged loss, not the first after the restart, and the
+            # window carries on from the losses logged before the checkpoint.
+            losses = [float(h["loss"]) for h in state.log_history if "loss" in h]
+            self.first_loss = losses[0] if losses else None
+            self.recent = losses[-self.window:]
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "loss" not in logs or self.reason:
                 return
             loss, grad_norm, step = float(logs["loss"]), logs.get("grad_norm"), state.global_step
+            if self.first_loss is None:
+                self.first_loss = loss
+            self.recent = (self.recent + [loss])[-self.window:]
             # Single small batches are noisy (an easy first batch can score 0.3): the reference is >= 1 nat.
-            reference = max(self.first_loss if self.first_loss is not None else loss, 1.0)
+            reference = max(self.first_loss, 1.0)
+            typical = statistics.median_low(self.recent)
             if not math.isfinite(loss):
                 self.reason = f"loss became {loss} at step {step}"
             elif grad_norm is not None and not math.isfinite(float(grad_norm)):
@@ -151,11 +166,14 @@ def _callbacks():
             elif loss >= 0.9 * self.chance_loss:
                 self.reason = (f"loss collapsed to {loss:.4g} at step {step}, the level of guessing uniformly "
                                f"over the vocabulary ({self.chance_loss:.4g}): the weights diverged")
+            elif typical > self.explode_factor * reference:
+                self.reason = (f"loss exploded: the median of the last {len(self.recent)} logged losses is "
+                               f"{typical:.4g} at step {step} (more than {self.explode_factor:g} x the reference "
+                               f"{reference:.4g}; last losses {', '.join(f'{v:.3g}' for v in self.recent)})")
             elif loss > self.explode_factor * reference:
-                self.reason = (f"loss exploded to {loss:.4g} at step {step} (more than "
-                               f"{self.explode_factor:g} x the reference {reference:.4g})")
-            if self.first_loss is None:
-                self.first_loss = loss
+                log.warning("step %s: loss %.4g is over %g x the reference %.4g; one batch is not a divergence, "
+                            "the run goes on unless the loss stays there", step, loss, self.explode_factor,
+                            reference)
             if self.reason:
                 log.error("stopping: %s", self.reason)
                 # Stop now, and keep the diverged weights out of any checkpoint or evaluation.
