@@ -46,7 +46,8 @@ FIELDS = {"lr": ("learning_rate", float), "rank": ("lora_rank", int), "alpha": (
           "best": ("select_best_epoch", lambda v: v.lower() in ("1", "true", "yes")),
           "repochs": ("refit_epochs", float),
           "rlrf": ("refit_learning_rate_factor", float), "obj": ("objective", str),
-          "plr": ("preference_learning_rate", float), "beta": ("preference_beta", float)}
+          "plr": ("preference_learning_rate", float), "beta": ("preference_beta", float),
+          "explode": ("loss_explode_factor", float)}
 
 
 def parse_config(text: str) -> dict:
@@ -234,7 +235,8 @@ def run_one(scenario: dict, overrides: dict, seed: int, base: str, work: Path, h
             return {"scenario": scenario["name"], "split": scenario.get("split"), "config": overrides,
                     "seed": seed, "holdout": holdout, "status": "skipped", "reason": str(skipped)}
     judged_epoch = (metrics.get("best_epoch") or {}).get("epoch")
-    refit_used = False
+    curves = {"judged": _curve(metrics)}
+    refit_used, refit_outcome = False, None
     if holdout == "refit":
         from trainer.data import write_examples
         from trainer.refit import USED, refit_variant
@@ -245,14 +247,15 @@ def run_one(scenario: dict, overrides: dict, seed: int, base: str, work: Path, h
         write_examples(mixed_path, mixed)
         write_examples(held_path, held_out)
         refit = refit_variant(judged, mixed_path, held_path, base, run_dir.with_name(run_dir.name + "-refit"), config)
-        refit_used = refit.status == USED
+        refit_used, refit_outcome = refit.status == USED, {"status": refit.status, "reason": refit.reason}
+        curves["refit"] = _curve(refit.metrics or {})
         if refit_used:
             run_dir, metrics = Path(refit.run_dir), refit.metrics
     train_s = time.perf_counter() - started
     if metrics.get("status") != "ok":
         return {"scenario": scenario["name"], "split": scenario.get("split"), "config": overrides, "seed": seed,
                 "holdout": holdout, "status": metrics.get("status"), "reason": metrics.get("reason"),
-                "train_s": round(train_s, 1)}
+                "train_s": round(train_s, 1), "loss_curves": curves}
     from trainer.run_report import adapter_subdir
 
     model, tokenizer = load_model(run_dir / adapter_subdir(metrics), base=base)
@@ -281,7 +284,7 @@ def run_one(scenario: dict, overrides: dict, seed: int, base: str, work: Path, h
         "general_lost": [p["messages"][-1]["content"] for p, now, before in
                          zip(scenario["general_probes"], general_ok, base_ok) if before and not now],
         "train_s": round(train_s, 1),
-        "best_epoch": judged_epoch, "refit": refit_used,
+        "best_epoch": judged_epoch, "refit": refit_used, "refit_outcome": refit_outcome, "loss_curves": curves,
         "judge_general_kept": metrics.get("general_kept"),
         "epoch_scores": [(r["epoch"], round(r["eval_loss"], 4), round(r["regression_loss"], 4), r.get("general_kept"))
                          for r in metrics.get("epoch_scores") or [] if r.get("eval_loss") is not None
@@ -289,6 +292,11 @@ def run_one(scenario: dict, overrides: dict, seed: int, base: str, work: Path, h
         "by_scale": by_scale,
         "answers": list(zip([p["messages"][-1]["content"] for p in scenario["probes"]], probe_answers)),
     }
+
+
+def _curve(metrics: dict) -> list:
+    """A run's logged training losses in step order (None where a loss was not finite)."""
+    return [loss if loss is None else round(loss, 4) for _, loss in metrics.get("train_loss_curve") or []]
 
 
 SCALES: list[float] = [1.0]
@@ -374,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             results = map(_worker, tasks)
         for row in results:
             rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "answers"}), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if k not in ("answers", "loss_curves")}), flush=True)
             if args.out:
                 with open(args.out, "a", encoding="utf-8") as fh:
                     fh.write(json.dumps(row) + "\n")
