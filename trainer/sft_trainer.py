@@ -133,7 +133,7 @@ def _callbacks():
         cannot trip it, a loss that stays high trips it once more than half of the window is above the limit.
         """
 
-        def __init__(self, explode_factor: float, vocab_size: int | None, window: int = 5):
+        def __init__(self, explode_factor: float, vocab_size: int | None, window: int):
             self.explode_factor, self.window = explode_factor, window
             # Uniform guessing over the vocabulary scores ln(V) per token; a pretrained model is far below
             # that, so reaching 90% of it means the weights were wrecked (what lr=1e9 does: loss 10.8 = ln 49152).
@@ -176,7 +176,8 @@ def _callbacks():
                             reference)
             if self.reason:
                 log.error("stopping: %s", self.reason)
-                # Stop now, and keep the diverged weights out of any checkpoint or evaluation.
+                # Stop now, and keep this step's weights out of any checkpoint or evaluation (a diverged run is
+                # never resumed, so a checkpoint saved inside the window is never used).
                 control.should_training_stop = True
                 control.should_save = False
                 control.should_evaluate = False

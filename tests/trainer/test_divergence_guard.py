@@ -98,6 +98,13 @@ def test_a_resumed_run_keeps_the_first_loss_and_the_window_of_the_run_before_the
     assert stopped_at(controls) == 1 and "step 5" in resumed.reason
 
 
+def test_a_resumed_run_does_not_stop_on_its_first_hard_batch_after_a_quiet_window():
+    state = TrainerState()
+    feed(guard_for(), [1.0, 0.8, 0.7, 0.6], state=state)  # killed here: nothing high in the window
+    resumed = guard_for()
+    assert stopped_at(feed(resumed, [7.0, 0.5], state=state)) is None and resumed.reason is None
+
+
 def test_the_window_must_be_a_whole_number_of_at_least_one():
     assert not any("loss_explode_window" in p for p in TrainConfig().validate())
     for bad in (0, -1, 2.5, True):
