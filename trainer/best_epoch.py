@@ -23,6 +23,10 @@ Contract:
     starting weights' losses, every epoch's held-out loss, the forgetting figures of the epochs checked
     (``checked: true``) and the chosen row. A resumed run keeps the rows up to the checkpoint it resumes
     from, forgets later ones, and chooses again at its end; checks already made are reused.
+  - A run the divergence guard stopped is not lost when an epoch before the divergence learned: its last,
+    diverged weights are never scored or saved, and the best earlier epoch whose held-out loss is below the
+    starting weights' and that passes the forgetting rules is kept (``best_epoch.json``'s ``diverged`` says
+    where the run stopped and why; ``rescued``). With none, the run fails as diverged.
   - With no held-out examples, or ``select_best_epoch = False``, nothing is scored and nothing changes.
   - Only the main process scores and writes (data-parallel runs hold identical weights).
 """
@@ -94,6 +98,16 @@ def choose(rows: list[dict], check, start_regression: float | None, tolerance: f
     return None
 
 
+def choose_before_divergence(rows: list[dict], check, start: dict, tolerance: float,
+                             min_kept: float = 0.0) -> dict | None:
+    """``choose`` among the rows of a run that diverged later, counting only those that learned: a held-out loss
+    below the starting weights' (``start["eval_loss"]``; every row when the start has none)."""
+    start_eval = start.get("eval_loss")
+    learned = [r for r in rows if start_eval is None or (r.get("eval_loss") is not None
+                                                         and r["eval_loss"] < start_eval)]
+    return choose(learned, check, start.get("regression_loss"), tolerance, min_kept)
+
+
 def make_callback(output_dir: Path, tokenizer, held_out: list, regression: list, config: TrainConfig, guard=None):
     """A TrainerCallback that scores each epoch and chooses at the end (defined here so importing this module
     stays light). ``guard``: the run's divergence guard; a run it stopped is not judged."""
@@ -140,8 +154,8 @@ def make_callback(output_dir: Path, tokenizer, held_out: list, regression: list,
             self._save()
 
         def on_epoch_end(self, args, state, control, model=None, **kwargs):
-            if not state.is_world_process_zero:
-                return
+            if not state.is_world_process_zero or _stopped(guard):
+                return  # the Trainer ends a stopped run's epoch too: its weights diverged and are never a candidate
             row = {"epoch": round(state.epoch or 0, 3), "step": state.global_step,
                    "eval_loss": self._score(model, held_out), "regression_loss": None, "general_kept": None,
                    "checked": False}
@@ -151,13 +165,14 @@ def make_callback(output_dir: Path, tokenizer, held_out: list, regression: list,
             self._save()
 
         def on_train_end(self, args, state, control, model=None, **kwargs):
-            if not state.is_world_process_zero or (guard is not None and guard.reason is not None):
+            if not state.is_world_process_zero:
                 return
             epochs = self.scores.get("epochs") or []
             if not epochs:
                 return
             last, final = epochs[-1], state.global_step
-            if not (weights_dir / f"step-{final}.safetensors").is_file():
+            stopped = _stopped(guard)
+            if not stopped and not (weights_dir / f"step-{final}.safetensors").is_file():
                 _save_weights_atomically(model, weights_dir / f"step-{final}.safetensors")
             loaded = {"step": final}  # whose weights the model holds
 
@@ -176,6 +191,9 @@ def make_callback(output_dir: Path, tokenizer, held_out: list, regression: list,
                 self._save()
                 return True
 
+            if stopped:
+                self._rescue(model, epochs, check, loaded, final)
+                return
             best = choose(epochs, check, self.scores["start"].get("regression_loss"), config.regression_tolerance,
                           config.min_general_kept)
             if best is None and last["step"] == final and not last.get("checked"):
@@ -187,6 +205,19 @@ def make_callback(output_dir: Path, tokenizer, held_out: list, regression: list,
             log.info("epoch kept: %s", (best or last)["epoch"])
             self._save()
 
+        def _rescue(self, model, epochs, check, loaded, final):
+            """The guard stopped the run: keep the best epoch judged before it, if one learned (a held-out loss
+            below the starting weights') within the forgetting rules; the model is left holding its weights."""
+            best = choose_before_divergence(epochs, check, self.scores["start"], config.regression_tolerance,
+                                            config.min_general_kept)
+            self.scores["best"] = best
+            self.scores["diverged"] = {"step": final, "reason": guard.reason}
+            if best is not None and loaded["step"] != best["step"]:
+                _load_weights(model, weights_dir / f"step-{best['step']}.safetensors")
+            log.warning("the run diverged at step %s (%s); %s", final, guard.reason,
+                        f"epoch {best['epoch']} kept, judged before it" if best else "no epoch before it can be kept")
+            self._save()
+
         def _save(self):
             output_dir.mkdir(parents=True, exist_ok=True)
             tmp = output_dir / (SCORES_FILE + ".tmp")
@@ -194,6 +225,10 @@ def make_callback(output_dir: Path, tokenizer, held_out: list, regression: list,
             os.replace(tmp, output_dir / SCORES_FILE)
 
     return BestEpoch()
+
+
+def _stopped(guard) -> bool:
+    return guard is not None and guard.reason is not None
 
 
 def _step_of(path: Path) -> int:
@@ -226,11 +261,18 @@ def discard_epoch_adapters(output_dir: Path) -> None:
     shutil.rmtree(Path(output_dir) / EPOCH_ADAPTERS, ignore_errors=True)
 
 
+def rescued(output_dir: Path) -> dict | None:
+    """The epoch kept from a run the divergence guard stopped (see ``_rescue``), None when there is none."""
+    scores = read_scores(output_dir)
+    return scores.get("best") if scores.get("diverged") else None
+
+
 def restore_best(model, output_dir: Path) -> dict | None:
-    """Load the chosen epoch's LoRA weights into ``model`` when an earlier epoch beat the last; its score row."""
+    """Load the chosen epoch's LoRA weights into ``model`` when an earlier epoch beat the last, or the run diverged
+    after it; its score row."""
     scores = read_scores(output_dir)
     best, epochs = scores.get("best"), scores.get("epochs") or []
-    if not best or not epochs or best["step"] == epochs[-1]["step"]:
+    if not best or not epochs or (best["step"] == epochs[-1]["step"] and not scores.get("diverged")):
         return None
     weights = Path(output_dir) / EPOCH_ADAPTERS / f"step-{best['step']}.safetensors"
     if not weights.is_file():

@@ -4,7 +4,8 @@ Contract: ``write_metrics(dir, metrics)`` replaces DIR/metrics.json atomically (
 numbers must already be None, ``finite`` makes them so). ``finished_metrics(dir)`` is that file when the run
 needs no more training (succeeded with its adapter saved, or diverged, which is final), else None: a resume
 trains again. ``report(...)`` is called on the main process once a run has trained: it saves the adapter
-atomically (only when the divergence guard did not stop the run), computes the held-out and regression
+atomically (only when the divergence guard did not stop the run, or an epoch judged before it stopped is
+kept: trainer/best_epoch.py), computes the held-out and regression
 losses of the adapter and of the starting weights and the general-answers probe, writes metrics.json and
 draws loss_curve.png, and returns the metrics.
 """
@@ -60,7 +61,7 @@ def report(trainer, guard, tokenizer, result, config: TrainConfig, output_dir: P
     """Save the adapter (if the run succeeded), compute the losses, write metrics.json and the PNG."""
     import torch
 
-    from trainer.best_epoch import discard_epoch_adapters, read_scores, restore_best
+    from trainer.best_epoch import discard_epoch_adapters, read_scores, rescued, restore_best
     from trainer.general_kept import KeptProbe
     from trainer.plots import plot_run
 
@@ -70,7 +71,9 @@ def report(trainer, guard, tokenizer, result, config: TrainConfig, output_dir: P
     eval_curve = [[h["step"], finite(float(h["eval_loss"]))] for h in history if "eval_loss" in h]
     tokens = next((h["num_tokens"] for h in reversed(history) if "num_tokens" in h), 0)
     runtime = (result.metrics or {}).get("train_runtime") or 0.0
-    failed = guard.reason is not None
+    # A diverged run whose epoch judge kept an epoch from before the divergence serves that epoch (best_epoch.py).
+    kept_before = rescued(output_dir) if guard.reason is not None and config.select_best_epoch else None
+    failed = guard.reason is not None and kept_before is None
     model = trainer.model
     losses: dict = {}
     adapter = output_dir / ADAPTER_DIR
@@ -103,7 +106,8 @@ def report(trainer, guard, tokenizer, result, config: TrainConfig, output_dir: P
     peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     metrics = {
         "status": "failed" if failed else "ok",
-        "reason": guard.reason,
+        "reason": (f"{guard.reason}; epoch {kept_before['epoch']} (step {kept_before['step']}), judged before it, "
+                   "kept" if kept_before else guard.reason),
         "failure": DIVERGED if failed else None,
         "config": asdict(config),
         "base": base_identity(base_path),

@@ -10,7 +10,7 @@ import random
 import pytest
 from test_trainer_train import FACTS, facts, small_config
 
-from trainer.best_epoch import choose, eligible
+from trainer.best_epoch import choose, choose_before_divergence, eligible
 from trainer.data import write_examples
 
 
@@ -156,3 +156,42 @@ def test_when_the_last_epoch_is_best_and_keeps_the_rules_only_it_is_checked_for_
     assert metrics["regression_loss"] == scores[-1]["regression_loss"]
     assert metrics["general_kept"] == scores[-1]["general_kept"]
     assert not (run / "epoch_adapters").exists()  # the per-epoch weights go once the adapter is saved
+
+
+@pytest.mark.slow
+def test_a_run_that_diverges_after_an_epoch_learned_keeps_that_epoch_and_never_the_diverged_weights(
+        base_hf_dir, tmp_path):
+    from trainer.evaluate import eval_loss
+    from trainer.train import train
+
+    data = tmp_path / "facts.jsonl"
+    write_examples(data, facts()[:4])
+    run = tmp_path / "run"
+    # Two steps an epoch: epochs 1 and 2 end at steps 2 and 4, and the loss turns NaN at step 5, in epoch 3.
+    config = small_config(tmp_path, max_steps=-1, epochs=3, batch_size=2, save_steps=100, inject_nan_at_step=5,
+                          regression_tolerance=10.0)
+    metrics = train(data, run, base=base_hf_dir, eval_data=data, config=config)
+
+    assert metrics["status"] == "ok" and metrics["failure"] is None, metrics["reason"]
+    assert "nan" in metrics["reason"].lower() and "judged before it" in metrics["reason"]
+    assert metrics["steps"] == 5
+    scores = metrics["epoch_scores"]
+    assert [r["step"] for r in scores] == [2, 4]  # the stopped epoch's weights were never scored
+    kept = metrics["best_epoch"]
+    assert kept["step"] == min(scores, key=lambda r: r["eval_loss"])["step"]
+    assert kept["eval_loss"] < metrics["eval_loss_start"]
+    assert metrics["eval_loss"] == kept["eval_loss"] and math.isfinite(metrics["eval_loss"])
+    assert eval_loss(run / "adapter", facts()[:4], max_length=64) == pytest.approx(kept["eval_loss"], rel=1e-4)
+    assert json.loads((run / "best_epoch.json").read_text())["diverged"]["step"] == 5
+    assert train(data, run, base=base_hf_dir, eval_data=data, config=config) == metrics  # final: not retrained
+
+
+def test_after_a_divergence_only_an_epoch_that_learned_and_kept_the_rules_can_be_kept():
+    rows = [{"step": 2, "eval_loss": 2.9, "checked": True, "regression_loss": 1.0, "general_kept": 1.0},
+            {"step": 4, "eval_loss": 3.4, "checked": True, "regression_loss": 1.0, "general_kept": 1.0}]
+    start = {"eval_loss": 2.8, "regression_loss": 1.0}
+    assert choose_before_divergence(rows, lambda r: True, start, 0.1) is None  # neither is below the start's 2.8
+    assert choose_before_divergence(rows, lambda r: True, dict(start, eval_loss=3.0), 0.1)["step"] == 2
+    rows[0]["general_kept"] = 0.2  # the one that learned forgot: nothing to keep
+    assert choose_before_divergence(rows, lambda r: True, dict(start, eval_loss=3.0), 0.1, min_kept=0.6) is None
+    assert choose_before_divergence([], lambda r: True, start, 0.1) is None
