@@ -149,6 +149,10 @@ class TrainConfig:
     # Question word dropout (trainer/augment.py): each word of a correction's question is left out with this
     # probability, anew at every step, so no single word becomes the whole cue for its answer (0 = off).
     question_dropout: float = 0.0
+    # Paired questions (trainer/compose.py): this share of the single-turn corrections is added again as turns
+    # that ask two of them at once, answered by both, so the model learns which part of a question picks the
+    # answer (0 = off).
+    pair_share: float = 0.0
     # The KL anchor (trainer/anchor.py): this weight x KL(starting weights || adapted) over the answer tokens of
     # the general replay examples is added to the loss, so replay holds the starting model's whole next-token
     # distribution rather than only its greedy answer (0 = off: replay is supervised like any example). 1, because
@@ -244,6 +248,9 @@ class TrainConfig:
         if isinstance(self.question_dropout, bool) or not isinstance(self.question_dropout, (int, float)) \
                 or not 0 <= self.question_dropout < 1:
             p.append(f"trainer.question_dropout must be a number in [0, 1), got {self.question_dropout!r}")
+        if isinstance(self.pair_share, bool) or not isinstance(self.pair_share, (int, float)) \
+                or not 0 <= self.pair_share <= 1:
+            p.append(f"trainer.pair_share must be a number in [0, 1], got {self.pair_share!r}")
         if self.cuda_precision not in CUDA_PRECISIONS:
             p.append(f"trainer.cuda_precision must be one of {CUDA_PRECISIONS}, got {self.cuda_precision!r}")
         for name in ("neftune_noise_alpha", "kl_weight", "refit_epochs"):
@@ -292,6 +299,8 @@ class TrainConfig:
             values["kl_weight"] = self.kl_weight
         if self.question_dropout:  # absent when off, so contracts written before it existed still resume
             values["question_dropout"] = self.question_dropout
+        if self.pair_share:  # absent when off, so contracts written before it existed still resume
+            values["pair_share"] = self.pair_share
         if self.init_adapter:  # absent when fresh, so contracts written before continued runs existed still resume
             values["init_adapter"] = self.init_adapter
         if self.objective != "sft":

@@ -27,6 +27,7 @@ from functools import partial
 from pathlib import Path
 
 from loop.core.errors import LoopError, error_exit
+from trainer.compose import with_pairs
 from trainer.config import TrainConfig, load_train_config
 from trainer.data import (
     DataError,
@@ -68,6 +69,7 @@ def train(data: str | Path | list[dict], output_dir: str | Path, *, base: str | 
     else:
         held_out = examples_of(eval_data)
     train_examples = build_training_set(new, examples_of(replay), config.replay_ratio, config.seed) if replay else new
+    train_examples = with_pairs(train_examples, config.pair_share, config.seed)
     require_enough(train_examples, config.min_examples)
 
     run = open_run(output_dir, base, config, data_hash(train_examples), data_hash(held_out), force, started)
