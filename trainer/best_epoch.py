@@ -192,7 +192,7 @@ def make_callback(output_dir: Path, tokenizer, held_out: list, regression: list,
                 return True
 
             if stopped:
-                self._rescue(model, epochs, check, loaded, final)
+                self._rescue(epochs, check, final)
                 return
             best = choose(epochs, check, self.scores["start"].get("regression_loss"), config.regression_tolerance,
                           config.min_general_kept)
@@ -205,15 +205,14 @@ def make_callback(output_dir: Path, tokenizer, held_out: list, regression: list,
             log.info("epoch kept: %s", (best or last)["epoch"])
             self._save()
 
-        def _rescue(self, model, epochs, check, loaded, final):
+        def _rescue(self, epochs, check, final):
             """The guard stopped the run: keep the best epoch judged before it, if one learned (a held-out loss
-            below the starting weights') within the forgetting rules; the model is left holding its weights."""
+            below the starting weights') within the forgetting rules. The model's weights are left as they are:
+            restore_best loads the kept epoch's."""
             best = choose_before_divergence(epochs, check, self.scores["start"], config.regression_tolerance,
                                             config.min_general_kept)
             self.scores["best"] = best
             self.scores["diverged"] = {"step": final, "reason": guard.reason}
-            if best is not None and loaded["step"] != best["step"]:
-                _load_weights(model, weights_dir / f"step-{best['step']}.safetensors")
             log.warning("the run diverged at step %s (%s); %s", final, guard.reason,
                         f"epoch {best['epoch']} kept, judged before it" if best else "no epoch before it can be kept")
             self._save()

@@ -12,7 +12,7 @@ Contract:
     not general replay (trainer/anchor.py). A composed example joins two eligible examples with different answers:
     its user turn is both questions, its answer both answers, in the same order, and it carries the first one's
     system message (pairs whose system messages differ are not formed). Its id is ``pair-`` plus a hash of its
-    content, so it is never a general replay example and never a held-out one. No pair is added twice, so a set
+    content (``is_pair``), so it is never a general replay example and never a held-out one. No pair is added twice, so a set
     with few distinct pairs gets fewer.
   - The result depends on the examples' content and ``seed`` alone, never on their order or ids (like
     trainer.data.build_training_set), so a resumed run sees the same set. ``share = 0`` returns ``examples``
@@ -21,19 +21,22 @@ Contract:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 
 from trainer.anchor import is_anchor
+from trainer.data import content_key
 
 PAIR_PREFIX = "pair-"
+
+
+def is_pair(example: dict) -> bool:
+    return str(example.get("id") or "").startswith(PAIR_PREFIX)
 
 
 def with_pairs(examples: list[dict], share: float, seed: int) -> list[dict]:
     if share <= 0:
         return examples
-    eligible = sorted((e for e in examples if _single_turn(e) and not is_anchor(e)), key=_content)
+    eligible = sorted((e for e in examples if _single_turn(e) and not is_anchor(e)), key=content_key)
     wanted = round(share * len(eligible))
     if wanted == 0 or len({_answer(e) for e in eligible}) < 2:
         return examples
@@ -57,8 +60,7 @@ def _joined(first: dict, second: dict) -> dict:
     answer = f"{_sentence(_answer(first))} {_answer(second).strip()}"
     system = [m for m in first["messages"] if m.get("role") == "system"]
     messages = [*system, {"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-    digest = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
-    return {"id": PAIR_PREFIX + digest, "messages": messages}
+    return {"id": PAIR_PREFIX + content_key({"messages": messages})[:16], "messages": messages}
 
 
 def _sentence(text: str) -> str:
@@ -84,7 +86,3 @@ def _answer(example: dict) -> str:
 def _system(example: dict) -> str | None:
     first = example["messages"][0]
     return str(first.get("content")) if first.get("role") == "system" else None
-
-
-def _content(example: dict) -> str:
-    return json.dumps(example.get("messages"), sort_keys=True)

@@ -118,7 +118,7 @@ def build_training_set(new: list, replay_pool: list, ratio: float, seed: int) ->
         raise ValueError(f"replay ratio must be in [0, 1), got {ratio!r}")
     new_ids = {example.get("id") for example in new if isinstance(example, dict)}
     pool = [example for example in replay_pool if example.get("id") is None or example.get("id") not in new_ids]
-    new, pool = sorted(new, key=_content_key), sorted(pool, key=_content_key)
+    new, pool = sorted(new, key=content_key), sorted(pool, key=content_key)
     rng = random.Random(seed)
     wanted = round(len(new) * ratio / (1.0 - ratio)) if ratio > 0 else 0
     replayed = rng.sample(pool, min(wanted, len(pool)))
@@ -127,7 +127,8 @@ def build_training_set(new: list, replay_pool: list, ratio: float, seed: int) ->
     return mixed
 
 
-def _content_key(example: dict) -> str:
+def content_key(example: dict) -> str:
+    """A key of an example's messages alone (never its id), for orders that must not depend on ids."""
     return hashlib.sha256(json.dumps(example.get("messages"), sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 

@@ -62,6 +62,7 @@ def report(trainer, guard, tokenizer, result, config: TrainConfig, output_dir: P
     import torch
 
     from trainer.best_epoch import discard_epoch_adapters, read_scores, rescued, restore_best
+    from trainer.compose import is_pair
     from trainer.general_kept import KeptProbe
     from trainer.plots import plot_run
 
@@ -71,6 +72,7 @@ def report(trainer, guard, tokenizer, result, config: TrainConfig, output_dir: P
     eval_curve = [[h["step"], finite(float(h["eval_loss"]))] for h in history if "eval_loss" in h]
     tokens = next((h["num_tokens"] for h in reversed(history) if "num_tokens" in h), 0)
     runtime = (result.metrics or {}).get("train_runtime") or 0.0
+    paired = sum(map(is_pair, train_examples))
     # A diverged run whose epoch judge kept an epoch from before the divergence serves that epoch (best_epoch.py).
     kept_before = rescued(output_dir) if guard.reason is not None and config.select_best_epoch else None
     failed = guard.reason is not None and kept_before is None
@@ -114,7 +116,8 @@ def report(trainer, guard, tokenizer, result, config: TrainConfig, output_dir: P
         "adapter_dir": ADAPTER_DIR if not failed else None,
         "steps": trainer.state.global_step,
         "resumed_from": checkpoint.name if checkpoint else None,
-        "examples": {"train": len(train_examples), "new": new_count, "replayed": len(train_examples) - new_count,
+        "examples": {"train": len(train_examples), "new": new_count, "paired": paired,
+                     "replayed": len(train_examples) - new_count - paired,
                      "eval": len(held_out), "truncated": train_set.truncated + eval_set.truncated,
                      "dropped": train_set.dropped + eval_set.dropped, "train_tokens": train_set.tokens},
         "train_loss_curve": train_curve,

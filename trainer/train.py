@@ -69,8 +69,8 @@ def train(data: str | Path | list[dict], output_dir: str | Path, *, base: str | 
     else:
         held_out = examples_of(eval_data)
     train_examples = build_training_set(new, examples_of(replay), config.replay_ratio, config.seed) if replay else new
+    require_enough(train_examples, config.min_examples)  # pairs only restate these: they never make up the count
     train_examples = with_pairs(train_examples, config.pair_share, config.seed)
-    require_enough(train_examples, config.min_examples)
 
     run = open_run(output_dir, base, config, data_hash(train_examples), data_hash(held_out), force, started)
     if run.finished is not None:

@@ -36,9 +36,9 @@ TRAINED_ON: dict[int, str] = {}
 
 
 def _content(train_path: str) -> str:
-    from trainer.data import _content_key, load_examples
+    from trainer.data import content_key, load_examples
 
-    keys = sorted(_content_key(example) for example in load_examples(Path(train_path)))
+    keys = sorted(content_key(example) for example in load_examples(Path(train_path)))
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()
 
 

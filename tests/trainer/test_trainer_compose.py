@@ -110,5 +110,17 @@ def test_a_run_with_pair_share_trains_on_the_pairs_and_a_run_without_does_not(ba
                     config=small_config(tmp_path, max_steps=1, batch_size=2))
     assert with_them["status"] == without["status"] == "ok"
     assert with_them["examples"]["train"] == 8 and without["examples"]["train"] == 4
+    assert with_them["examples"]["paired"] == 4 and with_them["examples"]["replayed"] == 0  # pairs are not replay
     assert with_them["examples"]["train_tokens"] > 1.5 * without["examples"]["train_tokens"]
     assert with_them["config"]["pair_share"] == 1.0
+
+
+def test_pairs_never_make_up_the_minimum_number_of_examples(tmp_path):
+    from test_trainer_train import facts, small_config
+
+    from trainer.data import DataError
+    from trainer.train import train
+
+    with pytest.raises(DataError, match="min_examples=4"):
+        train(facts()[:3], tmp_path / "run", eval_data=facts()[4:6],
+              config=small_config(tmp_path, max_steps=1, pair_share=1.0))

@@ -99,7 +99,7 @@ def test_loss_falls_on_memorisable_set_and_run_is_reported(base_hf_dir, tmp_path
     assert sum(curve[-2:]) / 2 < 0.8 * sum(curve[:2]) / 2  # training loss falls...
     assert metrics["eval_loss"] < 0.7 * metrics["eval_loss_start"]  # ...and the facts are learned
     assert metrics["regression_loss"] is not None and metrics["regression_loss_start"] is not None
-    assert metrics["examples"] == {"train": 6, "new": 6, "replayed": 0, "eval": 6, "truncated": 0, "dropped": 0,
+    assert metrics["examples"] == {"train": 6, "new": 6, "paired": 0, "replayed": 0, "eval": 6, "truncated": 0, "dropped": 0,
                                    "train_tokens": metrics["examples"]["train_tokens"]}
     assert metrics["tokens_per_s"] > 0 and metrics["wall_time_s"] > 0 and metrics["peak_memory_mb"]["rss"] > 0
     assert [s for s, _ in metrics["eval_loss_curve"]] == [3, 6]
