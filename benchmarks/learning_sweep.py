@@ -267,6 +267,13 @@ def run_one(scenario: dict, overrides: dict, seed: int, base: str, work: Path, h
     general_answers = answer_probes(model, tokenizer, scenario["general_probes"])
     general_ok = [passes(p["check"], a) for p, a in zip(scenario["general_probes"], general_answers)]
     kept = [now for now, before in zip(general_ok, base_ok) if before]
+    memory = None
+    if MEMORY:
+        import answer_memory
+
+        index = answer_memory.CorrectionIndex(examples, [e["messages"] for e in load_general_replay(config)])
+        memory = answer_memory.measure(scenario, index, lambda asked: answer_probes(model, tokenizer, asked), passes,
+                                       probe_answers, general_answers, base_ok)
     return {
         "scenario": scenario["name"], "split": scenario.get("split"), "config": overrides, "device": DEVICE,
         "seed": seed, "holdout": holdout, "replay_source": replay_source, "status": "ok",
@@ -289,7 +296,7 @@ def run_one(scenario: dict, overrides: dict, seed: int, base: str, work: Path, h
         "epoch_scores": [(r["epoch"], round(r["eval_loss"], 4), round(r["regression_loss"], 4), r.get("general_kept"))
                          for r in metrics.get("epoch_scores") or [] if r.get("eval_loss") is not None
                          and r.get("regression_loss") is not None],
-        "by_scale": by_scale,
+        "by_scale": by_scale, "memory": memory,
         "answers": list(zip([p["messages"][-1]["content"] for p in scenario["probes"]], probe_answers)),
     }
 
@@ -300,6 +307,7 @@ def _curve(metrics: dict) -> list:
 
 
 SCALES: list[float] = [1.0]
+MEMORY = False  # --memory: also score the corrections at answer time (answer_memory.py)
 
 
 def _scale_adapter(model, scale: float) -> None:
@@ -334,8 +342,9 @@ def _worker(task: tuple) -> dict:
     """One run in a worker process (--jobs): its own torch, its own caches, one CPU thread."""
     global DEVICE
     global SCALES
-    name, text, seed, base, work, holdout, replay_source, device, scales = task
-    DEVICE, SCALES = device, scales
+    global MEMORY
+    name, text, seed, base, work, holdout, replay_source, device, scales, memory = task
+    DEVICE, SCALES, MEMORY = device, scales, memory
     import torch
 
     torch.set_num_threads(1)
@@ -360,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="let unseen scenarios in, to report chosen defaults on them (never to choose)")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0],
                         help="also score each adapter with its update scaled by these factors (by_scale)")
+    parser.add_argument("--memory", action="store_true",
+                        help="also score the curated corrections retrieved into the prompt, and routing by relevance "
+                             "(answer_memory.py)")
     parser.add_argument("--out", default=None, help="append one JSON line per run here")
     args = parser.parse_args(argv)
     from trainer.base_model import resolve_base
@@ -372,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
                          "(--unseen reports on them)")
     rows = []
     with tempfile.TemporaryDirectory(prefix="sweep-") as work:
-        tasks = [(name, text, seed, base, work, args.holdout, args.replay_source, args.device, args.scales)
+        tasks = [(name, text, seed, base, work, args.holdout, args.replay_source, args.device, args.scales,
+                  args.memory)
                  for seed in args.seeds for text in args.config for name in args.scenario]  # a cut-off run
         # still has whole seeds
         if args.jobs > 1:
