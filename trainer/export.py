@@ -199,6 +199,7 @@ def export_variant(
     n_params = count_parameters(merged_dir)
     quant = config.resolve_quantization(n_params)
     outtype = config.resolve_intermediate_type(n_params, quant)
+    embedding_type = config.resolve_embedding_type(quant)
 
     # 2. HF -> GGUF with the matching converter, then 3. llama.cpp's own quantiser
     final = out_dir / config.gguf_name.format(quant=quant)
@@ -211,7 +212,7 @@ def export_variant(
         intermediate = out_dir / config.gguf_name.format(quant=outtype if outtype != "auto" else "f16-auto")
         convert_hf_to_gguf(source, intermediate, outtype, config.converter_dir,
                            config.require_matching_converter, config.convert_timeout_s, out_dir / "convert.log")
-        quantize_gguf(intermediate, final, quant, config.quantize_threads)
+        quantize_gguf(intermediate, final, quant, config.quantize_threads, embedding_type)
         if not config.keep_intermediate:
             intermediate.unlink(missing_ok=True)
             intermediate = None
@@ -237,7 +238,8 @@ def export_variant(
     info["gguf"] = {"file": final.name, "sha256": sha, "size_bytes": size}
     info["verification"] = verification.to_dict() if verification else None
     info["export"] = {
-        "adapter": str(adapter_dir) if adapter_dir else None, "intermediate_type": outtype, "n_params": n_params,
+        "adapter": str(adapter_dir) if adapter_dir else None, "intermediate_type": outtype,
+        "embedding_type": embedding_type or "default", "n_params": n_params,
         "merged_dtype": _base_dtype(merged_dir), "duration_s": round(time.monotonic() - started, 1),
         "versions": _versions(),
     }

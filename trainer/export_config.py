@@ -20,6 +20,8 @@ QUANT_TYPES = (
     "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K",
 )
 SUPPORTED_QUANTIZATIONS = FLOAT_TYPES + QUANT_TYPES
+# Types the token embedding and output tensors may be given when the rest is quantised (`embedding_type`).
+EMBEDDING_TYPES = ("f32", "f16", "Q8_0")
 
 # Models below this many parameters count as "small": quantisation "auto" gives Q8_0 (a 135M model loses too much at
 # 4 bits and is cheap to serve at 8), and intermediate type "auto" gives f32 (exact for the quantiser's input).
@@ -148,6 +150,10 @@ class ExportConfig:
 
     # Target type: one of SUPPORTED_QUANTIZATIONS, or "auto" (Q8_0 below SMALL_MODEL_PARAMS parameters, else Q4_K_M).
     quantization: str = "auto"
+    # Type of the token embedding and output (LM head) tensors when quantising: "default" (llama.cpp's own choice for
+    # the quantisation) or one of EMBEDDING_TYPES. Ignored for float targets. f16 for a small model's head was
+    # measured and did not serve better answers (docs/export.md, "The LM head's type").
+    embedding_type: str = "default"
     # Type the HF->GGUF converter writes before quantising: "auto" (f32 for small models, else the converter's own
     # 16-bit choice from the weights' dtype), "f32", "f16" or "bf16". Ignored when `quantization` is a float type.
     intermediate_type: str = "auto"
@@ -188,6 +194,9 @@ class ExportConfig:
                 f"export.quantization must be 'auto' or one of {', '.join(SUPPORTED_QUANTIZATIONS)}, "
                 f"got {self.quantization!r}"
             )
+        if self.embedding_type not in ("default",) + EMBEDDING_TYPES:
+            problems.append(f"export.embedding_type must be default or one of {', '.join(EMBEDDING_TYPES)}, "
+                            f"got {self.embedding_type!r}")
         if self.intermediate_type not in ("auto",) + FLOAT_TYPES:
             problems.append(f"export.intermediate_type must be auto, f32, f16 or bf16, got {self.intermediate_type!r}")
         if self.merged_dtype not in ("auto", "float32", "float16", "bfloat16"):
@@ -208,6 +217,12 @@ class ExportConfig:
         if self.quantization != "auto":
             return self.quantization
         return "Q8_0" if n_params < SMALL_MODEL_PARAMS else "Q4_K_M"
+
+    def resolve_embedding_type(self, quantization: str) -> str | None:
+        """The token embedding and output tensors' type, None for llama.cpp's choice (and for float targets)."""
+        if quantization in FLOAT_TYPES or self.embedding_type == "default":
+            return None
+        return self.embedding_type
 
     def resolve_intermediate_type(self, n_params: int, quantization: str) -> str:
         """The converter's --outtype: the target itself for float targets, else the configured intermediate."""

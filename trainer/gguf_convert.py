@@ -18,7 +18,7 @@ from pathlib import Path
 
 from loop.core.errors import LoopError
 from trainer import install_converter as _install
-from trainer.export_config import FLOAT_TYPES, QUANT_TYPES
+from trainer.export_config import EMBEDDING_TYPES, FLOAT_TYPES, QUANT_TYPES
 
 log = logging.getLogger(__name__)
 SETUP_HINT = "run setup (`python -m trainer.install_converter`) to install it"
@@ -116,8 +116,19 @@ def llama_ftype(quantization: str) -> int:
     return int(getattr(llama_cpp, name))
 
 
-def quantize_gguf(src: Path, dst: Path, quantization: str, nthread: int = 0) -> Path:
-    """Quantise src (an f32/f16/bf16 GGUF) to dst with llama.cpp's quantiser in this process."""
+def ggml_type(name: str) -> int:
+    """llama.cpp's GGML_TYPE_* constant for a tensor type name such as "f16" or "Q8_0"."""
+    import llama_cpp
+
+    attr = f"GGML_TYPE_{name.upper()}"
+    if name not in EMBEDDING_TYPES or not hasattr(llama_cpp, attr):
+        raise ValueError(f"tensor type {name!r} is not supported by this llama-cpp-python")
+    return int(getattr(llama_cpp, attr))
+
+
+def quantize_gguf(src: Path, dst: Path, quantization: str, nthread: int = 0, embedding_type: str | None = None) -> Path:
+    """Quantise src (an f32/f16/bf16 GGUF) to dst with llama.cpp's quantiser in this process. `embedding_type`
+    (e.g. "f16") sets the token embedding and output tensors' type; None leaves llama.cpp's choice for the type."""
     import llama_cpp
 
     src, dst = Path(src), Path(dst)
@@ -126,6 +137,9 @@ def quantize_gguf(src: Path, dst: Path, quantization: str, nthread: int = 0) -> 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_ftype(quantization)
     params.nthread = int(nthread)
+    if embedding_type is not None:
+        # A model with tied embeddings (SmolLM2) has no output tensor: its token embedding is the LM head too.
+        params.token_embedding_type = params.output_tensor_type = ggml_type(embedding_type)
     partial = dst.with_name(dst.name + ".partial")
     started = time.monotonic()
     # llama.cpp logs a line per tensor (and a warning per k-quant fallback, e.g. 576-wide rows of a 135M model that
@@ -142,5 +156,6 @@ def quantize_gguf(src: Path, dst: Path, quantization: str, nthread: int = 0) -> 
         partial.unlink(missing_ok=True)
         raise ConversionError(f"llama_model_quantize({src.name} -> {quantization}) failed with code {rc}")
     os.replace(partial, dst)
-    log.info("quantised %s -> %s (%s) in %.1f s", src.name, dst.name, quantization, time.monotonic() - started)
+    log.info("quantised %s -> %s (%s, embeddings %s) in %.1f s", src.name, dst.name, quantization,
+             embedding_type or "as the type has them", time.monotonic() - started)
     return dst

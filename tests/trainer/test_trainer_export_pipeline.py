@@ -55,6 +55,24 @@ def base_export(base_hf_dir, converter_dir, tmp_path_factory) -> ExportResult:
     return export_variant(None, base_hf_dir, out, config, card_info, probes=PROBES, eval_examples=EXAMPLES)
 
 
+def _tensor_types(path: Path) -> dict[str, str]:
+    from gguf import GGUFReader
+
+    return {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors}
+
+
+def test_the_embedding_and_lm_head_take_the_asked_type_and_the_rest_the_quantisation(base_export, tmp_path):
+    # By default llama.cpp's choice for Q8_0 rounds the embedding too; SmolLM2 ties it to the LM head.
+    types = _tensor_types(base_export.gguf_path)
+    assert types["token_embd.weight"] == "Q8_0" and "output.weight" not in types
+    card = json.loads((base_export.card_path.parent / "card.json").read_text())
+    assert card["export"]["embedding_type"] == "default"
+    mixed = quantize_gguf(base_export.intermediate_path, tmp_path / "mixed.gguf", "Q8_0", embedding_type="f16")
+    types = _tensor_types(mixed)
+    assert types["token_embd.weight"] == "F16"
+    assert types["blk.0.attn_q.weight"] == types["blk.29.ffn_down.weight"] == "Q8_0"
+
+
 THREADS = VerifyConfig().resolved_threads()
 
 

@@ -39,6 +39,11 @@ def test_auto_quantisation_follows_model_size():
     assert config.resolve_intermediate_type(135_000_000, "Q8_0") == "f32"
     assert config.resolve_intermediate_type(1_240_000_000, "Q4_K_M") == "auto"
     assert ExportConfig(quantization="f16").resolve_intermediate_type(135_000_000, "f16") == "f16"
+    # The embedding and LM head get llama.cpp's choice for the type unless a type is asked for (not for float files).
+    assert config.resolve_embedding_type("Q8_0") is None
+    assert ExportConfig(embedding_type="f16").resolve_embedding_type("Q8_0") == "f16"
+    assert ExportConfig(embedding_type="f16").resolve_embedding_type("f16") is None
+    assert any("embedding_type" in p for p in ExportConfig(embedding_type="auto").validate())
     # Explicit thresholds win over the per-quantisation defaults.
     assert VerifyConfig().thresholds("Q8_0") == (0.8, 0.05)
     assert VerifyConfig(min_agreement=0.5, max_loss_rel_delta=0.2).thresholds("Q8_0") == (0.5, 0.2)
