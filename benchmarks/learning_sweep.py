@@ -47,7 +47,8 @@ FIELDS = {"lr": ("learning_rate", float), "rank": ("lora_rank", int), "alpha": (
           "repochs": ("refit_epochs", float),
           "rlrf": ("refit_learning_rate_factor", float), "obj": ("objective", str),
           "plr": ("preference_learning_rate", float), "beta": ("preference_beta", float),
-          "explode": ("loss_explode_factor", float), "pairs": ("pair_share", float)}
+          "explode": ("loss_explode_factor", float), "pairs": ("pair_share", float),
+          "dora": ("use_dora", lambda v: v.lower() in ("1", "true", "yes"))}
 
 
 def parse_config(text: str) -> dict:

@@ -73,11 +73,12 @@ def build_trainer(base_path: str, tokenizer, train_rows: list, eval_rows: list, 
 
 
 def lora_config(config: TrainConfig):
-    """A fresh LoRA adapter as the config says (rank, alpha, dropout, target modules)."""
+    """A fresh LoRA adapter as the config says (rank, alpha, dropout, target modules, DoRA or not)."""
     from peft import LoraConfig
 
     return LoraConfig(r=config.lora_rank, lora_alpha=config.alpha, lora_dropout=config.lora_dropout,
-                      target_modules=config.target_modules_value(), bias="none", task_type="CAUSAL_LM")
+                      target_modules=config.target_modules_value(), use_dora=config.use_dora, bias="none",
+                      task_type="CAUSAL_LM")
 
 
 def trainer_args(config: TrainConfig, output_dir: Path, cuda: bool) -> dict:
