@@ -37,18 +37,22 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+def _yes(value: str) -> bool:
+    return value.lower() in ("1", "true", "yes")
+
+
 FIELDS = {"lr": ("learning_rate", float), "rank": ("lora_rank", int), "alpha": ("lora_alpha", int),
           "epochs": ("epochs", float), "replay": ("replay_ratio", float), "batch": ("batch_size", int),
           "sched": ("lr_scheduler", str), "warmup": ("warmup_ratio", float), "dropout": ("lora_dropout", float),
           "targets": ("target_modules", str), "neftune": ("neftune_noise_alpha", float), "qdrop": ("question_dropout", float),
           "wd": ("weight_decay", float), "tol": ("regression_tolerance", float),
           "kept": ("min_general_kept", float), "kl": ("kl_weight", float), "greplay": ("general_replay", str),
-          "best": ("select_best_epoch", lambda v: v.lower() in ("1", "true", "yes")),
+          "best": ("select_best_epoch", _yes),
           "repochs": ("refit_epochs", float),
           "rlrf": ("refit_learning_rate_factor", float), "obj": ("objective", str),
           "plr": ("preference_learning_rate", float), "beta": ("preference_beta", float),
           "explode": ("loss_explode_factor", float), "pairs": ("pair_share", float),
-          "dora": ("use_dora", lambda v: v.lower() in ("1", "true", "yes"))}
+          "dora": ("use_dora", _yes)}
 
 
 def parse_config(text: str) -> dict:

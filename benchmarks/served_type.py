@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.runs_from:
         for run in json.loads(Path(path).read_text())["runs"]:
             (scenario,) = load_scenarios(names=[run["scenario"]])
+            served_sha = sha256_file(served_gguf(run))
             with tempfile.TemporaryDirectory(prefix="served-type-") as tmp:
                 f32 = convert_hf_to_gguf(merged_dir(run), Path(tmp) / "model-f32.gguf", "f32")
                 files = {}
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"scenario": run["scenario"], "seed": run["seed"], "served_pass": run["probe_pass_served"]}
                 for kind, gguf in files.items():
                     row[kind] = scored(gguf, scenario, run, n_ctx)
-                    row[kind]["is_served"] = sha256_file(gguf) == sha256_file(served_gguf(run))
+                    row[kind]["is_served"] = sha256_file(gguf) == served_sha
                 if args.speed_runs:
                     row["speed"] = speed(files, args.speed_runs, n_ctx)
             rows.append(row)
