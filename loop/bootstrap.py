@@ -26,6 +26,16 @@ def ensure_hf_base(config: CoreConfig | None = None) -> Path:
     return derive(base_gguf(config), hf_base_dir(config))
 
 
+def hf_base_ready(config: CoreConfig | None = None) -> bool:
+    """Whether the trainer's weights are already there (configured, or derived from this base GGUF)."""
+    config = config or load_config()
+    if config.model.hf_base:
+        return True
+    from trainer.base_model import hf_base_ready as ready
+
+    return ready(base_gguf(config), hf_base_dir(config))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loop.bootstrap", description=__doc__.splitlines()[0])
     parser.add_argument("--hf", action="store_true", help="also derive the trainer's HF weights")

@@ -90,6 +90,9 @@ class TrainResult(StageResult):
 
     stage = "train"
     base_dir: str | None = None
+    # Seconds this stage spent deriving the trainer's weights from the base GGUF (once per home; absent when
+    # they were there already: loop.bootstrap.hf_base_ready).
+    base_derived_s: float | None = omitted_when_none()
     variants: list[dict[str, Any]] = field(default_factory=list)
     variants_dir: str | None = None
     best: str | None = omitted_when_none()

@@ -5,6 +5,7 @@ Each is ``stage(ctx, state) -> <Result>`` (``loop.cycle_pipeline``); the order i
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,10 @@ from loop.cycle_results import DecideResult, ExportResult, GateResult, PullResul
 from loop.cycle_state import CycleState, StopCycle
 
 
-def _current_hf_dir(ctx: CycleContext, vid: str | None = None) -> Path:
+def _current_hf_dir(ctx: CycleContext, vid: str | None = None) -> tuple[Path, float | None]:
     """The weights the next version trains from: the current version's merged weights (or ``vid``'s:
-    decide's ``trained_from``, the newest untainted ancestor).
+    decide's ``trained_from``, the newest untainted ancestor), and the seconds spent deriving them from the
+    base GGUF when this cycle had to (a home's first cycle, unless it was set up with them: None otherwise).
 
     A version with no parent is a base model as shipped, whose weights are the bundled base's. A
     trained version whose merged weights are gone stops the cycle, never falls back to the base:
@@ -25,11 +27,15 @@ def _current_hf_dir(ctx: CycleContext, vid: str | None = None) -> Path:
     version's would be promoted on numbers that describe another model."""
     current = ctx.registry.get(vid) if vid else ctx.registry.current()
     if current is not None and current.hf_dir and Path(current.hf_dir).is_dir():
-        return Path(current.hf_dir)
+        return Path(current.hf_dir), None
     if current is None or current.parent is None:
-        from loop.bootstrap import ensure_hf_base
+        from loop.bootstrap import ensure_hf_base, hf_base_ready
 
-        return Path(ensure_hf_base(ctx.config))
+        if hf_base_ready(ctx.config):
+            return Path(ensure_hf_base(ctx.config)), None
+        started = time.perf_counter()
+        path = Path(ensure_hf_base(ctx.config))
+        return path, round(time.perf_counter() - started, 1)
     where = f"{current.hf_dir} is gone" if current.hf_dir else "none were recorded"
     raise StopCycle(
         "missing_weights",
@@ -44,7 +50,7 @@ def stage_train(ctx: CycleContext, state: CycleState) -> TrainResult:
 
     decided = state.read(DecideResult)
     gate = ctx.config.gate
-    base_dir = _current_hf_dir(ctx, decided.trained_from)
+    base_dir, derived_s = _current_hf_dir(ctx, decided.trained_from)
     train_path, eval_path = Path(decided.train_path), Path(decided.eval_path) if decided.eval_path else None
     # The trainer keeps the best epoch the gate would accept: one set of general-ability rules for both.
     train_config = replace(ctx.config.trainer, regression_tolerance=gate.regression_tolerance,
@@ -59,7 +65,7 @@ def stage_train(ctx: CycleContext, state: CycleState) -> TrainResult:
         preference_dir=Path(state.read(PullResult).path),
     )
     ok = [r for r in results if r.status == "ok"]
-    out = TrainResult(base_dir=str(base_dir), variants=[r.to_dict() for r in results],
+    out = TrainResult(base_dir=str(base_dir), base_derived_s=derived_s, variants=[r.to_dict() for r in results],
                       variants_dir=str(state.dir / "variants"))
     if not ok:
         raise StopCycle("training_failed", "every variant failed: " + "; ".join(

@@ -122,6 +122,14 @@ def _run(args: argparse.Namespace) -> int:
 
     base = ensure_base_version(config)
     say(f"current version: {base.id} ({base.gguf_path.name})")
+    # The trainer's weights are part of setting a home up, not of its first cycle: derived now, the cycle after
+    # the review trains at once (loop.bootstrap.hf_base_ready).
+    from loop.bootstrap import ensure_hf_base, hf_base_ready
+
+    if not hf_base_ready(config):
+        started = time.perf_counter()
+        say(f"trainer weights derived from {base.gguf_path.name}: {ensure_hf_base(config)} "
+            f"({time.perf_counter() - started:.0f}s, once per home)")
     store = Store.open()
     loaded = load_samples(store, model_version=base.id)
     say(f"sample conversations loaded: {loaded} (turns in the store: {store.count_turns()})")

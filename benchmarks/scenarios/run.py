@@ -146,6 +146,7 @@ def run_one(scenario: dict[str, Any], seed: int, home: Path) -> dict[str, Any]:
     """One scenario x seed in ``home`` (this process's environment is set up for it by ``child_main``)."""
     from annotation.push import push
     from annotation.server import start_stack, stop_stack
+    from loop.bootstrap import ensure_hf_base
     from loop.config import load_config
     from loop.core.bootstrap import ensure_base_version
     from loop.core.registry import Registry
@@ -160,6 +161,11 @@ def run_one(scenario: dict[str, Any], seed: int, home: Path) -> dict[str, Any]:
     try:
         stack = start_stack(config=config.stack)
         base = ensure_base_version(config)
+        # Setting the home up, as `make demo` does: the cycle after the review does not derive the trainer's
+        # weights (the train stage's base_derived_s says when one did).
+        t_base = time.perf_counter()
+        ensure_hf_base(config)
+        result["base_derived_s"] = round(time.perf_counter() - t_base, 1)
         store = Store.open()
         result["chats"] = log_chats(scenario, store, base, config)
         result["push"] = push(config, store=store, progress=False).as_dict()
@@ -180,6 +186,7 @@ def run_one(scenario: dict[str, Any], seed: int, home: Path) -> dict[str, Any]:
         cycle_seconds=round(cycle_s, 1), train_seconds=round(train_s, 1), other_seconds=round(cycle_s - train_s, 1),
         served_seconds=served_seconds(summary, cycle_s) if current.id != base_version.id else None,
         stage_seconds={name: s.get("seconds") for name, s in stages.items()},
+        base_derived_in_cycle_s=((stages.get("train") or {}).get("result") or {}).get("base_derived_s"),
         preference=chosen_preference(summary),
         # the chosen variant trained again with the held-out wordings (trainer/refit.py): used, skipped, refused
         refit={k: v for k, v in (((stages.get("train") or {}).get("result") or {}).get("refit") or {}).items()

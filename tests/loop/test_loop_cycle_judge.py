@@ -93,7 +93,7 @@ def test_no_variant_is_chosen_by_its_place_in_the_grid(monkeypatch):
     # Every variant forgot more than the gate allows: no candidate, and the reason names each one.
     monkeypatch.setattr(trainer.variants, "run_variants", lambda *a, **k: [
         _variant("first", 0.5, 1.2), _variant("second", None, 1.0)])
-    monkeypatch.setattr("loop.cycle_stages_build._current_hf_dir", lambda ctx, vid=None: Path("/nonexistent"))
+    monkeypatch.setattr("loop.cycle_stages_build._current_hf_dir", lambda ctx, vid=None: (Path("/nonexistent"), None))
     with pytest.raises(StopCycle) as stop:
         stage_train(ctx, state)
     assert stop.value.outcome == "no_candidate"
