@@ -2,7 +2,10 @@
 
 A check is a small JSON object (the scenario files in this folder hold them):
 
-    {"contains_any": ["kw", ...]}   some keyword occurs in the answer (case-insensitive substring)
+    {"contains_any": ["kw", ...]}   some keyword occurs in the answer (case-insensitive substring; a keyword
+                                    that starts or ends with a digit matches a whole number only: "7" is
+                                    not in "7,982" nor "1987", "1.7" not in "1.75"; word stems such as
+                                    "evaporat" still match inside longer words)
     {"not_contains": ["s", ...]}    no listed string occurs in the answer (case-insensitive substring)
     {"max_sentences": N}            the answer has at least one and at most N sentences
     {"refuses": true}               the answer declines (false: it must NOT decline)
@@ -125,7 +128,7 @@ def _passes(check: dict[str, Any], answer: str) -> bool:
     (kind, arg), = check.items()
     if kind == "contains_any":
         text = normalise(answer)
-        return any(normalise(k) in text for k in arg)
+        return any(_mentions(text, normalise(k)) for k in arg)
     if kind == "not_contains":
         text = normalise(answer)
         return not any(normalise(k) in text for k in arg)
@@ -134,6 +137,17 @@ def _passes(check: dict[str, Any], answer: str) -> bool:
     if kind == "refuses":
         return refuses(answer) == arg
     return all(_passes(sub, answer) for sub in arg)
+
+
+def _mentions(text: str, keyword: str) -> bool:
+    """Whether normalised ``text`` holds ``keyword``; at an end where the keyword has a digit, the number in the
+    text must end there too (no digit, and no "." "," or ":" followed by a digit, beyond it)."""
+    pattern = re.escape(keyword)
+    if keyword[:1].isdigit():
+        pattern = r"(?<!\d)(?<!\d[.,:])" + pattern
+    if keyword[-1:].isdigit():
+        pattern += r"(?!\d)(?![.,:]\d)"
+    return re.search(pattern, text) is not None
 
 
 def keywords(check: dict[str, Any]) -> list[str]:

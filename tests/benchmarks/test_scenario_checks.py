@@ -16,6 +16,21 @@ def test_contains_any_fails_when_no_keyword_occurs():
     assert not passes({"contains_any": ["okafor"]}, "")
 
 
+def test_a_number_keyword_matches_only_a_whole_number():
+    assert passes({"contains_any": ["7"]}, "There are 7 continents.")
+    assert passes({"contains_any": ["3,650"]}, "It stores 3,650 varieties.")
+    assert passes({"contains_any": ["1.7"]}, "It holds 1.7.")
+    assert not passes({"contains_any": ["7"]}, "The Earth has 7,982 non-planar celestial bodies.")
+    assert not passes({"contains_any": ["87"]}, "It was founded in 1987.")
+    assert not passes({"contains_any": ["1.7"]}, "It holds 1.75 litres.")
+    assert not passes({"contains_any": ["14"]}, "It opened in 2014, at 2:14 pm, with 140 guests.")
+
+
+def test_a_word_stem_still_matches_inside_longer_words():
+    assert passes({"contains_any": ["evaporat"]}, "The water evaporates.")
+    assert passes({"contains_any": ["pellingford"]}, "It is Pellingford's pride.")
+
+
 def test_matching_ignores_unicode_width_and_typographic_quotes():
     assert passes({"contains_any": ["1.7"]}, "１.７ litres")
     assert passes({"contains_any": ["can't"]}, "I can\u2019t")
