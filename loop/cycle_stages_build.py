@@ -31,11 +31,9 @@ def _current_hf_dir(ctx: CycleContext, vid: str | None = None) -> tuple[Path, fl
     if current is None or current.parent is None:
         from loop.bootstrap import ensure_hf_base, hf_base_ready
 
-        if hf_base_ready(ctx.config):
-            return Path(ensure_hf_base(ctx.config)), None
-        started = time.perf_counter()
+        ready, started = hf_base_ready(ctx.config), time.perf_counter()
         path = Path(ensure_hf_base(ctx.config))
-        return path, round(time.perf_counter() - started, 1)
+        return path, None if ready else round(time.perf_counter() - started, 1)
     where = f"{current.hf_dir} is gone" if current.hf_dir else "none were recorded"
     raise StopCycle(
         "missing_weights",

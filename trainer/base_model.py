@@ -53,7 +53,7 @@ def ensure_hf_base(gguf_path: Path, out_dir: Path) -> Path:
     if hf_base_ready(gguf_path, out_dir):
         return out_dir
     source = _source(gguf_path)
-    if is_complete_hf_dir(out_dir):
+    if is_complete_hf_dir(out_dir) and (out_dir / _MARKER).is_file():
         log.warning("%s was made from another GGUF (%s); converting %s again", out_dir, _recorded(out_dir),
                     gguf_path.name)
 
