@@ -108,12 +108,14 @@ def choose_before_divergence(rows: list[dict], check, start: dict, tolerance: fl
     return choose(learned, check, start.get("regression_loss"), tolerance, min_kept)
 
 
-def make_callback(output_dir: Path, tokenizer, held_out: list, regression: list, config: TrainConfig, guard=None):
+def make_callback(output_dir: Path, tokenizer, held_out: list, regression: list, config: TrainConfig, guard=None,
+                  weights_dir: str | Path | None = None):
     """A TrainerCallback that scores each epoch and chooses at the end (defined here so importing this module
-    stays light). ``guard``: the run's divergence guard; a run it stopped is not judged."""
+    stays light). ``guard``: the run's divergence guard; a run it stopped is not judged. ``weights_dir``: where
+    the starting weights are (their figures are computed once per weights: trainer/start_cache.py)."""
     from transformers import TrainerCallback
 
-    from trainer.evaluate import eval_loss
+    from trainer.evaluate import eval_loss, start_loss
     from trainer.general_kept import KeptProbe
 
     output_dir = Path(output_dir)
@@ -126,13 +128,20 @@ def make_callback(output_dir: Path, tokenizer, held_out: list, regression: list,
 
         def _kept(self, model) -> float | None:
             if self.kept_probe is None:
-                self.kept_probe = KeptProbe.for_run(output_dir, model, tokenizer, regression, config.max_length)
+                self.kept_probe = KeptProbe.for_run(output_dir, model, tokenizer, regression, config.max_length,
+                                                    weights_dir)
             return self.kept_probe.share(model, tokenizer)
 
         def _score(self, model, examples, **kw) -> float | None:
             if not examples:
                 return None
             value = eval_loss(model, examples, tokenizer, config.max_length, config.batch_size, **kw)
+            return value if math.isfinite(value) else None
+
+        def _start(self, model, examples) -> float | None:
+            if not examples:
+                return None
+            value = start_loss(model, examples, tokenizer, config.max_length, config.batch_size, weights_dir)
             return value if math.isfinite(value) else None
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -148,8 +157,8 @@ def make_callback(output_dir: Path, tokenizer, held_out: list, regression: list,
                         path.unlink()
                 self._save()
                 return
-            self.scores = {"start": {"eval_loss": self._score(model, held_out, disable_adapter=True),
-                                     "regression_loss": self._score(model, regression, disable_adapter=True)},
+            self.scores = {"start": {"eval_loss": self._start(model, held_out),
+                                     "regression_loss": self._start(model, regression)},
                            "epochs": [], "best": None}
             self._save()
 

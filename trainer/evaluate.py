@@ -78,6 +78,18 @@ def eval_loss(model_or_dir, examples: list[dict], tokenizer=None, max_length: in
     return total / count if count else math.nan
 
 
+def start_loss(model, examples: list[dict], tokenizer, max_length: int, batch_size: int,
+               weights_dir: str | Path | None = None) -> float:
+    """``eval_loss`` of a PEFT model's starting weights (the adapter off), computed once for the same weights,
+    examples and method (trainer/start_cache.py: ``weights_dir`` is where those weights are)."""
+    from trainer.start_cache import cached
+
+    spec = {"examples": [e.get("messages") for e in examples], "max_length": max_length, "batch_size": batch_size,
+            "template": [getattr(tokenizer, "chat_template", None), getattr(tokenizer, "eos_token", None)]}
+    return cached(weights_dir, model, "start_loss", spec,
+                  lambda: eval_loss(model, examples, tokenizer, max_length, batch_size, disable_adapter=True))
+
+
 def answer_mask(row: dict) -> list[int]:
     """1 where a tokenised row's label is learned (the answer), 0 over the prompt."""
     return [int(label != IGNORE_INDEX) for label in row["labels"]]

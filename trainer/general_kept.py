@@ -22,6 +22,7 @@ PEFT adapter off, i.e. the starting weights); nothing here changes the model's t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -56,9 +57,13 @@ class KeptProbe:
         return probe
 
     @classmethod
-    def for_run(cls, output_dir: Path, model, tokenizer, examples: list[dict], max_length: int = 512) -> KeptProbe:
+    def for_run(cls, output_dir: Path, model, tokenizer, examples: list[dict], max_length: int = 512,
+                weights_dir: str | Path | None = None) -> KeptProbe:
         """The run's probe: read from ``output_dir`` or built with the adapter off (the starting weights:
-        LoRA leaves them untouched, so this holds at any step) and saved there."""
+        LoRA leaves them untouched, so this holds at any step) and saved there. ``weights_dir``: where the
+        starting weights are; the same weights asked the same prompts answer once (trainer/start_cache.py)."""
+        from trainer.start_cache import cached
+
         path = Path(output_dir) / PROBE_FILE
         if path.is_file():
             try:
@@ -66,17 +71,22 @@ class KeptProbe:
                 return cls(right=data["right"], asked=data["asked"], answers=data["answers"])
             except (OSError, ValueError, KeyError, TypeError):
                 pass  # a damaged file is rebuilt below
-        off = model.disable_adapter() if hasattr(model, "disable_adapter") else None
-        if off is None:
-            probe = cls.build(model, tokenizer, examples, max_length)
-        else:
+
+        def build() -> dict:
+            off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
             with off:
                 probe = cls.build(model, tokenizer, examples, max_length)
+            return {"right": probe.right, "asked": probe.asked, "answers": probe.answers}
+
+        spec = {"prompts": [[e["id"], e["messages"][:-1], e["expect"]] for e in examples if e.get("expect")],
+                "answer_tokens": ANSWER_TOKENS,
+                "template": [getattr(tokenizer, "chat_template", None), getattr(tokenizer, "eos_token", None)]}
+        data = cached(weights_dir, model, "general_answers", spec, build)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(PROBE_FILE + ".tmp")
-        tmp.write_text(json.dumps({"right": probe.right, "asked": probe.asked, "answers": probe.answers}))
+        tmp.write_text(json.dumps(data))
         os.replace(tmp, path)
-        return probe
+        return cls(right=data["right"], asked=data["asked"], answers=data["answers"])
 
     def share(self, model, tokenizer) -> float | None:
         """The share of the starting model's right answers that ``model`` still gives right."""

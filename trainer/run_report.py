@@ -24,7 +24,7 @@ from pathlib import Path
 
 from trainer.base_model import base_identity
 from trainer.config import TrainConfig
-from trainer.evaluate import eval_loss, regression_examples
+from trainer.evaluate import eval_loss, regression_examples, start_loss
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +98,9 @@ def report(trainer, guard, tokenizer, result, config: TrainConfig, output_dir: P
                 losses[name] = (judged[name] if judged and judged.get(name) is not None else
                                 eval_loss(model, examples, tokenizer, config.max_length, config.batch_size))
                 losses[f"{name}_start"] = (start[name] if start.get(name) is not None else
-                                           eval_loss(model, examples, tokenizer, config.max_length,
-                                                     config.batch_size, disable_adapter=True))
-        kept_probe = KeptProbe.for_run(output_dir, model, tokenizer, regression, config.max_length)
+                                           start_loss(model, examples, tokenizer, config.max_length,
+                                                      config.batch_size, base_path))
+        kept_probe = KeptProbe.for_run(output_dir, model, tokenizer, regression, config.max_length, base_path)
         # Greedy answers of the same weights do not change either: reuse the judge's general answers kept.
         losses["general_kept"] = (judged["general_kept"] if judged and judged.get("checked", "general_kept" in judged)
                                   else kept_probe.share(model, tokenizer))

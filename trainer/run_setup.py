@@ -81,7 +81,7 @@ class Run:
 
                 trainer.add_callback(make_callback(self.output_dir, tokenizer, held_out,
                                                    regression_examples(config.regression_set or None), config,
-                                                   guard))
+                                                   guard, self.base_path))
             # Exactly one call: resuming *is* the training (the seed project called train() again afterwards).
             result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         except Exception as exc:  # noqa: BLE001 - OOM is re-raised with advice, anything else recorded then re-raised
