@@ -5,7 +5,9 @@ Each run is a fresh LOOP_HOME, so turn and record ids are new random ULIDs: neit
 the same examples (checked end to end here, through Argilla; tests/annotation/test_annotation_priority.py,
 tests/annotation/test_annotation_judge_split.py and tests/trainer/test_trainer_data.py check each rule).
 The cycle runs with the shipped defaults (real grid, real gate); the probes are the scenario's held-out
-questions, which appear nowhere in the training data. Three draws, ~5-15 min each on 2 cores:
+questions, which appear nowhere in the training data. Each draw also checks what a promoting cycle leaves
+behind (every stage done, the verified v2 on top of v1, the report with its curves, what was exported) and
+that the next cycle finds nothing new and says so. Three draws, ~5-15 min each on 2 cores:
 benchmarks/scenarios/run.py measures learning over seeds and unseen scenarios.
 """
 
@@ -58,8 +60,8 @@ def _recall(gguf: Path) -> float:
 
 
 @pytest.mark.parametrize("draw", [1, 2, 3])
-def test_the_demo_promotes_and_recalls_reworded_facts_under_any_id_draw(draw, argilla_stack, monkeypatch,
-                                                                         base_hf_dir):
+def test_the_demo_promotes_recalls_reworded_facts_then_finds_nothing_new_under_any_id_draw(
+        draw, argilla_stack, monkeypatch, base_hf_dir):
     monkeypatch.setenv("ARGILLA_API_URL", argilla_stack.api_url)
     monkeypatch.setenv("ARGILLA_API_KEY", argilla_stack.api_key)
     monkeypatch.setenv("LOOP_ANNOTATION__DATASET", f"demo-draw-{uuid.uuid4().hex[:8]}")
@@ -78,5 +80,41 @@ def test_the_demo_promotes_and_recalls_reworded_facts_under_any_id_draw(draw, ar
     assert decided["judge"]["held_out_examples"] == 8  # one reworded question per fact, whatever the ids
     TRAINED_ON[draw] = _content(decided["train_path"])
     assert len(set(TRAINED_ON.values())) == 1, "another id draw trained on other examples"
+    _assert_what_a_promoting_cycle_leaves(summary)
     current = Registry().current()
     assert _recall(current.gguf_path) >= MIN_PASS
+
+    again = Cycle(config, progress=False).run()
+    assert again["outcome"] == "nothing_new", again
+    assert "decide" in again["stages"] and again["stages"]["decide"]["status"] == "stopped"
+    assert "train" not in again["stages"]
+    assert again["reason"]  # it says why
+    assert Registry().current_id() == "v2"
+    assert [h["to"] for h in Registry().history() if h["action"] == "promote"] == ["v1", "v2"]
+
+
+def _assert_what_a_promoting_cycle_leaves(first: dict) -> None:
+    assert [s["status"] for s in first["stages"].values()] == ["done"] * 10
+    assert first["stages"]["publish"]["result"]["published"]["target"] == "local"
+    current = Registry().current()
+    assert current.id == first["current_version"] == "v2" and current.parent == "v1"
+    assert current.verification["passed"] is True
+    assert current.metrics["heldout_loss"] < current.metrics["current_at_gate"]["heldout_loss"]
+    # The judged variant was trained again with its held-out examples; what was exported is that refit when
+    # it was used, else (with the stated reason) the judged variant's own adapter.
+    train = first["stages"]["train"]["result"]
+    refit = train["refit"]
+    assert refit["status"] in ("used", "refused"), refit
+    card = Path(first["stages"]["export"]["result"]["export"]["card_path"]).read_text()  # it names the merged adapter
+    if refit["status"] == "used":
+        assert f"| adapter | {refit['adapter_dir']} |" in card and refit["examples"] > 0
+        assert "## Refit with the held-out wordings" in card
+    else:
+        judged = next(v["adapter_dir"] for v in train["variants"] if v["name"] == train["best"])
+        assert refit["reason"] and f"| adapter | {judged} |" in card
+    report = Path(first["report"])
+    assert report.is_file() and "promoted" in report.read_text()
+    assert "![loss curves]" in report.read_text() and report.with_suffix(".variants.png").is_file()
+    data = json.loads(report.with_suffix(".json").read_text())
+    assert set(data["timings"]["stages_s"]) == {"canary", "push", "pull", "decide", "train", "export", "gate", "promote",
+                                                "publish", "report"}
