@@ -87,10 +87,14 @@ def test_a_second_run_from_the_same_weights_reuses_their_general_answers_and_sta
     from trainer.general_kept import PROBE_FILE, KeptProbe
     from trainer.run_setup import load_tokenizer
 
-    weights = tmp_path / "weights"  # a directory of its own, so that the session's weights keep no entry
+    # A directory of its own with the session's weight files only: the session's weights directory may already
+    # hold entries from earlier tests (its judge_cache/ is not linked), and this test writes none there.
+    weights = tmp_path / "weights"
     weights.mkdir()
     for source in Path(base_hf_dir).iterdir():
-        (weights / source.name).symlink_to(source.resolve())
+        if source.is_file():
+            (weights / source.name).symlink_to(source.resolve())
+    assert not (weights / CACHE_DIR).exists()
     tokenizer = load_tokenizer(str(weights))
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32),
                            LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))  # as a run holds it
