@@ -132,16 +132,12 @@ def make_callback(output_dir: Path, tokenizer, held_out: list, regression: list,
                                                     weights_dir)
             return self.kept_probe.share(model, tokenizer)
 
-        def _score(self, model, examples, **kw) -> float | None:
+        def _score(self, model, examples, start: bool = False) -> float | None:
+            """The loss of ``model`` on ``examples``; ``start``: of its starting weights (computed once per weights)."""
             if not examples:
                 return None
-            value = eval_loss(model, examples, tokenizer, config.max_length, config.batch_size, **kw)
-            return value if math.isfinite(value) else None
-
-        def _start(self, model, examples) -> float | None:
-            if not examples:
-                return None
-            value = start_loss(model, examples, tokenizer, config.max_length, config.batch_size, weights_dir)
+            value = (start_loss(model, examples, tokenizer, config.max_length, config.batch_size, weights_dir) if start
+                     else eval_loss(model, examples, tokenizer, config.max_length, config.batch_size))
             return value if math.isfinite(value) else None
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -157,8 +153,8 @@ def make_callback(output_dir: Path, tokenizer, held_out: list, regression: list,
                         path.unlink()
                 self._save()
                 return
-            self.scores = {"start": {"eval_loss": self._start(model, held_out),
-                                     "regression_loss": self._start(model, regression)},
+            self.scores = {"start": {"eval_loss": self._score(model, held_out, start=True),
+                                     "regression_loss": self._score(model, regression, start=True)},
                            "epochs": [], "best": None}
             self._save()
 

@@ -84,9 +84,8 @@ def start_loss(model, examples: list[dict], tokenizer, max_length: int, batch_si
     examples and method (trainer/start_cache.py: ``weights_dir`` is where those weights are)."""
     from trainer.start_cache import cached
 
-    spec = {"examples": [e.get("messages") for e in examples], "max_length": max_length, "batch_size": batch_size,
-            "template": [getattr(tokenizer, "chat_template", None), getattr(tokenizer, "eos_token", None)]}
-    return cached(weights_dir, model, "start_loss", spec,
+    spec = {"examples": [e.get("messages") for e in examples], "max_length": max_length, "batch_size": batch_size}
+    return cached(weights_dir, model, tokenizer, "start_loss", spec,
                   lambda: eval_loss(model, examples, tokenizer, max_length, batch_size, disable_adapter=True))
 
 

@@ -79,9 +79,8 @@ class KeptProbe:
             return {"right": probe.right, "asked": probe.asked, "answers": probe.answers}
 
         spec = {"prompts": [[e["id"], e["messages"][:-1], e["expect"]] for e in examples if e.get("expect")],
-                "answer_tokens": ANSWER_TOKENS,
-                "template": [getattr(tokenizer, "chat_template", None), getattr(tokenizer, "eos_token", None)]}
-        data = cached(weights_dir, model, "general_answers", spec, build)
+                "answer_tokens": ANSWER_TOKENS}
+        data = cached(weights_dir, model, tokenizer, "general_answers", spec, build)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(PROBE_FILE + ".tmp")
         tmp.write_text(json.dumps(data))

@@ -5,11 +5,12 @@ Every run judges against its starting weights: their greedy answers to the regre
 refit, a cycle that did not promote and runs again, a benchmark's seeds all start from the same weights
 and ask the same, so the answer is kept beside the weights, in ``<weights dir>/judge_cache/``, and read back.
 
-Contract: ``cached(weights_dir, model, name, spec, compute)`` returns ``compute()``'s JSON value, computed at
-most once for the same key: ``name``, ``spec`` (the set and the method, as JSON), the weights' fingerprint
-(trainer.base_model.base_identity: a re-derived or retrained directory is another key), and how the model
-computes (parameter dtype, device type, quantisation, torch and transformers versions), since the same weights
-answer differently in bf16 or 4-bit. A weights "directory" that is a model id, an unwritable directory or a
+Contract: ``cached(weights_dir, model, tokenizer, name, spec, compute)`` returns ``compute()``'s JSON value,
+computed at most once for the same key: ``name``, ``spec`` (the set and the method, as JSON), the weights'
+fingerprint (trainer.base_model.base_identity: a re-derived or retrained directory is another key), the
+tokenizer's chat template and end-of-sequence token (what the prompts become), and how the model computes
+(parameter dtype, device type, quantisation, torch and transformers versions), since the same weights answer
+differently in bf16 or 4-bit. A weights "directory" that is a model id, an unwritable directory or a
 damaged entry only costs the computation: the cache is never a reason for a run to fail. The value is
 exactly what ``compute`` returned the first time; callers keep their own copy in the run directory as before.
 """
@@ -29,9 +30,10 @@ log = logging.getLogger(__name__)
 CACHE_DIR = "judge_cache"
 
 
-def cached(weights_dir: str | Path | None, model: Any, name: str, spec: Any, compute: Callable[[], Any]) -> Any:
+def cached(weights_dir: str | Path | None, model: Any, tokenizer: Any, name: str, spec: Any,
+           compute: Callable[[], Any]) -> Any:
     """``compute()``, or its value from an earlier call with the same key (module docstring)."""
-    path = entry_path(weights_dir, model, name, spec)
+    path = entry_path(weights_dir, model, tokenizer, name, spec)
     if path is not None and path.is_file():
         try:
             return json.loads(path.read_text())["value"]
@@ -49,7 +51,7 @@ def cached(weights_dir: str | Path | None, model: Any, name: str, spec: Any, com
     return value
 
 
-def entry_path(weights_dir: str | Path | None, model: Any, name: str, spec: Any) -> Path | None:
+def entry_path(weights_dir: str | Path | None, model: Any, tokenizer: Any, name: str, spec: Any) -> Path | None:
     """Where the entry for this key lives, or None when the weights are not a local directory."""
     from trainer.base_model import base_identity
 
@@ -58,8 +60,9 @@ def entry_path(weights_dir: str | Path | None, model: Any, name: str, spec: Any)
     fingerprint = base_identity(str(weights_dir))["fingerprint"]
     if fingerprint is None:
         return None
-    key = json.dumps({"name": name, "spec": spec, "weights": fingerprint, "compute": _how_it_computes(model)},
-                     sort_keys=True, ensure_ascii=False, default=str)
+    template = [getattr(tokenizer, "chat_template", None), getattr(tokenizer, "eos_token", None)]
+    key = json.dumps({"name": name, "spec": spec, "weights": fingerprint, "template": template,
+                      "compute": _how_it_computes(model)}, sort_keys=True, ensure_ascii=False, default=str)
     return Path(weights_dir) / CACHE_DIR / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
 
 

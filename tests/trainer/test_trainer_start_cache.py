@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from trainer.start_cache import CACHE_DIR, cached
+
+# What the key reads of a tokenizer: its chat template and end-of-sequence token.
+TOKENIZER = SimpleNamespace(chat_template="{{ messages }}", eos_token="<|im_end|>")
 
 
 def _weights(path: Path, content: bytes = b"\x00" * 4096) -> Path:
@@ -36,43 +40,45 @@ def _model(dtype=None):
 def test_the_same_weights_set_and_method_compute_once(tmp_path):
     weights, model = _weights(tmp_path / "w"), _model()
     calls, compute = _counting()
-    first = cached(weights, model, "general_answers", {"prompts": ["a"]}, compute)
-    second = cached(weights, model, "general_answers", {"prompts": ["a"]}, compute)
+    first = cached(weights, model, TOKENIZER, "general_answers", {"prompts": ["a"]}, compute)
+    second = cached(weights, model, TOKENIZER, "general_answers", {"prompts": ["a"]}, compute)
     assert len(calls) == 1 and first == second == {"answers": ["Paris"], "n": 1}
     assert len(list((weights / CACHE_DIR).glob("general_answers-*.json"))) == 1
 
 
-def test_other_weights_another_set_or_another_precision_compute_again(tmp_path):
+def test_other_weights_another_set_template_or_precision_compute_again(tmp_path):
     import torch
 
     weights = _weights(tmp_path / "w")
     calls, compute = _counting()
-    cached(weights, _model(), "general_answers", {"prompts": ["a"]}, compute)
-    cached(weights, _model(), "general_answers", {"prompts": ["b"]}, compute)  # another set
-    cached(weights, _model(), "start_loss", {"prompts": ["a"]}, compute)  # another figure
-    cached(weights, _model(torch.bfloat16), "general_answers", {"prompts": ["a"]}, compute)  # answers differ in bf16
+    cached(weights, _model(), TOKENIZER, "general_answers", {"prompts": ["a"]}, compute)
+    cached(weights, _model(), TOKENIZER, "general_answers", {"prompts": ["b"]}, compute)  # another set
+    cached(weights, _model(), TOKENIZER, "start_loss", {"prompts": ["a"]}, compute)  # another figure
+    cached(weights, _model(torch.bfloat16), TOKENIZER, "general_answers", {"prompts": ["a"]}, compute)  # answers differ in bf16
+    other_template = SimpleNamespace(chat_template="{{ other }}", eos_token="<|im_end|>")  # the prompts become others
+    cached(weights, _model(), other_template, "general_answers", {"prompts": ["a"]}, compute)
     _weights(weights, b"\x01" * 4096)  # retrained in place: same names and sizes, other bytes
-    cached(weights, _model(), "general_answers", {"prompts": ["a"]}, compute)
-    assert len(calls) == 5
+    cached(weights, _model(), TOKENIZER, "general_answers", {"prompts": ["a"]}, compute)
+    assert len(calls) == 6
 
 
 def test_a_model_id_an_unusable_cache_or_a_damaged_entry_only_cost_the_computation(tmp_path):
     calls, compute = _counting()
-    assert cached("HuggingFaceTB/SmolLM2-135M-Instruct", _model(), "x", {}, compute)["n"] == 1
-    assert cached(None, _model(), "x", {}, compute)["n"] == 2
+    assert cached("HuggingFaceTB/SmolLM2-135M-Instruct", _model(), TOKENIZER, "x", {}, compute)["n"] == 1
+    assert cached(None, _model(), TOKENIZER, "x", {}, compute)["n"] == 2
 
     blocked = _weights(tmp_path / "blocked")
     (blocked / CACHE_DIR).write_text("a file where the cache directory would be")
-    assert cached(blocked, _model(), "x", {}, compute)["n"] == 3
-    assert cached(blocked, _model(), "x", {}, compute)["n"] == 4  # nothing kept, nothing raised
+    assert cached(blocked, _model(), TOKENIZER, "x", {}, compute)["n"] == 3
+    assert cached(blocked, _model(), TOKENIZER, "x", {}, compute)["n"] == 4  # nothing kept, nothing raised
 
     weights = _weights(tmp_path / "w")
-    cached(weights, _model(), "x", {}, compute)
+    cached(weights, _model(), TOKENIZER, "x", {}, compute)
     entry = next((weights / CACHE_DIR).glob("x-*.json"))
     entry.write_text("{not json")
-    assert cached(weights, _model(), "x", {}, compute)["n"] == 6  # computed again and replaced
+    assert cached(weights, _model(), TOKENIZER, "x", {}, compute)["n"] == 6  # computed again and replaced
     assert json.loads(entry.read_text())["value"]["n"] == 6
-    assert cached(weights, _model(), "x", {}, compute)["n"] == 6
+    assert cached(weights, _model(), TOKENIZER, "x", {}, compute)["n"] == 6
 
 
 @pytest.mark.slow
