@@ -10,6 +10,10 @@ A run's ``TrainConfig.objective`` says what it optimises (trainer.config.OBJECTI
   frozen "ref" adapter). Sequential rather than one combined loss, because the SFT stage is then exactly
   the SFT variant (replay, general replay and best-epoch selection included) and the preference stage is
   measured against it; a combined DPO+NLL loss would train SFT only on the pairs' chosen answers.
+  Being that run, it is not trained twice: ``sft_run``, a finished SFT run (the grid's ``sft`` variant at
+  the same learning rate and rank, trainer.variants), is linked into ``DIR/sft/`` and taken as the stage
+  when its resume contract is the stage's own (config, data, held-out set, base); any other run there is
+  removed and the stage trains. ``stages["sft"]["reused"]`` names the run taken.
 
 Contract, the same for every objective: the run directory holds ``training_progress.json`` (the resume
 contract, with the objective and beta in it for preference runs, the pairs'/labels' hash as the data hash
@@ -46,6 +50,8 @@ import hashlib
 import json
 import logging
 import math
+import os
+import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -69,7 +75,8 @@ from trainer.preference_data import (
 )
 from trainer.preference_measure import add_measures, answer_logprobs, preference_measures
 from trainer.preference_trainer import build_preference_trainer, tokenize_preference
-from trainer.run_report import ADAPTER_DIR, report, write_metrics
+from trainer.resume import ResumeMismatchError
+from trainer.run_report import ADAPTER_DIR, finished_metrics, report, write_metrics
 from trainer.run_setup import check_config, load_tokenizer, open_run
 
 __all__ = ["EVAL_LABELS", "EVAL_PAIRS", "LABELS", "LABEL_VALUES", "PAIRS", "SFT_STAGE_DIR", "PreferenceData",
@@ -83,11 +90,12 @@ SFT_STAGE_DIR = "sft"
 
 def train_objective(data, output_dir: str | Path, *, base: str | Path | None = None, eval_data=None, replay=None,
                     preference: PreferenceData | str | Path | None = None, config: TrainConfig | None = None,
-                    force: bool = False) -> dict:
+                    force: bool = False, sft_run: str | Path | None = None) -> dict:
     """Train `config.objective` into output_dir; return its metrics (also DIR/metrics.json).
 
     `data`, `eval_data`, `replay`, `base`, `force`: as trainer.train.train. `preference`: a PreferenceData or
-    the snapshot directory holding its files. Raises PreferenceSkipped when the objective has no data.
+    the snapshot directory holding its files. `sft_run`: a finished SFT run an ``sft+X`` objective may take as
+    its SFT stage (module docstring). Raises PreferenceSkipped when the objective has no data.
     """
     from trainer.train import examples_of, train
 
@@ -114,8 +122,7 @@ def train_objective(data, output_dir: str | Path, *, base: str | Path | None = N
         held_out = examples_of(eval_data)
     start_adapter = None
     if config.objective.startswith("sft+"):
-        sft = train(data, output_dir / SFT_STAGE_DIR, base=base, eval_data=eval_data, replay=replay,
-                    config=replace(config, objective="sft"), force=force)
+        sft = _sft_stage(train, data, output_dir / SFT_STAGE_DIR, base, eval_data, replay, config, force, sft_run)
         if sft.get("status") != "ok":
             metrics = {"status": "failed", "reason": f"SFT stage failed: {sft.get('reason')}",
                        "failure": sft.get("failure"), "objective": config.objective, "config": asdict(config),
@@ -134,6 +141,46 @@ def train_objective(data, output_dir: str | Path, *, base: str | Path | None = N
             metrics = _fall_back_to_sft_stage(output_dir, sft, metrics, why, preference, config)
         write_metrics(output_dir, metrics)
     return metrics
+
+
+def _sft_stage(train, data, stage_dir: Path, base, eval_data, replay, config: TrainConfig, force: bool,
+               sft_run: str | Path | None) -> dict:
+    """The SFT stage's metrics: `sft_run` linked in and found finished by the stage's own contract, else trained."""
+    def run(force: bool) -> dict:
+        return train(data, stage_dir, base=base, eval_data=eval_data, replay=replay,
+                     config=replace(config, objective="sft"), force=force)
+
+    source = Path(sft_run) if sft_run is not None else None
+    if source is None or stage_dir.exists() or finished_metrics(source) is None:
+        return run(force)
+    _link_tree(source, stage_dir)
+    try:
+        sft = run(False)  # under another contract the linked run is removed whole below, not cleared in place
+    except ResumeMismatchError as exc:
+        log.warning("%s is not this SFT stage's run, so the stage trains: %s", source, exc)
+        shutil.rmtree(stage_dir)
+        return run(force)
+    if sft == finished_metrics(source):
+        sft["reused"] = str(source)
+        write_metrics(stage_dir, sft)  # replaces the linked file: the source run's own stays as it was
+    return sft
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """A finished run's files under `target`, hard-linked (copied where links fail), whole or not at all.
+
+    Links are safe because a run's files are replaced, never rewritten in place (write_metrics, the contract,
+    the Trainer's checkpoints)."""
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    partial = target.with_name(target.name + ".linking")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(source, partial, copy_function=link)
+    os.replace(partial, target)
 
 
 def _refusal(metrics: dict, config: TrainConfig) -> str | None:
@@ -177,7 +224,7 @@ def _fall_back_to_sft_stage(output_dir: Path, sft: dict, refused: dict, why: str
 
 def _stage_summary(metrics: dict) -> dict:
     return {k: metrics.get(k) for k in ("status", "reason", "steps", "eval_loss", "regression_loss",
-                                        "train_loss_final", "best_epoch", "tokens_per_s", "wall_time_s")}
+                                        "train_loss_final", "best_epoch", "tokens_per_s", "wall_time_s", "reused")}
 
 
 def _train_preference(stage: str, preference: PreferenceData, output_dir: Path, base, start_adapter: Path | None,

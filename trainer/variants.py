@@ -6,6 +6,8 @@ directory (trainer/train.py), so a killed cycle resumes every unfinished variant
 A failed variant (NaN or exploding loss, or an error) is reported but never chosen by `best_variant`.
 A preference objective (trainer/preference.py) with nothing to learn from in the snapshot (no pairs, or
 labels of one class only) is reported as ``skipped`` with the reason, never run and never chosen.
+Run one after another, an ``sft+X`` variant takes the finished ``sft`` variant of its learning rate and rank
+as its SFT stage instead of training the same run again (``train_objective``'s ``sft_run``).
 The grid's report is written to out_root/variants.json and out_root/variants.png.
 """
 
@@ -165,11 +167,18 @@ def _run_here(plan, train_path, eval_path, base_dir, out_root: Path, replay_path
     from trainer.resume import ResumeMismatchError
 
     results = []
-    for name, variant_config in tqdm(plan, desc="variants", unit="variant"):
+    sft_runs: dict[tuple[float, int], Path] = {}  # (lr, rank) -> a finished sft variant, the SFT stage of sft+X
+    # The sft variants first, so each sft+X finds its SFT stage already trained; results keep the grid's order.
+    for name, variant_config in tqdm(sorted(plan, key=lambda entry: entry[1].objective != "sft"),
+                                     desc="variants", unit="variant"):
         run_dir = out_root / name
+        point = (variant_config.learning_rate, variant_config.lora_rank)
         try:
             metrics = train_objective(train_path, run_dir, base=base_dir, eval_data=eval_path, replay=replay_path,
-                                      preference=preference, config=variant_config, force=force)
+                                      preference=preference, config=variant_config, force=force,
+                                      sft_run=sft_runs.get(point))
+            if variant_config.objective == "sft" and metrics.get("status") == "ok":
+                sft_runs[point] = run_dir
         except PreferenceSkipped as exc:  # e.g. every pair's prompt longer than max_length
             metrics = {"status": "skipped", "reason": str(exc)}
         except (DataError, ConfigError, ResumeMismatchError):

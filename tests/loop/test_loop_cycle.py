@@ -91,6 +91,7 @@ def test_a_cycle_trains_every_objective_of_its_grid_from_one_snapshot_and_report
         assert v["regression_loss_start"] == by_objective["sft"]["regression_loss_start"]
     dpo = by_objective["sft+dpo"]
     assert dpo["preference"]["pairs"] > 0 and dpo["metrics"]["stages"]["sft"]["status"] == "ok"
+    assert dpo["metrics"]["stages"]["sft"]["reused"] == by_objective["sft"]["run_dir"]  # one SFT run, not two
     assert train["best"] in {v["name"] for v in train["variants"]}
     report = Path(summary["report"]).read_text()
     rows = [line for line in report.splitlines() if line.startswith(("| lr0.001_r16 |", "| lr0.001_r16_sft+dpo |"))]

@@ -219,6 +219,69 @@ def test_grid_skips_objectives_without_data_and_never_chooses_them(base_hf_dir, 
         ("lr0.001_r8", "ok", "sft"), ("lr0.001_r8_sft+dpo", "skipped", "sft+dpo"), ("lr0.001_r8_kto", "skipped", "kto")]
 
 
+@pytest.mark.slow
+def test_a_grid_of_sft_and_sft_then_dpo_trains_their_one_sft_run_once_and_resumes_without_training(
+        base_hf_dir, tmp_path, monkeypatch):
+    from trainer.run_setup import Run
+    from trainer.variants import run_variants
+
+    fits = []
+    fit = Run.fit
+    monkeypatch.setattr(Run, "fit", lambda run, *a, **k: fits.append(run.output_dir) or fit(run, *a, **k))
+    train_path, eval_path = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    write_examples(train_path, facts())
+    write_examples(eval_path, facts()[:2])
+    snapshot = write_preference(tmp_path / "snap", pairs())
+    # sft+dpo first in the grid: it still finds the sft variant trained, and the results keep the grid's order.
+    grid = VariantGrid(learning_rates=[1e-3], ranks=[8], objectives=["sft+dpo", "sft"])
+    config = small_config(tmp_path, max_steps=2, batch_size=2, save_steps=1, select_best_epoch=False,
+                          preference_learning_rate=2e-5)
+    out = tmp_path / "variants"
+    results = run_variants(train_path, eval_path, base_hf_dir, out, grid, config, preference_dir=snapshot)
+
+    assert [r.name for r in results] == ["lr0.001_r8_sft+dpo", "lr0.001_r8"]
+    assert [r.status for r in results] == ["ok", "ok"], [r.reason for r in results]
+    sft_dir, both = out / "lr0.001_r8", out / "lr0.001_r8_sft+dpo"
+    assert fits == [sft_dir, both]  # the SFT run once, then the DPO stage: no second SFT training
+    sft = json.loads((sft_dir / "metrics.json").read_text())
+    stage = results[0].metrics["stages"]["sft"]
+    assert stage["reused"] == str(sft_dir) and "reused" not in sft  # the sft variant's own record is untouched
+    assert (stage["eval_loss"], stage["steps"]) == (sft["eval_loss"], sft["steps"])
+    assert ((both / "sft" / "adapter" / "adapter_model.safetensors").read_bytes()
+            == (sft_dir / "adapter" / "adapter_model.safetensors").read_bytes())
+    assert not (out / "lr0.001_r8_sft+dpo" / "sft.linking").exists()
+
+    fits.clear()  # the same grid again: both finished, found by their contracts
+    again = run_variants(train_path, eval_path, base_hf_dir, out, grid, config, preference_dir=snapshot)
+    assert fits == [] and [r.metrics for r in again] == [r.metrics for r in results]
+
+
+@pytest.mark.slow
+def test_a_finished_sft_run_of_another_contract_is_not_taken_as_the_sft_stage(base_hf_dir, tmp_path):
+    data = tmp_path / "train.jsonl"
+    write_examples(data, facts())
+    preference = write_preference(tmp_path / "snap", pairs())
+    other = small_config(tmp_path, max_steps=2, batch_size=2, save_steps=1, select_best_epoch=False,
+                         learning_rate=5e-4)
+    foreign = train_objective(data, tmp_path / "other", base=base_hf_dir, preference=preference, config=other)
+    assert foreign["status"] == "ok"
+    before = {p.relative_to(tmp_path / "other"): p.read_bytes() for p in (tmp_path / "other").rglob("*")
+              if p.is_file()}
+
+    config = small_config(tmp_path, objective="sft+dpo", max_steps=2, batch_size=2, save_steps=1,
+                          select_best_epoch=False, preference_learning_rate=2e-5)
+    metrics = train_objective(data, tmp_path / "run", base=base_hf_dir, preference=preference, config=config,
+                              sft_run=tmp_path / "other")
+
+    assert metrics["status"] == "ok", metrics.get("reason")
+    assert metrics["stages"]["sft"]["reused"] is None  # trained: the learning rate differs
+    contract = json.loads((tmp_path / "run" / "sft" / "training_progress.json").read_text())
+    assert contract["config"]["learning_rate"] == 1e-3
+    after = {p.relative_to(tmp_path / "other"): p.read_bytes() for p in (tmp_path / "other").rglob("*")
+             if p.is_file()}
+    assert after == before  # the other run is left exactly as it was
+
+
 def test_objective_is_a_grid_axis_and_sft_names_stay_as_they_were():
     grid = VariantGrid(learning_rates=[1e-3], ranks=[16], objectives=["sft", "sft+dpo", "kto"])
     assert [name for name, _, _ in grid.variants()] == ["lr0.001_r16", "lr0.001_r16_sft+dpo", "lr0.001_r16_kto"]
