@@ -166,7 +166,8 @@ def _batch_counts(objective: str, inputs: dict):
 
 
 def run_objective(objective: str, precision: str, arch: str, base_path: Path, pairs: list[dict], steps: int,
-                  warmup: int, batch_size: int, max_length: int) -> dict:
+                  warmup: int, batch_size: int, max_length: int, out_dir: Path) -> dict:
+    """One objective's timed steps; `out_dir` is the Trainer's scratch directory (the caller removes it)."""
     import torch
     from transformers import TrainerCallback
 
@@ -185,7 +186,6 @@ def run_objective(objective: str, precision: str, arch: str, base_path: Path, pa
     config = TrainConfig(objective="sft" if stage == "sft" else stage, max_steps=steps, save_steps=10**6,
                          batch_size=batch_size, max_length=max_length, cuda_precision=precision,
                          select_best_epoch=False)
-    out_dir = Path(tempfile.mkdtemp(prefix=f"pref-bench-{objective}-"))
     tokenizer = tokenizer_stub()
     cuda_fast.disable_fused_lora()
     cuda_fast.LAST_APPLIED = []
@@ -264,8 +264,9 @@ def worker(ns) -> list[dict]:
             raise SystemExit(f"unknown objective {objective!r}; choose from {OBJECTIVES}")
         steps = ns.sft_steps if objective == "sft" else ns.steps
         try:
-            row = run_objective(objective, ns.precision, ns.arch, base_path, pairs, steps, ns.warmup,
-                                ns.batch_size, ns.max_length)
+            with tempfile.TemporaryDirectory(prefix=f"pref-bench-{objective}-") as out_dir:
+                row = run_objective(objective, ns.precision, ns.arch, base_path, pairs, steps, ns.warmup,
+                                    ns.batch_size, ns.max_length, Path(out_dir))
             row["data"] = data_stats(pairs)
         except Exception as exc:  # noqa: BLE001 - one failing objective must not lose the others
             import traceback
@@ -371,10 +372,10 @@ def main(argv=None) -> None:
     elif ns.cmd == "suite":
         suite(ns)
     elif ns.cmd == "dry-run":
-        ns = argparse.Namespace(arch="tiny", objectives=ns.objectives, n_pairs=16, steps=2, sft_steps=2, warmup=0,
-                                precision="qlora", batch_size=4, max_length=64, prompt_mean=24, answer_mean=24,
-                                out=ns.out, cache_dir=tempfile.mkdtemp(prefix="pref-bench-dry-"))
-        worker(ns)
+        with tempfile.TemporaryDirectory(prefix="pref-bench-dry-") as cache_dir:
+            worker(argparse.Namespace(arch="tiny", objectives=ns.objectives, n_pairs=16, steps=2, sft_steps=2,
+                                      warmup=0, precision="qlora", batch_size=4, max_length=64, prompt_mean=24,
+                                      answer_mean=24, out=ns.out, cache_dir=cache_dir))
     else:
         report(Path(ns.results))
 

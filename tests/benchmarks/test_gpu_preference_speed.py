@@ -22,12 +22,19 @@ def test_synthetic_rows_have_the_asked_lengths_and_half_the_labels_desirable():
     assert sft[0]["labels"][:len(pairs[0]["prompt_ids"])] == [-100] * len(pairs[0]["prompt_ids"])
 
 
-def test_dry_run_on_cpu_writes_one_row_per_objective(tmp_path, monkeypatch, capsys):
+def test_dry_run_on_cpu_writes_one_row_per_objective_and_leaves_no_scratch_behind(tmp_path, monkeypatch, capsys):
+    import tempfile
+
     torch = pytest.importorskip("torch")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     out = tmp_path / "rows.jsonl"
     main(["dry-run", "--out", str(out)])
+    # the random model and every Trainer directory are removed (torch may keep its own compile cache there)
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("pref-bench")] == []
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["objective"] for r in rows] == list(OBJECTIVES)
     for r in rows:
