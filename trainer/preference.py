@@ -151,7 +151,8 @@ def _sft_stage(train, data, stage_dir: Path, base, eval_data, replay, config: Tr
                      config=replace(config, objective="sft"), force=force)
 
     source = Path(sft_run) if sft_run is not None else None
-    if source is None or stage_dir.exists() or finished_metrics(source) is None:
+    found = finished_metrics(source) if source is not None else None
+    if found is None or stage_dir.exists():
         return run(force)
     _link_tree(source, stage_dir)
     try:
@@ -160,7 +161,7 @@ def _sft_stage(train, data, stage_dir: Path, base, eval_data, replay, config: Tr
         log.warning("%s is not this SFT stage's run, so the stage trains: %s", source, exc)
         shutil.rmtree(stage_dir)
         return run(force)
-    if sft == finished_metrics(source):
+    if sft == found:
         sft["reused"] = str(source)
         write_metrics(stage_dir, sft)  # replaces the linked file: the source run's own stays as it was
     return sft
